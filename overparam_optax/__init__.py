@@ -1,0 +1,29 @@
+"""overparam_optax: the implicit acceleration of depth as an optax transformation.
+
+Gradient descent on a depth-N linear factorization W = W_N ... W_1 of a weight matrix
+moves W along a preconditioned gradient P_W(G) (Arora, Cohen & Hazan, ICML 2018). This
+package applies that preconditioner directly, so the original model trains along the
+deep trajectory with no extra parameters:
+
+    tx = optax.chain(overparam_optax.overparam_precondition(N=3), optax.sgd(1e-2))
+"""
+
+from overparam_optax.linalg import depth_kernel, precondition_matrix, precondition_vector
+from overparam_optax.transform import (
+    MatrixDimensionNumbers,
+    OverparamPreconditionState,
+    overparam_precondition,
+    overparam_sgd,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MatrixDimensionNumbers",
+    "OverparamPreconditionState",
+    "depth_kernel",
+    "overparam_precondition",
+    "overparam_sgd",
+    "precondition_matrix",
+    "precondition_vector",
+]

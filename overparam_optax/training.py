@@ -1,0 +1,371 @@
+"""The one small training helper shared by the examples and the benchmarks.
+
+* :func:`run_full_batch` — full-batch training with the whole loop inside ``jax.lax.scan``
+  (one compiled program, fast for 10,000 steps); used for the paper's regression figures.
+* :func:`run_full_batch_grid` — the same for many learning rates at once, vectorized with
+  ``jax.vmap`` (the learning-rate grid searches of the reproduction).
+* :func:`run_minibatch` / :func:`evaluate_classifier` — minibatch training and batched
+  evaluation of a classifier (the MNIST CNN example).
+* :func:`lp_regression_loss` and :func:`steps_to_reach` — the paper's l_p loss and its
+  iterations-to-target metric.
+
+Optimizers are any ``optax.GradientTransformation``; ``update`` is always called with the
+parameters, as :func:`overparam_optax.overparam_precondition` requires.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "MinibatchResult",
+    "evaluate_classifier",
+    "lp_regression_loss",
+    "run_full_batch",
+    "run_full_batch_grid",
+    "run_minibatch",
+    "steps_to_reach",
+]
+
+Params = Any
+
+
+# --------------------------------------------------------------------------------------
+# Losses and metrics.
+# --------------------------------------------------------------------------------------
+
+
+def lp_regression_loss(w: jax.Array, X: jax.Array, y: jax.Array, p: float) -> jax.Array:
+    r"""The l_p regression loss of Arora et al. (2018): mean of (1/p)|x^T w - y|^p.
+
+    .. math::
+      L(w) = \frac{1}{n} \sum_{i=1}^{n} \frac{1}{p} |x_i^\top w - y_i|^p
+
+    Args:
+      w: the weights, shape ``(d,)`` or ``(d, 1)`` (a one-output end-to-end matrix; both
+        give the same loss).
+      X: the inputs, shape ``(n, d)``.
+      y: the targets, shape ``(n,)``.
+      p: the exponent (the paper uses 2 and 4).
+
+    Returns:
+      The scalar loss, in the promoted dtype of the inputs.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> lp_regression_loss(jnp.ones(2), jnp.eye(2), jnp.zeros(2), p=2)
+      Array(0.5, dtype=float32)
+    """
+    residual = jnp.reshape(X @ w, (-1,)) - y
+    return jnp.mean(jnp.abs(residual) ** p) / p
+
+
+def steps_to_reach(losses: np.ndarray, target: float) -> int | None:
+    """Iterations-to-target: the first step whose loss is at or below ``target``.
+
+    Args:
+      losses: losses per step, as returned by :func:`run_full_batch` (``losses[t]`` is the
+        loss after t updates).
+      target: the loss to reach.
+
+    Returns:
+      The smallest ``t`` with ``losses[t] <= target``, or None if it is never reached.
+    """
+    reached = np.flatnonzero(np.asarray(losses) <= target)
+    return int(reached[0]) if reached.size else None
+
+
+# --------------------------------------------------------------------------------------
+# Full-batch training.
+# --------------------------------------------------------------------------------------
+
+
+def _full_batch_scan(loss_fn, params, tx, num_steps, record_fn):
+    """The traced body shared by run_full_batch and run_full_batch_grid."""
+    value_and_grad = jax.value_and_grad(loss_fn)
+
+    def step(carry, _):
+        params, opt_state = carry
+        loss, grads = value_and_grad(params)
+        record = record_fn(params) if record_fn is not None else None
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), (loss, record)
+
+    (params, _), (losses, records) = jax.lax.scan(
+        step, (params, tx.init(params)), xs=None, length=num_steps
+    )
+    return params, losses, records
+
+
+def run_full_batch(
+    loss_fn: Callable[[Params], jax.Array],
+    params: Params,
+    tx: optax.GradientTransformation,
+    num_steps: int,
+    *,
+    record_fn: Callable[[Params], Any] | None = None,
+) -> tuple[Params, np.ndarray, Any]:
+    """Full-batch training, compiled as a single ``jax.lax.scan`` over the steps.
+
+    Works in whatever precision the parameters and the loss use: enable
+    ``jax.config.update("jax_enable_x64", True)`` and pass float64 parameters and data for
+    a float64 run.
+
+    Args:
+      loss_fn: ``loss_fn(params) -> scalar``; the data are closed over (constants of the
+        compiled program).
+      params: the initial parameters, any pytree.
+      tx: the optimizer. ``tx.update(grads, state, params)`` is called with the params.
+      num_steps: the number of updates.
+      record_fn: optional ``record_fn(params) -> pytree`` evaluated at the same
+        parameters as the loss, every step (e.g. the end-to-end matrix).
+
+    Returns:
+      ``(final_params, losses, records)``: the parameters after ``num_steps`` updates; a
+      numpy array of shape ``(num_steps,)`` where ``losses[t]`` is the loss at the
+      parameters *before* update t (so ``losses[0]`` is the initial loss); and the
+      records stacked along a new leading axis of size ``num_steps`` (as numpy arrays),
+      or None without ``record_fn``.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> loss = lambda w: jnp.sum((w - 3.0) ** 2)
+      >>> w, losses, _ = run_full_batch(loss, jnp.zeros(2), optax.sgd(0.1), 100)
+      >>> losses.shape, bool(losses[-1] < 1e-6)
+      ((100,), True)
+    """
+    run = jax.jit(lambda p: _full_batch_scan(loss_fn, p, tx, int(num_steps), record_fn))
+    final_params, losses, records = run(params)
+    return final_params, np.asarray(losses), jax.device_get(records)
+
+
+def run_full_batch_grid(
+    loss_fn: Callable[[Params], jax.Array],
+    params: Params,
+    make_optimizer: Callable[[jax.Array], optax.GradientTransformation],
+    learning_rates,
+    num_steps: int,
+    *,
+    record_fn: Callable[[Params], Any] | None = None,
+) -> tuple[Params, np.ndarray, Any]:
+    """:func:`run_full_batch` for many learning rates at once, vectorized with ``jax.vmap``.
+
+    All runs start from the same ``params``. The optimizer is built *inside* the vmapped
+    function from a traced scalar learning rate, so ``make_optimizer`` must accept a
+    ``jax.Array`` (``optax.sgd``, ``optax.adam``, ``overparam_optax.overparam_sgd`` and any
+    ``optax.chain(..., optax.scale_by_learning_rate(lr))`` do; with hyperparameters
+    that must be Python numbers, wrap them in ``optax.inject_hyperparams``). A run that
+    diverges fills its losses with ``inf``/``nan`` without disturbing the others.
+
+    Args:
+      loss_fn: ``loss_fn(params) -> scalar``.
+      params: the common initial parameters.
+      make_optimizer: ``make_optimizer(learning_rate) -> GradientTransformation``.
+      learning_rates: a 1-D sequence of learning rates, length K.
+      num_steps: the number of updates of every run.
+      record_fn: as in :func:`run_full_batch`.
+
+    Returns:
+      ``(final_params, losses, records)`` as in :func:`run_full_batch` with a new leading
+      axis of size K: ``losses`` has shape ``(K, num_steps)``.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> loss = lambda w: jnp.sum((w - 3.0) ** 2)
+      >>> _, losses, _ = run_full_batch_grid(loss, jnp.zeros(2), optax.sgd, [0.01, 0.1], 50)
+      >>> losses.shape
+      (2, 50)
+    """
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+    learning_rates = jnp.asarray(learning_rates, dtype=dtype)
+    if learning_rates.ndim != 1:
+        raise ValueError(f"learning_rates must be 1-D, got shape {learning_rates.shape}.")
+
+    def one_run(learning_rate):
+        tx = make_optimizer(learning_rate)
+        return _full_batch_scan(loss_fn, params, tx, int(num_steps), record_fn)
+
+    final_params, losses, records = jax.jit(jax.vmap(one_run))(learning_rates)
+    return final_params, np.asarray(losses), jax.device_get(records)
+
+
+# --------------------------------------------------------------------------------------
+# Minibatch training of classifiers.
+# --------------------------------------------------------------------------------------
+
+# logits_fn(params, images, train, rng) -> logits; rng drives dropout when train is True.
+LogitsFn = Callable[[Params, jax.Array, bool, jax.Array], jax.Array]
+
+
+class MinibatchResult(NamedTuple):
+    """What :func:`run_minibatch` returns.
+
+    Attributes:
+      params: the parameters after the last step.
+      losses: float numpy array ``(num_steps,)``: the cross-entropy of each step's
+        minibatch at the parameters before that step.
+      accuracies: float numpy array ``(num_steps,)``: the same minibatch's accuracy.
+      test_loss: the mean cross-entropy on ``test_data`` at the end (None without it).
+      test_accuracy: the accuracy on ``test_data`` at the end (None without it).
+      seconds: wall-clock seconds of the training loop, compilation included.
+    """
+
+    params: Params
+    losses: np.ndarray
+    accuracies: np.ndarray
+    test_loss: float | None
+    test_accuracy: float | None
+    seconds: float
+
+
+def _cross_entropy_and_accuracy(logits, labels):
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+    return loss, accuracy
+
+
+def evaluate_classifier(
+    logits_fn: LogitsFn,
+    params: Params,
+    data: tuple[np.ndarray, np.ndarray],
+    *,
+    batch_size: int = 1000,
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of a classifier on a data set, in batches.
+
+    Args:
+      logits_fn: ``logits_fn(params, images, train, rng) -> logits``; called with
+        ``train=False``.
+      params: the parameters.
+      data: ``(images, labels)`` with integer labels.
+      batch_size: examples per forward pass (bounds memory; the last batch may be smaller).
+
+    Returns:
+      ``(loss, accuracy)`` as Python floats, averaged over all examples.
+    """
+    images, labels = data
+
+    @jax.jit
+    def batch_sums(params, x, y):
+        logits = logits_fn(params, x, False, jax.random.PRNGKey(0))
+        loss, accuracy = _cross_entropy_and_accuracy(logits, y)
+        return loss * y.shape[0], accuracy * y.shape[0]
+
+    total_loss = total_correct = 0.0
+    for start in range(0, len(labels), batch_size):
+        loss, correct = batch_sums(
+            params, images[start : start + batch_size], labels[start : start + batch_size]
+        )
+        total_loss += float(loss)
+        total_correct += float(correct)
+    return total_loss / len(labels), total_correct / len(labels)
+
+
+def _progress_bar(enabled: bool, total: int, description: str | None):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=description, unit="step", leave=True)
+
+
+def run_minibatch(
+    logits_fn: LogitsFn,
+    params: Params,
+    tx: optax.GradientTransformation,
+    train_data: tuple[np.ndarray, np.ndarray],
+    num_steps: int,
+    *,
+    batch_size: int = 50,
+    seed: int = 0,
+    test_data: tuple[np.ndarray, np.ndarray] | None = None,
+    eval_batch_size: int = 1000,
+    progress: bool = False,
+    log_every: int = 0,
+    description: str | None = None,
+) -> MinibatchResult:
+    """Minibatch training of a classifier with softmax cross-entropy.
+
+    Minibatches are drawn without replacement from a new permutation of the training set
+    each epoch; the permutations and the dropout keys depend only on ``seed``, so runs
+    that share a seed see exactly the same minibatches in the same order (a fair
+    comparison of optimizers).
+
+    Args:
+      logits_fn: ``logits_fn(params, images, train, rng) -> logits``; ``rng`` is a PRNG key
+        for dropout (a different one every step).
+      params: the initial parameters.
+      tx: the optimizer; ``update`` is called with the params.
+      train_data: ``(images, labels)`` numpy arrays, integer labels.
+      num_steps: the number of updates.
+      batch_size: examples per update.
+      seed: seeds the minibatch order and the dropout keys.
+      test_data: optional ``(images, labels)`` evaluated once at the end.
+      eval_batch_size: examples per forward pass in the evaluation.
+      progress: show a tqdm progress bar (if tqdm is installed) with the running loss.
+      log_every: if positive, also print the mean minibatch loss every that many steps.
+      description: a label for the progress bar and the printed lines.
+
+    Returns:
+      A :class:`MinibatchResult`.
+    """
+    images, labels = train_data
+    num_examples = len(labels)
+    if batch_size > num_examples:
+        raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} training examples.")
+    order_rng = np.random.default_rng(seed)
+    dropout_key = jax.random.PRNGKey(seed)
+
+    @jax.jit
+    def train_step(params, opt_state, x, y, step):
+        def loss_fn(params):
+            logits = logits_fn(params, x, True, jax.random.fold_in(dropout_key, step))
+            return _cross_entropy_and_accuracy(logits, y)
+
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, accuracy
+
+    bar = _progress_bar(progress, num_steps, description)
+    label = f"[{description}] " if description else ""
+    opt_state = tx.init(params)
+    losses, accuracies = [], []
+    permutation, cursor = order_rng.permutation(num_examples), 0
+    start_time = time.perf_counter()
+    for step in range(num_steps):
+        if cursor + batch_size > num_examples:  # a new epoch; drop the incomplete tail
+            permutation, cursor = order_rng.permutation(num_examples), 0
+        batch = permutation[cursor : cursor + batch_size]
+        cursor += batch_size
+        params, opt_state, loss, accuracy = train_step(
+            params, opt_state, images[batch], labels[batch], step
+        )
+        losses.append(loss)
+        accuracies.append(accuracy)
+        # Reading a loss back waits for the device; do it only when something is shown.
+        if bar is not None and (step % 10 == 9 or step == num_steps - 1):
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.update(step + 1 - bar.n)
+        if log_every > 0 and (step + 1) % log_every == 0:
+            recent = float(jnp.mean(jnp.stack(losses[-log_every:])))
+            print(f"{label}step {step + 1}/{num_steps}  loss {recent:.4f}", flush=True)
+    losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0,), np.float32)
+    accuracies = np.asarray(jnp.stack(accuracies)) if accuracies else np.zeros((0,), np.float32)
+    seconds = time.perf_counter() - start_time
+    if bar is not None:
+        bar.close()
+    test_loss = test_accuracy = None
+    if test_data is not None:
+        test_loss, test_accuracy = evaluate_classifier(
+            logits_fn, params, test_data, batch_size=eval_batch_size
+        )
+    return MinibatchResult(params, losses, accuracies, test_loss, test_accuracy, seconds)
