@@ -30,6 +30,8 @@ exactly zero (see `_truncate_below_rank_tolerance`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,6 +162,12 @@ def precondition_matrix(
         )
     if N == 1:
         return G
+    return _precondition_exact(W, G, N, precision)
+
+
+@functools.partial(jax.jit, static_argnames=("N", "precision"))
+def _precondition_exact(W: jax.Array, G: jax.Array, N: int, precision) -> jax.Array:
+    """The exact path, jitted so that eager calls do not dispatch op by op."""
     dtype = compute_dtype(jnp.promote_types(W.dtype, G.dtype))
     w, g = W.astype(dtype), G.astype(dtype)
     if w.shape[-2] < w.shape[-1]:  # wide: use the transpose identity P_{W^T}(G^T) = P_W(G)^T

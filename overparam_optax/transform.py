@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -86,9 +86,7 @@ def _as_axes(axes: Sequence[int] | int) -> tuple[int, ...]:
     return (axes,) if isinstance(axes, int) else tuple(axes)
 
 
-def _matrix_view(
-    path: str, shape: tuple[int, ...], spec: MatrixDimensionNumbers
-) -> _MatrixView:
+def _matrix_view(path: str, shape: tuple[int, ...], spec: MatrixDimensionNumbers) -> _MatrixView:
     """Validates ``spec`` against a leaf's shape and builds its reshape plan."""
     ndim = len(shape)
     try:
@@ -98,8 +96,7 @@ def _matrix_view(
             raise TypeError
     except TypeError:
         raise ValueError(
-            f"Parameter {path}: dimension numbers must hold ints or sequences of ints, got "
-            f"{spec}."
+            f"Parameter {path}: dimension numbers must hold ints or sequences of ints, got {spec}."
         ) from None
     for axis in reduction + output:
         if not -ndim <= axis < ndim:
@@ -178,7 +175,11 @@ def _resolve_views(
     views = []
     for path, shape, spec in zip(paths, shapes, specs, strict=True):
         view = None if spec is None else _matrix_view(path, shape, spec)
-        if view is not None and max_matrix_size is not None and view.rows * view.cols > max_matrix_size:
+        if (
+            view is not None
+            and max_matrix_size is not None
+            and view.rows * view.cols > max_matrix_size
+        ):
             view = None
         views.append(view)
     return paths, views, treedef
@@ -342,7 +343,9 @@ def overparam_precondition(
     if max_matrix_size is not None and (
         not isinstance(max_matrix_size, int) or max_matrix_size < 1
     ):
-        raise ValueError(f"max_matrix_size must be a positive int or None, got {max_matrix_size!r}.")
+        raise ValueError(
+            f"max_matrix_size must be a positive int or None, got {max_matrix_size!r}."
+        )
 
     def init_fn(params):
         # Validate the dimension numbers now (shapes only, no linear algebra), so that a

@@ -1,0 +1,25 @@
+"""Fixtures shared by the test files."""
+
+import contextlib
+
+import jax
+import pytest
+
+
+@contextlib.contextmanager
+def enable_x64():
+    """64-bit JAX inside the block only, so float64 tests do not leak into others."""
+    if hasattr(jax, "enable_x64"):  # jax >= 0.7: a config context manager
+        with jax.enable_x64(True):
+            yield
+    else:  # older jax
+        from jax.experimental import enable_x64 as legacy_enable_x64
+
+        with legacy_enable_x64():
+            yield
+
+
+@pytest.fixture
+def x64():
+    with enable_x64():
+        yield
