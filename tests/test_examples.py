@@ -1,0 +1,155 @@
+"""Smoke runs of the examples and of the paper reproduction, on tiny synthetic data.
+
+Each script runs in a subprocess (as a user would run it; the regression scripts switch
+jax to float64, which must not leak into the other tests), with a handful of steps and
+data written into tmp_path, so nothing is downloaded and the shared data are not needed.
+"""
+
+import gzip
+import json
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _write_idx(path: pathlib.Path, array: np.ndarray, magic: int) -> None:
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", n) for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 48), ("t10k", 20)):
+        _write_idx(
+            directory / f"{prefix}-images-idx3-ubyte.gz",
+            rng.integers(0, 256, (n, 28, 28)),
+            2051,
+        )
+        _write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), 2049)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def gas_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gas")
+    rng = np.random.default_rng(0)
+    for batch, n in ((1, 30), (2, 20)):
+        lines = []
+        for i in range(n):
+            gas = 1 if i % 3 else 2  # mostly Ethanol
+            features = " ".join(f"{k}:{v:.6f}" for k, v in enumerate(rng.normal(size=128), 1))
+            lines.append(f"{gas};{rng.uniform(10, 500):.6f} {features} \n")
+        (directory / f"batch{batch}.dat").write_text("".join(lines))
+    return directory
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_mnist_cnn_smoke(mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    result = _run(
+        "examples/mnist_cnn.py",
+        "--data-dir", str(mnist_dir),
+        "--steps", "3",
+        "--batch-size", "8",
+        "--dense-width", "16",
+        "--optimizer", "sgd",
+        "--lr", "0.01",
+        "--output-dir", str(out),
+    )  # fmt: skip
+    log = json.loads((out / "mnist_cnn.json").read_text())
+    assert set(log["runs"]) == {"none", "implicit N=2", "explicit N=2"}
+    assert log["data"] == {"source": str(mnist_dir), "train": 48, "test": 20}
+    for run in log["runs"].values():
+        assert len(run["train_loss"]) == 3 and np.all(np.isfinite(run["train_loss"]))
+        assert 0.0 <= run["test_accuracy"] <= 1.0
+    runs = log["runs"]
+    # Same init, same first minibatch: the first loss is identical in every mode.
+    assert runs["none"]["train_loss"][0] == pytest.approx(runs["implicit N=2"]["train_loss"][0])
+    assert runs["none"]["train_loss"][0] == pytest.approx(runs["explicit N=2"]["train_loss"][0])
+    # ...and after one step the implicit rule is much closer to the explicit factorization
+    # (they differ by O(lr^2)) than plain SGD is (which differs by O(lr)).
+    second = {name: run["train_loss"][1] for name, run in runs.items()}
+    gap_implicit = abs(second["implicit N=2"] - second["explicit N=2"])
+    assert gap_implicit < 0.2 * abs(second["none"] - second["explicit N=2"])
+    assert (out / "mnist_cnn_loss.png").stat().st_size > 1000
+    assert "test acc" in result.stdout
+
+
+def test_lp_regression_smoke(gas_dir, tmp_path):
+    out = tmp_path / "out"
+    _run(
+        "examples/lp_regression.py",
+        "--data-dir", str(gas_dir),
+        "--steps", "30",
+        "--depths", "2",
+        "--lr-min", "-3", "--lr-max", "-1", "--lr-per-decade", "1",
+        "--output-dir", str(out),
+    )  # fmt: skip
+    log = json.loads((out / "lp_regression.json").read_text())
+    assert log["rows"] == 33  # the Ethanol rows of the synthetic batches
+    for name in ("l2", "l4"):
+        depths = log["results"][name]["depths"]
+        assert set(depths) == {"1", "2"}
+        for row in depths.values():
+            assert len(row["losses"]) == 30 and np.all(np.isfinite(row["losses"]))
+    assert (out / "lp_regression.png").exists()
+
+
+def test_reproduce_paper_smoke(gas_dir, mnist_dir, tmp_path):
+    results, figures = tmp_path / "results", tmp_path / "figures"
+    _run(
+        "benchmarks/reproduce_paper.py",
+        "--data-dir", str(gas_dir),
+        "--steps", "20",
+        "--depths", "2",
+        "--seeds", "0,1",
+        "--lr-min", "-3", "--lr-max", "-1", "--lr-per-decade", "1",
+        "--mnist-data-dir", str(mnist_dir),
+        "--mnist-steps", "2",
+        "--mnist-batch-size", "8",
+        "--mnist-dense-width", "8",
+        "--results-dir", str(results),
+        "--figures-dir", str(figures),
+    )  # fmt: skip
+    log = json.loads((results / "reproduce_paper.json").read_text())
+    assert log["environment"]["x64"] and log["command"].startswith("python benchmarks/")
+    regression = log["results"]["regression"]
+    for name in ("l4", "l2"):
+        methods = regression[name]["methods"]
+        assert {
+            "GD depth 1",
+            "implicit depth 2",
+            "AdaGrad depth 1",
+            "Adam + implicit depth 2",
+        } <= set(methods)
+        assert np.isfinite(methods["GD depth 1"]["final_loss"])
+        assert np.isfinite(regression[name]["validation"]["depth 2"]["max_relative_gap"])
+    assert len(log["results"]["seeds"]["l4"]) == 2
+    assert set(log["results"]["mnist"]["runs"]) == {"none", "implicit N=2", "explicit N=2"}
+    tables = (results / "reproduce_paper_tables.md").read_text()
+    assert "| GD depth 1 |" in tables and "MNIST CNN" in tables
+    for name in ("ethanol_depth", "ethanol_adaptive", "ethanol_init", "ethanol_validation"):
+        assert (figures / f"{name}.png").exists()
+    assert (figures / "mnist_cnn_loss.png").exists()
