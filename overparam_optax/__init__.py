@@ -8,6 +8,8 @@ deep trajectory with no extra parameters:
     tx = optax.chain(overparam_optax.overparam_precondition(N=3), optax.sgd(1e-2))
 """
 
+from overparam_optax import data, factorized, training
+from overparam_optax.factorized import FactorizedConv, FactorizedDense, balancedness, collapse
 from overparam_optax.linalg import depth_kernel, precondition_matrix, precondition_vector
 from overparam_optax.transform import (
     MatrixDimensionNumbers,
@@ -19,11 +21,18 @@ from overparam_optax.transform import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FactorizedConv",
+    "FactorizedDense",
     "MatrixDimensionNumbers",
     "OverparamPreconditionState",
+    "balancedness",
+    "collapse",
+    "data",
     "depth_kernel",
+    "factorized",
     "overparam_precondition",
     "overparam_sgd",
     "precondition_matrix",
     "precondition_vector",
+    "training",
 ]
