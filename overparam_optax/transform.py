@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from overparam_optax import linalg
@@ -57,9 +58,15 @@ class OverparamPreconditionState(NamedTuple):
 
     Attributes:
       count: number of updates applied so far (int32 scalar).
+      cache: with ``precondition_every > 1``, one entry per group of same-shaped matrices
+        (in order of first appearance in the params): the factors
+        (:class:`~overparam_optax.linalg.SpectralBasis` or
+        :class:`~overparam_optax.linalg.PolarRoot`, batched over the group's matrices) last
+        computed, in the tall orientation. ``()`` otherwise.
     """
 
     count: jax.Array
+    cache: Any = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +269,123 @@ def _precondition_blocks(w, g, N: int, block_size: int, precision) -> jax.Array:
     return out.reshape(batch, grid_rows * block_rows, grid_cols * block_cols)[:, :rows, :cols]
 
 
+def _explicit_spec(x: Any):
+    """x's PartitionSpec if it is sharded over an Explicit mesh axis, else None.
+
+    Under explicit sharding (``jax.sharding.AxisType.Explicit``, the default of
+    ``jax.make_mesh`` in recent jax) a sharding is part of an array's type, and an SVD,
+    eigh, or reshape that merges a sharded axis refuses such operands. Under the default
+    ``Auto`` axes XLA's partitioner inserts the needed gathers itself and this is None.
+    """
+    try:
+        sharding = jax.typeof(x).sharding
+    except (AttributeError, TypeError):
+        return None
+    mesh = getattr(sharding, "mesh", None)
+    spec = getattr(sharding, "spec", None)
+    if mesh is None or spec is None or getattr(mesh, "empty", True):
+        return None
+    explicit = {
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == jax.sharding.AxisType.Explicit
+    }
+    used = {a for entry in spec if entry is not None for a in _as_axes_names(entry)}
+    return spec if used & explicit else None
+
+
+def _as_axes_names(entry) -> tuple:
+    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _unsharded(x: Any, needed: bool = True):
+    """x replicated across an explicit mesh (what XLA does by itself for Auto axes)."""
+    if not needed or _explicit_spec(x) is None:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
+def _check_every(every) -> int:
+    """precondition_every as a Python int (None -> 1); concrete integer arrays are accepted."""
+    if every is None:
+        return 1
+    if isinstance(every, jax.core.Tracer):
+        raise ValueError(
+            "precondition_every must be known when tracing (it fixes the state's structure). "
+            "With optax.inject_hyperparams, pass static_args=('N', 'precondition_every')."
+        )
+    value = np.asarray(every)
+    if (
+        value.shape == ()
+        and value.dtype.kind in "iu"
+        and value >= 1
+        and not isinstance(every, bool)
+    ):
+        return int(value)
+    raise ValueError(f"precondition_every must be a positive int or None, got {every!r}.")
+
+
+class _MatrixGroup(NamedTuple):
+    """Leaves whose matrices share (rows, cols, compute dtype): one batched call for all."""
+
+    indices: tuple[int, ...]  # positions in the flattened params
+    tall_shape: tuple[int, int, int]  # (total batch, max side, min side)
+    transpose: bool  # rows < cols: the group is handled as its transpose
+    dtype: Any
+    method: str  # concrete ("svd", "eigh" or "newton")
+
+
+def _is_plain_matrix(view: _MatrixView | None, block_size: int | None) -> bool:
+    """Whether a leaf goes through the batched matrix route (not vector, not blocked)."""
+    return (
+        view is not None
+        and view.rows > 1
+        and view.cols > 1
+        and not (block_size is not None and max(view.rows, view.cols) > block_size)
+    )
+
+
+def _matrix_groups(views, leaves, block_size, method: str) -> list[_MatrixGroup]:
+    """Groups the plain matrix leaves by shape and dtype (trace-time structure only)."""
+    members: dict[tuple, list[int]] = {}
+    for index, (view, leaf) in enumerate(zip(views, leaves, strict=True)):
+        if _is_plain_matrix(view, block_size):
+            key = (view.rows, view.cols, jnp.dtype(linalg.compute_dtype(leaf.dtype)))
+            members.setdefault(key, []).append(index)
+    groups = []
+    for (rows, cols, dtype), indices in members.items():
+        batch = sum(views[i].batch for i in indices)
+        groups.append(
+            _MatrixGroup(
+                indices=tuple(indices),
+                tall_shape=(batch, max(rows, cols), min(rows, cols)),
+                transpose=rows < cols,
+                dtype=dtype,
+                method=linalg.resolve_method(method, rows, cols),
+            )
+        )
+    return groups
+
+
+def _stack_group(group: _MatrixGroup, views, leaves) -> jax.Array:
+    """The group's matrices as one (batch, max side, min side) array in the compute dtype."""
+    mats = [views[i].to_matrices(leaves[i]).astype(group.dtype) for i in group.indices]
+    out = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=0)
+    return jnp.swapaxes(out, -1, -2) if group.transpose else out
+
+
+def _unstack_group(group: _MatrixGroup, views, out: jax.Array, updates) -> list[jax.Array]:
+    if group.transpose:
+        out = jnp.swapaxes(out, -1, -2)
+    pieces, start = [], 0
+    for i in group.indices:
+        view = views[i]
+        piece = out[start : start + view.batch]
+        start += view.batch
+        pieces.append(view.from_matrices(piece).astype(updates[i].dtype))
+    return pieces
+
+
 def overparam_precondition(
     N: int,
     *,
@@ -270,6 +394,10 @@ def overparam_precondition(
     block_size: int | None = None,
     max_matrix_size: int | None = None,
     precision: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST,
+    method: str = "svd",
+    precondition_every: int | None = None,
+    refresh_spectrum: bool = True,
+    every_step_until: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions gradients as depth-N linear over-parameterization would.
 
@@ -314,6 +442,35 @@ def overparam_precondition(
       max_matrix_size: if set, leaves whose matrix has more entries than this pass
         through unchanged.
       precision: precision of the matmuls around the SVD.
+      method: how each matrix's factors are computed: "svd" (default, the exact
+        reference), "eigh" (eigendecomposition of the smaller Gram matrix W^T W; resolves
+        singular values down to ~sqrt(eps) s_max), "newton" (matmul-only coupled Newton
+        iteration, for GPU/TPU) or "auto" (per platform and shape,
+        :func:`overparam_optax.linalg.resolve_method`). docs/performance.md has the
+        measured speed and error of each.
+      precondition_every: k >= 1 (None, the default, means 1). With k > 1 the factors of
+        every matrix are recomputed only on updates 0, k, 2k, ... (a ``lax.cond`` on the
+        step count) and cached in the state; in between, the cached factors of W_old
+        (the parameters at the last recomputation) are applied, matmuls only: exactly
+        P_{W_old}(G) with ``refresh_spectrum=False``, else W_old's singular vectors with
+        the current singular values (below). Costs one
+        (rows x min side) plus one (min side)^2 array per matrix of state. Default: exact
+        every step, no cache. It decides the state's structure, so under
+        ``optax.inject_hyperparams`` list it in ``static_args``.
+      refresh_spectrum: with ``precondition_every > 1`` and method "svd"/"eigh" (or
+        "auto" resolving to them), re-estimate the singular values every step from the
+        current W in the cached singular vectors (s_a = u_a^T W v_a, one extra
+        m x n x n product), so that only the vectors are stale. Default True: it cut
+        the staleness gap of the MNIST curve several-fold (docs/performance.md). False
+        gives exactly P_{W_old}(G).
+      every_step_until: with ``precondition_every > 1``, also recompute on every update
+        while the step count is below this (a warm-up: the singular vectors rotate
+        fastest early in training, where a stale basis costs the most). Enters only the
+        ``lax.cond`` predicate, so it may be a traced value. Default 0.
+
+    Matrices of the same shape (across leaves, and the batch axes of each leaf) are
+    preconditioned in one batched call. Leaves split by ``block_size`` always use the
+    exact SVD path, every step.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. Its ``update`` requires ``params``.
@@ -346,12 +503,23 @@ def overparam_precondition(
         raise ValueError(
             f"max_matrix_size must be a positive int or None, got {max_matrix_size!r}."
         )
+    if method not in linalg.METHODS:
+        raise ValueError(f"method must be one of {linalg.METHODS}, got {method!r}.")
+    precondition_every = _check_every(precondition_every)
+    cached = precondition_every > 1 and N > 1
 
     def init_fn(params):
         # Validate the dimension numbers now (shapes only, no linear algebra), so that a
         # spec that does not fit is reported before the first step.
-        _resolve_views(params, dimension_numbers, mask, max_matrix_size)
-        return OverparamPreconditionState(count=jnp.zeros([], jnp.int32))
+        _, views, _ = _resolve_views(params, dimension_numbers, mask, max_matrix_size)
+        cache = ()
+        if cached:  # zeros of the right shapes; the first update (count 0) fills them
+            groups = _matrix_groups(views, jax.tree.leaves(params), block_size, method)
+            cache = tuple(
+                linalg.depth_factors_like(group.tall_shape, group.dtype, N, group.method)
+                for group in groups
+            )
+        return OverparamPreconditionState(count=jnp.zeros([], jnp.int32), cache=cache)
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -363,17 +531,71 @@ def overparam_precondition(
         _check_same_structure(updates, params)
         count = optax.safe_increment(state.count)
         if N == 1:
-            return updates, OverparamPreconditionState(count=count)
+            return updates, OverparamPreconditionState(count=count, cache=state.cache)
         _, views, treedef = _resolve_views(params, dimension_numbers, mask, max_matrix_size)
+        param_leaves, update_leaves = jax.tree.leaves(params), jax.tree.leaves(updates)
+        # Explicit sharding (shardings in the types): gather what the linear algebra needs.
+        explicit_specs = [
+            None if v is None else _explicit_spec(u)
+            for v, u in zip(views, update_leaves, strict=True)
+        ]
+        param_leaves = [
+            _unsharded(p, v is not None) for v, p in zip(views, param_leaves, strict=True)
+        ]
+        update_leaves = [
+            _unsharded(u, v is not None) for v, u in zip(views, update_leaves, strict=True)
+        ]
         new_leaves = [
             update
-            if view is None
+            if view is None or _is_plain_matrix(view, block_size)
             else _precondition_leaf(view, param, update, N, block_size, precision)
-            for view, param, update in zip(
-                views, jax.tree.leaves(params), jax.tree.leaves(updates), strict=True
-            )
+            for view, param, update in zip(views, param_leaves, update_leaves, strict=True)
         ]
-        return treedef.unflatten(new_leaves), OverparamPreconditionState(count=count)
+        groups = _matrix_groups(views, param_leaves, block_size, method)
+        ws = [_stack_group(group, views, param_leaves) for group in groups]
+        gs = [_stack_group(group, views, update_leaves) for group in groups]
+        if cached:
+
+            def recompute():
+                return tuple(
+                    linalg.depth_factors(w, N, group.method, precision=precision)
+                    for group, w in zip(groups, ws, strict=True)
+                )
+
+            cache = jax.lax.cond(
+                (state.count % precondition_every == 0) | (state.count < every_step_until),
+                recompute,
+                lambda: state.cache,
+            )
+            if refresh_spectrum:
+                cache_now = [
+                    linalg.refresh_singular_values(factors, w, precision=precision)
+                    if isinstance(factors, linalg.SpectralBasis)
+                    else factors
+                    for factors, w in zip(cache, ws, strict=True)
+                ]
+            else:
+                cache_now = cache
+            outs = [
+                linalg.apply_depth_factors(factors, g, N, precision=precision)
+                for factors, g in zip(cache_now, gs, strict=True)
+            ]
+        else:
+            cache = ()
+            outs = [
+                linalg.precondition_matrix(w, g, N, precision=precision, method=group.method)
+                for group, w, g in zip(groups, ws, gs, strict=True)
+            ]
+        for group, out in zip(groups, outs, strict=True):
+            for i, piece in zip(
+                group.indices, _unstack_group(group, views, out, update_leaves), strict=True
+            ):
+                new_leaves[i] = piece
+        new_leaves = [  # and give each update back the sharding it came with
+            leaf if spec is None else jax.sharding.reshard(leaf, spec)
+            for leaf, spec in zip(new_leaves, explicit_specs, strict=True)
+        ]
+        return treedef.unflatten(new_leaves), OverparamPreconditionState(count=count, cache=cache)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -415,6 +637,9 @@ def overparam_sgd(
     mask: Any = None,
     block_size: int | None = None,
     max_matrix_size: int | None = None,
+    method: str = "svd",
+    precondition_every: int | None = None,
+    every_step_until: int | jax.Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD along the depth-N end-to-end dynamics, with the paper's weight decay.
 
@@ -432,8 +657,8 @@ def overparam_sgd(
       weight_decay: lambda, the decay applied to each factor in the factorized view.
       momentum: optional momentum coefficient (as in ``optax.sgd``).
       nesterov: whether to use Nesterov momentum.
-      dimension_numbers, mask, block_size, max_matrix_size: as in
-        :func:`overparam_precondition`.
+      dimension_numbers, mask, block_size, max_matrix_size, method, precondition_every,
+        every_step_until: as in :func:`overparam_precondition`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires params.
@@ -454,7 +679,14 @@ def overparam_sgd(
     N = linalg.check_depth(N)
     options = dict(dimension_numbers=dimension_numbers, mask=mask, max_matrix_size=max_matrix_size)
     return optax.chain(
-        overparam_precondition(N, block_size=block_size, **options),
+        overparam_precondition(
+            N,
+            block_size=block_size,
+            method=method,
+            precondition_every=precondition_every,
+            every_step_until=every_step_until,
+            **options,
+        ),
         _add_depth_scaled_decay(weight_decay, N, **options),
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )

@@ -1,0 +1,265 @@
+"""Equal quality of the fast configuration, and the staleness trade-off (target 4 of issue 5).
+
+Trains the same model from the same initialization on the same data, once with the exact
+transform (method="svd", every step) and once per fast configuration, and compares the
+training curves:
+
+* Ethanol-l4: the paper's l4 linear regression on the Ethanol rows of the gas-sensor drift
+  data (``overparam_optax.data.ethanol_regression``), w of shape (128, 1), full batch,
+  ``run_full_batch``. A single-output matrix always takes the closed form (no
+  decomposition), so every configuration must give the same curve: a check of the wiring.
+* MNIST: an MLP 784-512-512-10 (ReLU), minibatch SGD with ``run_minibatch`` (batch 128, the
+  same minibatches for every run), N = 3, all three kernels preconditioned. The fast
+  configurations: method="eigh" every step, and method="auto" with precondition_every =
+  k for several k (the staleness sweep; "auto" is "eigh" on CPU), plus the fast k with
+  refresh_spectrum=False (the update exactly P_{W_old}(G), singular values stale too), and
+  the fast configuration: k = --fast-every after --warmup exact steps (every_step_until).
+
+Metrics per run, against the exact run: the largest relative gap between the two
+minibatch-loss curves smoothed over --window steps, the final smoothed gap, the final test
+accuracy, and the relative distance between the final parameters. The target: the default
+fast configuration (--fast-every) within 1% of exact on both curves.
+
+Usage (from the repository root; the data come from ``default_data_dir`` or the flags):
+
+    python benchmarks/quality.py               # a few minutes on 2 CPU cores
+    python benchmarks/quality.py --quick       # smoke run
+
+Writes benchmarks/results/quality_<backend>.json and docs/figures/quality_<backend>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _perf_common as common  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(parser)
+    parser.add_argument("--N", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--ethanol-steps", type=int, default=3000)
+    parser.add_argument("--ethanol-lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--everies", default="5,10,25,100", help="k values of the sweep")
+    parser.add_argument("--fast-every", type=int, default=10, help="k of the fast config")
+    parser.add_argument(
+        "--warmup", type=int, default=100, help="every_step_until of the fast config"
+    )
+    parser.add_argument("--window", type=int, default=25)
+    parser.add_argument("--mnist-dir", default=None)
+    parser.add_argument("--gas-dir", default=None)
+    parser.add_argument("--plot", default=None)
+    return parser.parse_args(argv)
+
+
+def smooth(values, window):
+    import numpy as np
+
+    values = np.asarray(values, np.float64)
+    if len(values) < window:
+        return values
+    kernel = np.ones(window) / window
+    return np.convolve(values, kernel, mode="valid")
+
+
+def gaps(curve, reference, window):
+    import numpy as np
+
+    a, b = smooth(curve, window), smooth(reference, window)
+    rel = np.abs(a - b) / np.maximum(np.abs(b), 1e-12)
+    return float(rel.max()), float(rel[-1])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    common.setup_platform(args)
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import overparam_optax as opx
+    from overparam_optax import data, training
+
+    N = args.N
+    steps = 20 if args.quick else args.steps
+    window = 5 if args.quick else args.window
+    everies = [2] if args.quick else [int(k) for k in args.everies.split(",")]
+    fast_every = 2 if args.quick else args.fast_every
+    configs = {"exact": dict(method="svd"), "eigh": dict(method="eigh")}
+    for k in everies:
+        configs[f"auto_every{k}"] = dict(method="auto", precondition_every=k)
+    warmup = 4 if args.quick else args.warmup
+    # The fast configuration: cached basis every k steps after a warm-up of exact steps.
+    fast_name = f"auto_every{fast_every}_warm{warmup}"
+    configs[fast_name] = dict(method="auto", precondition_every=fast_every, every_step_until=warmup)
+    # Without the per-step singular-value refresh (nor warm-up): exactly P_{W_old}(G).
+    configs[f"auto_every{fast_every}_stale"] = dict(
+        method="auto", precondition_every=fast_every, refresh_spectrum=False
+    )
+
+    results: dict = {"args": vars(args), "N": N, "fast_config": fast_name}
+
+    # Ethanol-l4 (single output: closed form in every configuration).
+    gas_dir = args.gas_dir or data.default_data_dir("gas_sensor_drift")
+    if gas_dir is not None:
+        X, y = data.ethanol_regression(gas_dir)
+        X, y = jnp.asarray(X, jnp.float32), jnp.asarray(y, jnp.float32)
+        w0 = 0.05 * jax.random.normal(jax.random.PRNGKey(1), (X.shape[1], 1))
+        e_steps = 50 if args.quick else args.ethanol_steps
+        curves = {}
+        for name in ("exact", fast_name):
+            tx = optax.chain(
+                opx.overparam_precondition(N, **configs[name]), optax.sgd(args.ethanol_lr)
+            )
+            _, losses, _ = training.run_full_batch(
+                lambda w: training.lp_regression_loss(w, X, y, 4.0), w0, tx, e_steps
+            )
+            curves[name] = losses
+        max_gap, final_gap = gaps(curves[fast_name], curves["exact"], 1)
+        results["ethanol_l4"] = {
+            "rows": int(X.shape[0]),
+            "steps": e_steps,
+            "lr": args.ethanol_lr,
+            "max_rel_gap": max_gap,
+            "final_rel_gap": final_gap,
+            "final_loss": {k: float(v[-1]) for k, v in curves.items()},
+            "curves": {k: v[:: max(1, e_steps // 300)].tolist() for k, v in curves.items()},
+        }
+        print(
+            f"Ethanol-l4 ({X.shape[0]} rows, {e_steps} steps): {fast_name} vs exact "
+            f"max gap {max_gap:.2e}, final {final_gap:.2e}"
+        )
+    else:
+        print("Ethanol-l4 skipped: no gas_sensor_drift data (--gas-dir).")
+
+    # MNIST MLP.
+    mnist_dir = args.mnist_dir or data.default_data_dir("mnist")
+    train = data.load_mnist(mnist_dir, split="train")
+    test = data.load_mnist(mnist_dir, split="test")
+    if args.quick:
+        train = (train[0][:512], train[1][:512])
+        test = (test[0][:256], test[1][:256])
+    width = 64 if args.quick else 512
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x.reshape((x.shape[0], -1))
+            x = nn.relu(nn.Dense(width)(x))
+            x = nn.relu(nn.Dense(width)(x))
+            return nn.Dense(10)(x)
+
+    model = MLP()
+    params0 = model.init(jax.random.PRNGKey(0), train[0][:2])["params"]
+
+    def logits_fn(params, images, train_mode, rng):
+        del train_mode, rng
+        return model.apply({"params": params}, images)
+
+    def kernels(p):
+        return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", p)
+
+    runs = {}
+    for name, options in configs.items():
+        tx = optax.chain(opx.overparam_precondition(N, mask=kernels, **options), optax.sgd(args.lr))
+        runs[name] = training.run_minibatch(
+            logits_fn, params0, tx, train, steps, batch_size=128, seed=0, test_data=test
+        )
+        print(
+            f"  {name:>14}: final loss {float(np.mean(runs[name].losses[-window:])):.4f}, "
+            f"test acc {runs[name].test_accuracy:.4f}, {runs[name].seconds:.1f} s",
+            flush=True,
+        )
+
+    exact = runs["exact"]
+    flat_exact = np.concatenate([np.ravel(x) for x in jax.tree.leaves(exact.params)])
+    summary = {}
+    for name, run in runs.items():
+        max_gap, final_gap = gaps(run.losses, exact.losses, window)
+        flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(run.params)])
+        summary[name] = {
+            "max_rel_gap": max_gap,
+            "final_rel_gap": final_gap,
+            "test_accuracy": run.test_accuracy,
+            "test_loss": run.test_loss,
+            "param_rel_distance": float(
+                np.linalg.norm(flat - flat_exact) / np.linalg.norm(flat_exact)
+            ),
+            "seconds": run.seconds,
+        }
+    print(f"\nMNIST MLP 784-{width}-{width}-10, N={N}, {steps} steps, batch 128, lr {args.lr}")
+    print(f"{'config':>20} {'max gap':>9} {'final gap':>9} {'test acc':>9} {'param dist':>10}")
+    for name, row in summary.items():
+        print(
+            f"{name:>20} {row['max_rel_gap']:9.2e} {row['final_rel_gap']:9.2e} "
+            f"{row['test_accuracy']:9.4f} {row['param_rel_distance']:10.2e}"
+        )
+    fast = summary[fast_name]
+    verdict = "met" if fast["max_rel_gap"] <= 0.01 else "MISSED"
+    print(f"target: {fast_name} within 1% of exact on the smoothed MNIST curve: {verdict}")
+    results["mnist"] = {
+        "width": width,
+        "steps": steps,
+        "lr": args.lr,
+        "window": window,
+        "summary": summary,
+        "curves": {name: run.losses.tolist() for name, run in runs.items()},
+    }
+    if not args.quick:
+        _plot(results, args, jax.default_backend())
+    common.write_json(args, "quality", results)
+    return results
+
+
+def _plot(results, args, backend) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [k for k in ("ethanol_l4", "mnist") if k in results]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 4))
+    axes = np.atleast_1d(axes)
+    gap_ax = axes[-1]
+    mnist = results["mnist"]
+    exact = smooth(mnist["curves"]["exact"], mnist["window"])
+    for name, curve in mnist["curves"].items():
+        if name != "exact":
+            gap = (smooth(curve, mnist["window"]) - exact) / exact
+            gap_ax.plot(100 * gap, label=name, linewidth=1.0)
+    for bound in (-1, 1):
+        gap_ax.axhline(bound, color="k", linestyle=":", linewidth=1)
+    gap_ax.set_title("MNIST: (smoothed loss - exact) / exact")
+    gap_ax.set_xlabel("step")
+    gap_ax.set_ylabel("% of the exact loss")
+    gap_ax.legend(fontsize=7)
+    for ax, key in zip(axes[:-1], panels, strict=True):
+        curves = results[key]["curves"]
+        window = results["mnist"]["window"] if key == "mnist" else 1
+        for name, curve in curves.items():
+            style = "-" if name == "exact" else "--"
+            ax.plot(smooth(curve, window), style, label=name, linewidth=1.2)
+        ax.set_yscale("log")
+        ax.set_title("Ethanol l4 (full batch)" if key == "ethanol_l4" else "MNIST MLP (smoothed)")
+        ax.set_xlabel("step" if key == "mnist" else "step (subsampled)")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"exact vs fast configurations, N={results['N']} ({backend})")
+    fig.tight_layout()
+    path = pathlib.Path(args.plot) if args.plot else common.FIGURES_DIR / f"quality_{backend}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

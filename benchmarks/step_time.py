@@ -1,0 +1,331 @@
+"""Training-step time of the implicit (preconditioned) model vs its competitors, side by side.
+
+Target 1 (issue 5): the MNIST tutorial CNN of examples/mnist_cnn.py (conv5x5x32, pool,
+conv5x5x64, pool, dense 3136->512, dense 512->10), batch 128, N = 3, all four kernels
+preconditioned. Contenders, each a jitted full training step (forward, backward, optimizer):
+
+* ``sgd``            plain SGD (the denominator of every ratio);
+* ``svd``            overparam_precondition(N, method="svd"): the exact thin SVD every step;
+* ``eigh``           method="eigh" (Gram matrix eigendecomposition) every step;
+* ``eigh_every{k}``  method="eigh", precondition_every=k (the cached basis in between);
+* ``auto_every{k}``  method="auto", precondition_every=k (the fast configuration);
+* ``muon``           optax.contrib.muon, with every conv and dense kernel orthogonalized.
+
+Target 2: an MLP 784-2048-2048-2048-10 (three hidden layers of width 2048), batch 512, N = 3.
+The implicit model (plain ``nn.Dense`` + the transform) against the explicit depth-3
+factorized model (``FactorizedDense(depth=3)``, balanced init, hidden width
+``min(in, out)``, i.e. 2048 for the hidden layers) trained with plain SGD. Reports step
+times and memory: the bytes of params + grads + optimizer state (from the arrays' nbytes)
+and XLA's compiled memory analysis of each step (arguments, outputs, temporaries). By
+default only the explicit model, the cached fast configuration and plain SGD on the
+implicit model are timed for target 2 (the every-step decompositions of two 2048 x 2048
+matrices take seconds per step on 2 cores); --mlp-all times them too.
+
+Timing: contenders are interleaved step by step, each step timed alone with
+jax.block_until_ready (state carried, so a cached contender pays one recomputation per
+window of k steps); compilation and one warm-up window are excluded. Each ratio is the
+median over windows of (contender's window time / baseline's window time at the same step
+indices): on a shared, busy machine neighbouring steps see the same load, while absolute
+times drift by 2x or more (docs/performance.md).
+
+Usage (from the repository root):
+
+    python benchmarks/step_time.py                  # both targets, a few minutes on 2 cores
+    python benchmarks/step_time.py --quick          # smoke run (small sizes)
+    python benchmarks/step_time.py --platform gpu   # unchanged on a GPU/TPU
+
+Writes benchmarks/results/step_time_<backend>.json; docs/performance.md has the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _perf_common as common  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(parser)
+    parser.add_argument("--N", type=int, default=3)
+    parser.add_argument("--every", type=int, default=10, help="k of the cached contenders")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--targets", default="1,2", help="which targets to run: 1, 2 or 1,2")
+    parser.add_argument("--mlp-repeats", type=int, default=2)
+    parser.add_argument(
+        "--mlp-all",
+        action="store_true",
+        help="also time the every-step implicit contenders of target 2 (minutes per step on CPU)",
+    )
+    return parser.parse_args(argv)
+
+
+def _time_interleaved(steps: dict, carries: dict, chunk: int, repeats: int, data_fn, base: str):
+    """Per contender: median seconds per step, and the median of paired ratios to ``base``.
+
+    Contenders are interleaved step by step (each step timed on its own with
+    block_until_ready), so neighbouring measurements see the same machine load. Steps are
+    summed over windows of ``chunk`` consecutive steps (one recomputation of a cached
+    contender per window); a ratio is a contender's window time over the base's window
+    time at the same step indices, and the median over the ``repeats`` windows is kept.
+    """
+    import jax
+
+    for name in steps:  # compile + one warm-up window
+        for i in range(chunk):
+            carries[name] = jax.block_until_ready(steps[name](carries[name], *data_fn(i)))
+    per_step = {name: [] for name in steps}
+    for i in range(chunk, chunk * (repeats + 1)):
+        batch = data_fn(i)
+        for name in steps:
+            begin = time.perf_counter()
+            carries[name] = jax.block_until_ready(steps[name](carries[name], *batch))
+            per_step[name].append(time.perf_counter() - begin)
+    windows = {
+        name: [sum(ts[r * chunk : (r + 1) * chunk]) / chunk for r in range(repeats)]
+        for name, ts in per_step.items()
+    }
+    medians = {name: common.median(ws) for name, ws in windows.items()}
+    ratios = {
+        name: common.median([a / b for a, b in zip(ws, windows[base], strict=True)])
+        for name, ws in windows.items()
+    }
+    return medians, ratios, windows
+
+
+def _train_step(loss_fn, tx):
+    import jax
+    import optax
+
+    @jax.jit
+    def step(carry, *batch):
+        params, opt_state = carry
+        grads = jax.grad(loss_fn)(params, *batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
+
+
+def _nbytes(tree) -> int:
+    import jax
+
+    return int(sum(leaf.nbytes for leaf in jax.tree.leaves(tree)))
+
+
+def cnn_target(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import overparam_optax as opx
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+    from mnist_cnn import TutorialCNN  # the model of the example, not a copy
+
+    batch = 8 if args.quick else 128
+    model = TutorialCNN()
+    key = jax.random.PRNGKey(0)
+    images = jax.random.normal(key, (8, batch, 28, 28, 1), jnp.float32)
+    labels = jax.random.randint(key, (8, batch), 0, 10)
+    params = model.init({"params": key}, images[0], False)["params"]
+
+    def loss_fn(params, x, y, rng):
+        logits = model.apply({"params": params}, x, True, rngs={"dropout": rng})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def kernels_only(p):  # all conv and dense kernels; biases pass through
+        return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", p)
+
+    def muon_dims(p):
+        def spec(path, leaf):
+            if path[-1].key != "kernel":
+                return None
+            return optax.contrib.MuonDimensionNumbers(tuple(range(leaf.ndim - 1)), leaf.ndim - 1)
+
+        return jax.tree_util.tree_map_with_path(spec, p)
+
+    N, k, lr = args.N, (2 if args.quick else args.every), 0.01
+
+    def pre(**kw):
+        return optax.chain(opx.overparam_precondition(N, mask=kernels_only, **kw), optax.sgd(lr))
+
+    txs = {
+        "sgd": optax.sgd(lr),
+        "svd": pre(method="svd"),
+        "eigh": pre(method="eigh"),
+        f"eigh_every{k}": pre(method="eigh", precondition_every=k),
+        f"auto_every{k}": pre(method="auto", precondition_every=k),
+        "muon": optax.contrib.muon(lr, muon_weight_dimension_numbers=muon_dims),
+    }
+    if args.quick:  # smoke run: the fast configuration and the two baselines only
+        txs = {name: txs[name] for name in ("sgd", f"auto_every{k}", "muon")}
+    steps = {name: _train_step(loss_fn, tx) for name, tx in txs.items()}
+    carries = {name: (params, tx.init(params)) for name, tx in txs.items()}
+
+    def data_fn(i):
+        return images[i % 8], labels[i % 8], jax.random.fold_in(key, i)
+
+    repeats = 1 if args.quick else args.repeats
+    medians, ratios, raw = _time_interleaved(steps, carries, k, repeats, data_fn, "sgd")
+    print(f"\nTarget 1: tutorial CNN, batch {batch}, N={N}, {repeats} windows of {k} steps")
+    print(f"{'contender':>14} {'ms/step':>9} {'/ sgd':>7}  (median of paired window ratios)")
+    for name in txs:
+        print(f"{name:>14} {1e3 * medians[name]:9.1f} {ratios[name]:7.2f}")
+    fast = f"auto_every{k}"
+    print(
+        f"target: {fast} / sgd = {ratios[fast]:.2f} (<= 1.5: "
+        f"{'met' if ratios[fast] <= 1.5 else 'MISSED'}); muon / sgd = {ratios['muon']:.2f} "
+        f"({'lower' if ratios[fast] < ratios['muon'] else 'NOT lower'})"
+    )
+    return {
+        "batch": batch,
+        "N": N,
+        "every": k,
+        "repeats": repeats,
+        "seconds_per_step": medians,
+        "ratio_to_sgd": ratios,
+        "window_seconds_per_step": raw,
+        "state_bytes": {name: _nbytes(c[1]) for name, c in carries.items()},
+    }
+
+
+def mlp_target(args) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import overparam_optax as opx
+    from overparam_optax.factorized import FactorizedDense
+
+    width, batch = (64, 16) if args.quick else (2048, 512)
+    N, k, lr = args.N, (2 if args.quick else args.every), 0.01
+
+    class MLP(nn.Module):
+        depth: int = 1
+
+        @nn.compact
+        def __call__(self, x):
+            def dense(features):
+                return (
+                    nn.Dense(features) if self.depth == 1 else FactorizedDense(features, self.depth)
+                )
+
+            for _ in range(3):
+                x = nn.relu(dense(width)(x))
+            return dense(10)(x)
+
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (2, batch, 784), jnp.float32)
+    y = jax.random.randint(key, (2, batch), 0, 10)
+
+    def loss_for(model):
+        def loss_fn(params, xb, yb):
+            logits = model.apply({"params": params}, xb)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+        return loss_fn
+
+    implicit, explicit = MLP(1), MLP(N)
+    p_imp = implicit.init(key, x[0])["params"]
+    p_exp = explicit.init(key, x[0])["params"]
+
+    def pre(**kw):
+        return optax.chain(opx.overparam_precondition(N, **kw), optax.sgd(lr))
+
+    contenders = {
+        "explicit_sgd": (loss_for(explicit), optax.sgd(lr), p_exp),
+        "implicit_svd": (loss_for(implicit), pre(method="svd"), p_imp),
+        "implicit_eigh": (loss_for(implicit), pre(method="eigh"), p_imp),
+        f"implicit_auto_every{k}": (
+            loss_for(implicit),
+            pre(method="auto", precondition_every=k),
+            p_imp,
+        ),
+        "implicit_sgd": (loss_for(implicit), optax.sgd(lr), p_imp),
+    }
+    steps, carries, memory = {}, {}, {}
+    for name, (loss_fn, tx, params) in contenders.items():
+        steps[name] = _train_step(loss_fn, tx)
+        state = tx.init(params)
+        carries[name] = (params, state)
+        p_bytes, s_bytes = _nbytes(params), _nbytes(state)
+        entry = {
+            "params_bytes": p_bytes,
+            "grads_bytes": p_bytes,
+            "opt_state_bytes": s_bytes,
+            "params_grads_state_bytes": 2 * p_bytes + s_bytes,
+        }
+        try:
+            compiled = steps[name].lower((params, state), x[0], y[0]).compile()
+            analysis = compiled.memory_analysis()
+            entry["compiled"] = {
+                "argument_bytes": int(analysis.argument_size_in_bytes),
+                "output_bytes": int(analysis.output_size_in_bytes),
+                "temp_bytes": int(analysis.temp_size_in_bytes),
+                "peak_estimate_bytes": int(
+                    analysis.argument_size_in_bytes
+                    + analysis.output_size_in_bytes
+                    + analysis.temp_size_in_bytes
+                    - analysis.alias_size_in_bytes
+                ),
+            }
+        except Exception as error:  # memory analysis is not available on every backend
+            entry["compiled"] = {"unavailable": repr(error)}
+        memory[name] = entry
+
+    repeats = 1 if args.quick else args.mlp_repeats
+    timed = [
+        name
+        for name in contenders
+        if args.quick or args.mlp_all or name not in ("implicit_svd", "implicit_eigh")
+    ]
+    steps = {name: steps[name] for name in timed}
+    medians, ratios, raw = _time_interleaved(
+        steps, carries, k, repeats, lambda i: (x[i % 2], y[i % 2]), "explicit_sgd"
+    )
+    print(f"\nTarget 2: MLP 784-{width}x3-10, batch {batch}, N={N}, chunk {k}, {repeats} repeats")
+    columns = ("contender", "ms/step", "/ explicit", "p+g+state MB", "/ explicit")
+    print(" ".join(f"{c:>{w}}" for c, w in zip(columns, (22, 9, 10, 13, 10), strict=True)))
+    mem_base = memory["explicit_sgd"]["params_grads_state_bytes"]
+    for name in contenders:
+        mem = memory[name]["params_grads_state_bytes"]
+        ms = f"{1e3 * medians[name]:9.1f} {ratios[name]:10.2f}" if name in medians else " " * 20
+        print(f"{name:>22} {ms} {mem / 2**20:13.1f} {mem / mem_base:10.2f}")
+    return {
+        "width": width,
+        "batch": batch,
+        "N": N,
+        "every": k,
+        "repeats": repeats,
+        "seconds_per_step": medians,
+        "ratio_to_explicit": ratios,
+        "window_seconds_per_step": raw,
+        "memory": memory,
+        "memory_ratio_to_explicit": {
+            name: m["params_grads_state_bytes"] / mem_base for name, m in memory.items()
+        },
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    common.setup_platform(args)
+    targets = {t.strip() for t in args.targets.split(",")}
+    payload = {"args": vars(args)}
+    if "1" in targets:
+        payload["target1_cnn"] = cnn_target(args)
+    if "2" in targets:
+        payload["target2_mlp"] = mlp_target(args)
+    name = "step_time" if targets >= {"1", "2"} else "step_time_target" + "".join(sorted(targets))
+    common.write_json(args, name, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

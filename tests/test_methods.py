@@ -1,0 +1,287 @@
+"""The fast preconditioner paths (method=, precondition_every=, batching) against the exact one."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import overparam_optax as opx
+from overparam_optax import linalg
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _well_conditioned(rng, m, n, low=0.3):
+    """A matrix with singular values spread over [low, 1] (a typical trained layer)."""
+    u, _ = np.linalg.qr(rng.standard_normal((m, min(m, n))))
+    v, _ = np.linalg.qr(rng.standard_normal((n, min(m, n))))
+    s = np.linspace(1.0, low, min(m, n))
+    return ((u * s) @ v.T).astype(np.float32)
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+@pytest.mark.parametrize(
+    "shape, N", [((40, 12), 3), ((12, 40), 2), ((30, 30), 4), ((1, 6), 3), ((3, 40, 8), 3)]
+)
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_methods_match_exact(shape, N, method):
+    rng = np.random.default_rng(0)
+    if len(shape) == 3:
+        w = np.stack([_well_conditioned(rng, *shape[1:]) for _ in range(shape[0])])
+    else:
+        w = _well_conditioned(rng, *shape)
+    g = rng.standard_normal(shape).astype(np.float32)
+    exact = opx.precondition_matrix(w, g, N)
+    fast = opx.precondition_matrix(w, g, N, method=method)
+    assert fast.shape == exact.shape and fast.dtype == exact.dtype
+    assert _rel(fast, exact) < (2e-5 if method != "newton" else 1e-3)
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_methods_zero_and_rank_deficient(method):
+    zero = jnp.zeros((6, 4))
+    out = opx.precondition_matrix(zero, jnp.ones((6, 4)), 3, method=method)
+    np.testing.assert_array_equal(out, 0)
+    rng = np.random.default_rng(1)
+    low_rank = (rng.standard_normal((8, 2)) @ rng.standard_normal((2, 5))).astype(np.float32)
+    g = rng.standard_normal((8, 5)).astype(np.float32)
+    exact = opx.precondition_matrix(low_rank, g, 3)
+    out = opx.precondition_matrix(low_rank, g, 3, method=method)
+    assert np.all(np.isfinite(out))
+    assert _rel(out, exact) < 1e-2
+
+
+def test_eigh_error_on_ill_conditioned_is_bounded():
+    # Gram route: singular values below ~sqrt(eps) s_max are not resolved; measured ~2e-4.
+    rng = np.random.default_rng(2)
+    u, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    w = ((u * np.logspace(0, -3, 64)) @ u.T).astype(np.float32)
+    g = rng.standard_normal((64, 64)).astype(np.float32)
+    assert (
+        _rel(opx.precondition_matrix(w, g, 3, method="eigh"), opx.precondition_matrix(w, g, 3))
+        < 3e-3
+    )
+
+
+def test_auto_matches_exact():
+    rng = np.random.default_rng(9)
+    w, g = _well_conditioned(rng, 24, 10), rng.standard_normal((24, 10)).astype(np.float32)
+    exact = opx.precondition_matrix(w, g, 3)
+    assert _rel(opx.precondition_matrix(w, g, 3, method="auto"), exact) < 1e-3
+
+
+def test_resolve_method():
+    assert linalg.resolve_method("svd", 4, 4) == "svd"
+    assert linalg.resolve_method("auto", 3136, 512, platform="cpu") == "eigh"
+    assert linalg.resolve_method("auto", 3136, 512, platform="gpu") == "newton"
+    assert linalg.resolve_method("auto", 800, 64, platform="tpu") == "eigh"
+    with pytest.raises(ValueError, match="method"):
+        linalg.resolve_method("qr", 4, 4)
+    with pytest.raises(ValueError, match="method"):
+        opx.overparam_precondition(3, method="qr")
+
+
+@pytest.mark.parametrize("method", ["svd", "eigh", "newton"])
+def test_cached_factors_reproduce_the_exact_update(method):
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(_well_conditioned(rng, 20, 7))
+    g = jnp.asarray(rng.standard_normal((20, 7)), jnp.float32)
+    factors = linalg.depth_factors(w, 3, method)
+    like = linalg.depth_factors_like(w.shape, w.dtype, 3, method)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), factors) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), like
+    )
+    out = linalg.apply_depth_factors(factors, g, 3)
+    tol = 1e-3 if method == "newton" else 2e-5
+    assert _rel(out, opx.precondition_matrix(w, g, 3)) < tol
+
+
+def _tree(rng):
+    return {
+        "conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 2, 4)) * 0.3, jnp.float32)},
+        "a": {"kernel": jnp.asarray(_well_conditioned(rng, 10, 6)), "bias": jnp.zeros(6)},
+        "b": {"kernel": jnp.asarray(_well_conditioned(rng, 10, 6))},  # same shape: one batch
+        "wide": {"kernel": jnp.asarray(_well_conditioned(rng, 5, 9))},
+        "head": {"kernel": jnp.asarray(rng.standard_normal((6, 1)), jnp.float32)},
+    }
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton", "auto"])
+def test_transform_methods_match_exact(method):
+    rng = np.random.default_rng(4)
+    params = _tree(rng)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    exact_tx = opx.overparam_precondition(3)
+    fast_tx = opx.overparam_precondition(3, method=method)
+    exact, _ = exact_tx.update(grads, exact_tx.init(params), params)
+    fast, _ = jax.jit(fast_tx.update)(grads, fast_tx.init(params), params)
+    tol = 1e-3 if method == "newton" else 5e-5
+    for e, f in zip(jax.tree.leaves(exact), jax.tree.leaves(fast), strict=True):
+        assert e.shape == f.shape and e.dtype == f.dtype
+        assert _rel(f, e) < tol or float(jnp.linalg.norm(e)) == 0
+
+
+def test_batching_same_shapes_equals_per_leaf():
+    rng = np.random.default_rng(5)
+    params = _tree(rng)
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    tx = opx.overparam_precondition(3)
+    out, _ = tx.update(grads, tx.init(params), params)
+    for name in ("a", "b"):
+        single = opx.precondition_matrix(params[name]["kernel"], grads[name]["kernel"], 3)
+        np.testing.assert_allclose(out[name]["kernel"], single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method, refresh", [("svd", True), ("eigh", False), ("auto", True)])
+def test_precondition_every_uses_stale_factors_then_refreshes(method, refresh):
+    k = 3
+    rng = np.random.default_rng(6)
+    params = _tree(rng)
+    tx = opx.overparam_precondition(
+        3, method=method, precondition_every=k, refresh_spectrum=refresh
+    )
+    state = tx.init(params)
+    assert len(state.cache) == 3  # (a, b) batched, conv, wide; nothing for the vector
+    update = jax.jit(tx.update)
+    concrete = linalg.resolve_method(method, 10, 6)
+
+    def expected(old, new, grad):  # tall (rows >= cols) matrices only
+        if not refresh:
+            return opx.precondition_matrix(old, grad, 3)
+        basis = linalg.depth_factors(old, 3, concrete)
+        basis = linalg.refresh_singular_values(basis, new)
+        return linalg.apply_depth_factors(basis, grad, 3)
+
+    history = [params]
+    for step in range(k + 1):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+        out, state = update(grads, state, params)
+        source = history[0] if step < k else params  # factors from update 0, then refreshed
+        for name in ("a", "b"):
+            want = expected(source[name]["kernel"], params[name]["kernel"], grads[name]["kernel"])
+            assert _rel(out[name]["kernel"], want) < 5e-5, (step, name)
+        want = expected(
+            source["wide"]["kernel"].T, params["wide"]["kernel"].T, grads["wide"]["kernel"].T
+        ).T
+        assert _rel(out["wide"]["kernel"], want) < 5e-5, step
+        if step in (0, k):  # fresh factors: the exact update
+            exact = opx.precondition_matrix(params["a"]["kernel"], grads["a"]["kernel"], 3)
+            assert _rel(out["a"]["kernel"], exact) < 5e-5
+        # The single-output head has no factors: always the current closed form.
+        head = opx.precondition_matrix(params["head"]["kernel"], grads["head"]["kernel"], 3)
+        assert _rel(out["head"]["kernel"], head) < 1e-5
+        params = optax.apply_updates(params, jax.tree.map(lambda u: -0.1 * u, out))
+        history.append(params)
+    assert int(state.count) == k + 1
+
+
+def test_every_step_until_recomputes_during_warmup():
+    rng = np.random.default_rng(11)
+    params = {"w": jnp.asarray(_well_conditioned(rng, 9, 4))}
+    tx = opx.overparam_precondition(
+        3, method="eigh", precondition_every=100, every_step_until=2, refresh_spectrum=False
+    )
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    sources = []
+    for _ in range(4):
+        grads = {"w": jnp.asarray(rng.standard_normal((9, 4)), jnp.float32)}
+        out, state = update(grads, state, params)
+        sources.append(params["w"])
+        # updates 0 and 1 recompute (warm-up), 2 and 3 reuse the factors of update 1
+        source = sources[min(len(sources) - 1, 1)]
+        assert _rel(out["w"], opx.precondition_matrix(source, grads["w"], 3)) < 5e-5
+        params = {"w": params["w"] - 0.1 * out["w"]}
+
+
+def test_refresh_singular_values_is_exact_for_a_rescaled_matrix():
+    rng = np.random.default_rng(10)
+    w = jnp.asarray(_well_conditioned(rng, 12, 5))
+    g = jnp.asarray(rng.standard_normal((12, 5)), jnp.float32)
+    basis = linalg.depth_factors(w, 3, "eigh")
+    refreshed = linalg.refresh_singular_values(basis, 1.7 * w)
+    out = linalg.apply_depth_factors(refreshed, g, 3)
+    assert _rel(out, opx.precondition_matrix(1.7 * w, g, 3)) < 2e-5
+
+
+def test_precondition_every_init_on_shape_dtype_struct_and_cond():
+    rng = np.random.default_rng(7)
+    params = _tree(rng)
+    tx = opx.overparam_precondition(3, method="eigh", precondition_every=4)
+    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    from_abstract = tx.init(abstract)
+    concrete = tx.init(params)
+    assert jax.tree.structure(from_abstract) == jax.tree.structure(concrete)
+    for a, b in zip(jax.tree.leaves(from_abstract), jax.tree.leaves(concrete), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(b, 0)  # init does no linear algebra
+    # eval_shape of init works too (no concrete values needed)
+    jax.eval_shape(tx.init, abstract)
+
+    grads = jax.tree.map(jnp.ones_like, params)
+
+    @jax.jit
+    def maybe_update(skip, state):  # lax.cond-based scheduling of the whole update
+        return jax.lax.cond(
+            skip, lambda s: (grads, s), lambda s: tx.update(grads, s, params), state
+        )
+
+    skipped, state = maybe_update(True, concrete)
+    assert int(state.count) == 0
+    _, state = maybe_update(False, concrete)
+    assert int(state.count) == 1
+    assert float(jnp.abs(state.cache[1].s).max()) > 0  # the first update filled the cache
+
+
+def test_precondition_every_validation_and_inject_hyperparams():
+    for bad in (0, -2, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="precondition_every"):
+            opx.overparam_precondition(3, precondition_every=bad)
+    params = {"w": jnp.eye(3) + 0.1}
+    grads = {"w": jnp.ones((3, 3))}
+    # The default (None) survives inject_hyperparams; an int needs static_args.
+    tx = optax.inject_hyperparams(opx.overparam_sgd, static_args=("N",))(learning_rate=0.1, N=2)
+    jax.jit(tx.update)(grads, tx.init(params), params)
+    tx = optax.inject_hyperparams(
+        opx.overparam_sgd, static_args=("N", "precondition_every", "method")
+    )(learning_rate=0.1, N=2, method="eigh", precondition_every=2)
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = jax.jit(tx.update)(grads, state, params)
+    tx = optax.inject_hyperparams(opx.overparam_sgd, static_args=("N",))(
+        learning_rate=0.1, N=2, precondition_every=2
+    )
+    with pytest.raises(ValueError, match="static_args"):
+        jax.jit(tx.update)(grads, tx.init(params), params)
+
+
+def test_overparam_sgd_passes_method_through():
+    params = {"w": jnp.asarray(_well_conditioned(np.random.default_rng(8), 6, 4))}
+    grads = {"w": jnp.ones((6, 4))}
+    exact = opx.overparam_sgd(0.1, N=3)
+    fast = opx.overparam_sgd(0.1, N=3, method="eigh", precondition_every=2)
+    e, _ = exact.update(grads, exact.init(params), params)
+    f, _ = fast.update(grads, fast.init(params), params)
+    assert _rel(f["w"], e["w"]) < 5e-5
+
+
+@pytest.mark.parametrize(
+    "script, extra",
+    [("linalg_scaling.py", []), ("step_time.py", ["--targets", "2"])],
+)
+def test_benchmark_smoke(script, extra, tmp_path):
+    out = tmp_path / "result.json"
+    command = [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--out", str(out)]
+    result = subprocess.run(command + extra, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.exists()
