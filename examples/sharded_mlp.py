@@ -1,0 +1,193 @@
+"""An MLP trained data- and model-parallel with the depth-N preconditioner, vs one device.
+
+The devices that exist are arranged in a ("data", "model") mesh: the batch is split over
+"data" (data parallelism); the first layer's kernel is split by columns and the second by
+rows over "model" (Megatron-style tensor parallelism), and the first kernel is also split over
+"data" on its other axis (FSDP-style). The optimizer state is sharded like the params
+(tests/sharding_checks.py ``state_shardings_for``). The same training then runs on one
+device, and the largest differences of losses and parameters are printed.
+
+On a CPU, fake 8 devices (the flag must be set before jax starts):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/sharded_mlp.py
+
+On a machine with several accelerators, run it as is. See docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import overparam_optax as opx
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=3, help="N")
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--model-parallel", type=int, default=None, help="size of 'model'")
+    parser.add_argument("--precondition-every", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def make_data(num_examples=4096, dim=64, classes=10, seed=0):
+    """A synthetic classification task: labels of a random two-layer teacher network."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(num_examples, dim)).astype(np.float32)
+    hidden = np.tanh(x @ rng.normal(size=(dim, 128)) / np.sqrt(dim))
+    y = np.argmax(hidden @ rng.normal(size=(128, classes)), axis=-1).astype(np.int32)
+    return x, y
+
+
+def init_params(dim, hidden, classes, seed=0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    return {
+        "w1": jax.random.normal(k1, (dim, hidden)) / np.sqrt(dim),
+        "b1": jnp.zeros((hidden,)),
+        "w2": jax.random.normal(k2, (hidden, classes)) / np.sqrt(hidden),
+    }
+
+
+def loss_fn(params, x, y):
+    logits = jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def param_specs():
+    return {
+        "w1": P("data", "model"),  # columns over "model" (TP), rows over "data" (FSDP)
+        "b1": P("model"),
+        "w2": P("model", None),  # rows over "model" (TP); its 10 columns stay whole
+    }
+
+
+def train(params, tx, batches, step_fn):
+    state = tx.init(params) if step_fn.init is None else step_fn.init(params)
+    losses = []
+    for x, y in batches:
+        params, state, loss = step_fn(params, state, x, y)
+        # Wait for each step: with fake CPU devices, queued steps can interleave their
+        # collectives across the few host threads and deadlock XLA's CPU runtime.
+        losses.append(jax.block_until_ready(loss))
+    return params, np.asarray(jnp.stack(losses))
+
+
+class _Step:
+    """A jitted train step, optionally with pinned shardings (and a matching init)."""
+
+    def __init__(self, tx, in_shardings=None, out_shardings=None, init=None):
+        def step(params, state, x, y):
+            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, loss
+
+        kwargs = {}
+        if in_shardings is not None:
+            kwargs = {"in_shardings": in_shardings, "out_shardings": out_shardings}
+        self._step = jax.jit(step, **kwargs)
+        self.init = init
+
+    def __call__(self, *args):
+        return self._step(*args)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    devices = jax.devices()
+    n = len(devices)
+    model = args.model_parallel or (2 if n % 2 == 0 else 1)
+    data = n // model
+    # Auto axes: XLA's partitioner decides the collectives of the model code. (The
+    # transform works on Explicit axes too: tests/sharding_checks.py.)
+    mesh = jax.make_mesh((data, model), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    print(f"{n} x {devices[0].platform} devices ({devices[0].device_kind}); mesh data={data} "
+          f"model={model}, axis types {mesh.axis_types}; jax {jax.__version__}")
+
+    x_all, y_all = make_data()
+    dim, classes = x_all.shape[1], int(y_all.max()) + 1
+    rng = np.random.default_rng(1)
+    batches = []
+    for _ in range(args.steps):
+        idx = rng.choice(len(y_all), size=args.batch_size, replace=False)
+        batches.append((x_all[idx], y_all[idx]))
+    params0 = jax.device_get(init_params(dim, args.hidden, classes))
+    tx = opx.overparam_sgd(
+        args.lr, N=args.depth, momentum=0.9, precondition_every=args.precondition_every
+    )
+
+    # --- one device ---
+    one = devices[0]
+    single_batches = [(jax.device_put(x, one), jax.device_put(y, one)) for x, y in batches]
+    single_params, single_losses = train(
+        jax.device_put(params0, one), tx, single_batches, _Step(tx)
+    )
+
+    # --- the mesh ---
+    with jax.set_mesh(mesh):
+        param_sh = {k: NamedSharding(mesh, s) for k, s in param_specs().items()}
+        batch_sh = (NamedSharding(mesh, P("data", None)), NamedSharding(mesh, P("data")))
+        abstract = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=param_sh[k])
+            for k, v in params0.items()
+        }
+        # State shardings: a leaf that mirrors a param (momentum: its key path ends with
+        # the param's, same shape) follows it; the rest (step count, cached factors) go
+        # where XLA puts them when compiling the update from the sharded params.
+        abstract_state = jax.eval_shape(tx.init, abstract)
+        chosen = (
+            jax.jit(tx.update, in_shardings=(param_sh, None, param_sh))
+            .lower(abstract, abstract_state, abstract)
+            .compile()
+            .output_shardings[1]
+        )
+
+        def pick(path, leaf, xla_choice):
+            name = jax.tree_util.keystr(path)
+            for k, v in params0.items():
+                if name.endswith(f"['{k}']") and tuple(leaf.shape) == v.shape:
+                    return param_sh[k]
+            return xla_choice
+
+        state_sh = jax.tree_util.tree_map_with_path(pick, abstract_state, chosen)
+        replicated = NamedSharding(mesh, P())
+        step = _Step(
+            tx,
+            in_shardings=(param_sh, state_sh, *batch_sh),
+            out_shardings=(param_sh, state_sh, replicated),
+            init=jax.jit(tx.init, out_shardings=state_sh),
+        )
+        sharded_batches = [
+            (jax.device_put(x, batch_sh[0]), jax.device_put(y, batch_sh[1])) for x, y in batches
+        ]
+        sharded_params, sharded_losses = train(
+            jax.device_put(params0, param_sh), tx, sharded_batches, step
+        )
+        for k, v in sharded_params.items():
+            print(f"  {k}: shape {v.shape} sharded {v.sharding.spec}")
+
+    loss_diff = float(np.max(np.abs(sharded_losses - single_losses)))
+    param_diff = max(
+        float(np.max(np.abs(np.asarray(sharded_params[k]) - np.asarray(single_params[k]))))
+        for k in params0
+    )
+    param_scale = max(float(np.max(np.abs(np.asarray(single_params[k])))) for k in params0)
+    print(f"loss: step 0 {single_losses[0]:.4f} -> step {args.steps - 1} "
+          f"{single_losses[-1]:.4f} (single device)")
+    print(f"max |loss_sharded - loss_single| over {args.steps} steps: {loss_diff:.3e}")
+    print(f"max |param_sharded - param_single|: {param_diff:.3e} "
+          f"(max |param| {param_scale:.3f}, relative {param_diff / param_scale:.2e})")
+    return loss_diff, param_diff
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""Sharded-training checks, run on 8 host CPU devices in a subprocess by test_sharding.py.
+
+XLA_FLAGS=--xla_force_host_platform_device_count=8 only takes effect before jax creates its
+CPU backend, which the rest of the test session does long before this file's tests run, so
+``tests/test_sharding.py`` runs this module as ``python -m tests.sharding_checks --json F``
+with that flag set. Each check is a function that raises AssertionError on failure; the
+results (ok, a message, and the measured differences) are written as JSON, and every check
+becomes one pytest test that fails with the check's message. Run it by hand with
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharding_checks
+
+Checks are written over the whole optimizer state pytree, whatever it holds (the step
+count, momentum, the ``precondition_every`` cache of factors), so that they keep covering
+the state as the transform grows.
+
+The mesh is 4 x 2, axes ("data", "model"): FSDP-style row sharding over "data",
+tensor-parallel column (and row) sharding over "model", both at once, a conv kernel sharded
+on its output channels, and a stack of layers sharded along the stack axis.
+
+Tolerance for "equals the single-device result": max |sharded - single| <= 1e-5 * max
+|single|, per leaf, in float32. The sharded program computes the same decomposition (XLA
+gathers a matrix before an SVD/eigh; batch axes stay split), but its matmuls reduce partial
+sums across devices in another order. Each output entry is a sum of O(n) products, n <= 64
+here, so a reordering moves it by at most ~n * eps * max|terms| ~ 64 * 1.2e-7 ~ 8e-6 of the
+largest entry; 1e-5 is that bound. What is measured (printed and stored) is typically
+~1e-7 to 1e-6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+import numpy as np
+
+DEVICES_NEEDED = 8
+RTOL = 1e-5
+STEPS = 3  # with precondition_every=2: a recomputation, a cached step, a recomputation
+
+CONFIGS = {
+    "exact": {},
+    "every2": {"precondition_every": 2},
+    "blocks16": {"block_size": 16},
+}
+
+
+def _setup():
+    import jax
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import overparam_optax as opx
+
+    # Fake CPU devices share a few host threads; with asynchronous dispatch, programs with
+    # collectives can overlap and deadlock XLA's CPU runtime (docs/scaling.md). Must be set
+    # before the CPU backend starts.
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    if jax.device_count() < DEVICES_NEEDED:
+        raise AssertionError(
+            f"needs {DEVICES_NEEDED} devices, got {jax.device_count()}: set "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax starts"
+        )
+    rng = np.random.default_rng(0)
+    shapes_specs = {
+        "fsdp_rows": ((64, 48), P("data", None)),
+        "tp_cols": ((48, 32), P(None, "model")),
+        "tp_rows": ((32, 24), P("model", None)),
+        "both": ((64, 40), P("data", "model")),
+        "conv": ((3, 3, 8, 16), P(None, None, None, "model")),
+        "stack": ((4, 16, 12), P("data", None, None)),
+        "bias": ((48,), P("model")),
+        "head": ((24, 1), P()),
+    }
+    params = {
+        k: (rng.normal(size=s) * 0.3).astype(np.float32) for k, (s, _) in shapes_specs.items()
+    }
+    grads = {k: rng.normal(size=s).astype(np.float32) for k, (s, _) in shapes_specs.items()}
+    dims = {k: None for k in shapes_specs}
+    dims.update(
+        {
+            k: opx.MatrixDimensionNumbers(tuple(range(len(s) - 1)), len(s) - 1)
+            for k, (s, _) in shapes_specs.items()
+            if len(s) >= 2
+        }
+    )
+    dims["stack"] = opx.MatrixDimensionNumbers(reduction_axis=1, output_axis=2)
+
+    def mesh_and_shardings(axis_type):
+        mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+        return mesh, {k: NamedSharding(mesh, spec) for k, (_, spec) in shapes_specs.items()}
+
+    return {
+        "jax": jax,
+        "opx": opx,
+        "params": params,
+        "grads": grads,
+        "dims": dims,
+        "mesh_and_shardings": mesh_and_shardings,
+        "AxisType": AxisType,
+    }
+
+
+def _make_tx(env, config):
+    import optax
+
+    pre = env["opx"].overparam_precondition(3, dimension_numbers=env["dims"], **CONFIGS[config])
+    return optax.chain(pre, optax.sgd(0.05, momentum=0.9))
+
+
+def _train(jax, tx, params, grads_seq, state=None):
+    import optax
+
+    update = jax.jit(tx.update)
+    state = tx.init(params) if state is None else state
+    history = []
+    for grads in grads_seq:
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        # one step at a time: queued steps on fake CPU devices can deadlock collectives
+        history.append(jax.block_until_ready((updates, params)))
+    return history, state
+
+
+def _grads_seq(env):
+    rng = np.random.default_rng(1)
+    return [
+        {k: (g * (1 + 0.1 * i) + 0.01 * rng.normal(size=g.shape)).astype(np.float32)
+         for k, g in env["grads"].items()}
+        for i in range(STEPS)
+    ]
+
+
+def _max_rel_diff(jax, a_tree, b_tree):
+    worst = {}
+    for path, a in jax.tree_util.tree_flatten_with_path(a_tree)[0]:
+        b = b_tree
+        for key in path:
+            b = b[key.key] if hasattr(key, "key") else b[key.idx]
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        scale = max(np.abs(b).max(), 1e-30)
+        worst[jax.tree_util.keystr(path)] = float(np.abs(a - b).max() / scale)
+    return worst
+
+
+def _memo(env, key, fn):
+    """Both training runs are shared by the checks that look at them (compiles are slow)."""
+    cache = env.setdefault("memo", {})
+    if key not in cache:
+        cache[key] = fn()
+    return cache[key]
+
+
+def _single_device(env, config):
+    return _memo(env, ("single", config), lambda: _single_device_run(env, config))
+
+
+def _sharded(env, config, axis_type):
+    return _memo(env, ("sharded", config, str(axis_type)),
+                 lambda: _sharded_run(env, config, axis_type))
+
+
+def _single_device_run(env, config):
+    jax = env["jax"]
+    dev = jax.devices()[0]
+    tx = _make_tx(env, config)
+    seq = [jax.device_put(g, dev) for g in _grads_seq(env)]
+    history, state = _train(jax, tx, jax.device_put(env["params"], dev), seq)
+    return history, state
+
+
+def _sharded_run(env, config, axis_type):
+    jax = env["jax"]
+    mesh, shardings = env["mesh_and_shardings"](axis_type)
+    tx = _make_tx(env, config)
+    params = jax.device_put(env["params"], shardings)
+    seq = [jax.device_put(g, shardings) for g in _grads_seq(env)]
+    with jax.set_mesh(mesh):
+        history, state = _train(jax, tx, params, seq)
+    return history, state, shardings, mesh
+
+
+def check_matches_single_device(env, config, axis_type_name):
+    """tx.update under jit on sharded params/grads == the same steps on one device."""
+    jax = env["jax"]
+    single, _ = _single_device(env, config)
+    sharded, _, _, _ = _sharded(env, config, getattr(env["AxisType"], axis_type_name))
+    worst = {}
+    for step, ((u1, p1), (us, ps)) in enumerate(zip(single, sharded, strict=True)):
+        for name, value in _max_rel_diff(jax, us, u1).items():
+            worst[f"update{name}"] = max(worst.get(f"update{name}", 0.0), value)
+        for name, value in _max_rel_diff(jax, ps, p1).items():
+            worst[f"param{name}"] = max(worst.get(f"param{name}", 0.0), value)
+        del step
+    bad = {k: v for k, v in worst.items() if v > RTOL}
+    assert not bad, f"sharded differs from single-device by more than {RTOL} (relative): {bad}"
+    return {"max_rel_diff": max(worst.values()), "per_leaf": worst}
+
+
+def check_updates_keep_param_shardings(env, config, axis_type_name):
+    """The update of each leaf comes back sharded like the parameter (no gather-to-all)."""
+    sharded, _, shardings, _ = _sharded(env, config, getattr(env["AxisType"], axis_type_name))
+    mismatched = []
+    for updates, params in sharded:
+        for name, sharding in shardings.items():
+            for kind, leaf in (("update", updates[name]), ("param", params[name])):
+                if not leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
+                    mismatched.append(f"{kind} {name}: {leaf.sharding} vs {sharding.spec}")
+    assert not mismatched, "; ".join(sorted(set(mismatched)))
+    return {}
+
+
+def _abstract(jax, params, shardings):
+    return {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in params.items()
+    }
+
+
+def state_shardings_for(jax, tx, abstract_params, param_shardings):
+    """Shardings for every optimizer-state leaf, generically over the state pytree.
+
+    The recipe of docs/scaling.md (Auto axes): a state leaf that mirrors a parameter
+    (momentum, Adam moments: its key path ends with the parameter's and the shapes agree)
+    takes that parameter's sharding; every other leaf (the step count, the
+    ``precondition_every`` cache) takes the sharding XLA picks for it when compiling the
+    update from the sharded parameters.
+    """
+    abstract_state = jax.eval_shape(tx.init, abstract_params)
+    lowered = jax.jit(tx.update, in_shardings=(param_shardings, None, param_shardings))
+    compiled = lowered.lower(abstract_params, abstract_state, abstract_params).compile()
+    chosen = compiled.output_shardings[1]
+    keystr = jax.tree_util.keystr
+    params_by_path = {
+        keystr(path): (tuple(leaf.shape), sharding)
+        for (path, leaf), sharding in zip(
+            jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+            jax.tree.leaves(param_shardings),
+            strict=True,
+        )
+    }
+
+    def pick(path, leaf, xla_choice):
+        name = keystr(path)
+        for param_path, (shape, sharding) in params_by_path.items():
+            if name.endswith(param_path) and tuple(leaf.shape) == shape:
+                return sharding
+        return xla_choice
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state, chosen)
+
+
+def check_state_follows_params(env, config, axis_type_name):
+    """Optimizer state sharding follows the params, generically over the state pytree.
+
+    With the shardings of :func:`state_shardings_for` pinned on init and update (as a
+    sharded training step does), (1) init and update produce exactly those shardings, (2)
+    leaves shaped like a parameter are sharded like it, and (3) no state leaf at least as
+    large as the largest weight matrix is fully replicated.
+    """
+    jax = env["jax"]
+    mesh, shardings = env["mesh_and_shardings"](getattr(env["AxisType"], axis_type_name))
+    tx = _make_tx(env, config)
+    with jax.set_mesh(mesh):
+        abstract_params = _abstract(jax, env["params"], shardings)
+        state_sh = state_shardings_for(jax, tx, abstract_params, shardings)
+        params = jax.device_put(env["params"], shardings)
+        state = jax.block_until_ready(jax.jit(tx.init, out_shardings=state_sh)(params))
+        grads = jax.device_put(env["grads"], shardings)
+        update = jax.jit(
+            tx.update,
+            in_shardings=(shardings, state_sh, shardings),
+            out_shardings=(shardings, state_sh),
+        )
+        _, new_state = update(grads, state, params)
+
+    problems, report = [], {}
+    param_shapes = {tuple(v.shape): shardings[k] for k, v in env["params"].items() if v.ndim >= 2}
+    large = max(int(np.prod(v.shape)) for v in env["params"].values() if v.ndim >= 2)
+    for (path, leaf), new_leaf, expected in zip(
+        jax.tree_util.tree_flatten_with_path(state)[0],
+        jax.tree.leaves(new_state),
+        jax.tree.leaves(state_sh),
+        strict=True,
+    ):
+        name = jax.tree_util.keystr(path)
+        report[name] = [list(leaf.shape), str(getattr(leaf.sharding, "spec", leaf.sharding))]
+        for what, got in (("init", leaf), ("update", new_leaf)):
+            if not got.sharding.is_equivalent_to(expected, leaf.ndim):
+                problems.append(f"{name}: {what} gave {got.sharding}, asked {expected}")
+        if leaf.size >= large and leaf.sharding.is_fully_replicated:
+            problems.append(f"{name} {leaf.shape}: fully replicated")
+        if tuple(leaf.shape) in param_shapes and leaf.ndim >= 2:
+            like = param_shapes[tuple(leaf.shape)]
+            if not leaf.sharding.is_equivalent_to(like, leaf.ndim):
+                problems.append(f"{name}: {leaf.sharding.spec}, its param has {like.spec}")
+    assert not problems, "; ".join(problems)
+    return {"state_leaves": report}
+
+
+def check_abstract_init_and_update(env, config, axis_type_name):
+    """init/update on ShapeDtypeStructs with shardings, as with jax.eval_shape."""
+    jax = env["jax"]
+    mesh, shardings = env["mesh_and_shardings"](getattr(env["AxisType"], axis_type_name))
+    tx = _make_tx(env, config)
+    with jax.set_mesh(mesh):
+        abstract_params = _abstract(jax, env["params"], shardings)
+        abstract_state = jax.eval_shape(tx.init, abstract_params)
+        updates, new_state = jax.eval_shape(
+            tx.update, abstract_params, abstract_state, abstract_params
+        )
+    concrete_state = tx.init(env["params"])
+    shapes = lambda t: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), t)  # noqa: E731
+    assert shapes(abstract_state) == shapes(concrete_state)
+    assert shapes(new_state) == shapes(concrete_state)
+    assert shapes(updates) == shapes(env["params"])
+    return {}
+
+
+CHECKS = {}
+for _config in CONFIGS:
+    for _mode in ("Auto", "Explicit"):
+        CHECKS[f"matches_single_device[{_config}-{_mode}]"] = (
+            check_matches_single_device, _config, _mode,
+        )
+        CHECKS[f"updates_keep_param_shardings[{_config}-{_mode}]"] = (
+            check_updates_keep_param_shardings, _config, _mode,
+        )
+        CHECKS[f"abstract_init_and_update[{_config}-{_mode}]"] = (
+            check_abstract_init_and_update, _config, _mode,
+        )
+    CHECKS[f"state_follows_params[{_config}-Auto]"] = (check_state_follows_params, _config, "Auto")
+
+
+def run_all(names=None) -> dict:
+    results = {}
+    try:
+        env = _setup()
+    except Exception:  # every check fails with the same reason
+        reason = traceback.format_exc()
+        return {name: {"ok": False, "detail": reason} for name in (names or CHECKS)}
+    for name in names or CHECKS:
+        fn, config, mode = CHECKS[name]
+        try:
+            info = fn(env, config, mode)
+            results[name] = {"ok": True, "detail": "", **(info or {})}
+        except Exception as exc:  # noqa: BLE001 - reported to pytest, which fails the test
+            detail = str(exc) if isinstance(exc, AssertionError) else traceback.format_exc()
+            results[name] = {"ok": False, "detail": detail}
+        status = "ok" if results[name]["ok"] else "FAILED"
+        extra = results[name].get("max_rel_diff")
+        print(f"{status:6s} {name}" + (f"  max rel diff {extra:.2e}" if extra is not None else ""),
+              flush=True)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("names", nargs="*", help="checks to run (default: all)")
+    args = parser.parse_args(argv)
+    results = run_all(args.names or None)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    failed = [n for n, r in results.items() if not r["ok"]]
+    for name in failed:
+        print(f"--- {name}\n{results[name]['detail']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
