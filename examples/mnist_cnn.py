@@ -136,7 +136,13 @@ def build_run(mode: str, args, plain_params):
         return logits_fn_for(TutorialCNN(dense_width=args.dense_width)), plain_params, base
     if mode == "implicit":
         mask = kernel_mask(plain_params, args.precondition_conv)
-        tx = optax.chain(opx.overparam_precondition(args.depth, mask=mask), base)
+        precondition = opx.overparam_precondition(
+            args.depth,
+            mask=mask,
+            method=args.method,
+            precondition_every=args.precondition_every,
+        )
+        tx = optax.chain(precondition, base)
         return logits_fn_for(TutorialCNN(dense_width=args.dense_width)), plain_params, tx
     if mode == "explicit":
         model = TutorialCNN(
@@ -206,6 +212,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--precondition-conv", action="store_true", help="also over-parameterize the convs"
     )
     parser.add_argument("--progress", action="store_true", help="show a tqdm progress bar")
+    parser.add_argument(
+        "--method",
+        choices=("svd", "eigh", "newton", "auto"),
+        default="svd",
+        help="how the implicit mode computes P_W (docs/performance.md); svd is exact",
+    )
+    parser.add_argument(
+        "--precondition-every",
+        type=int,
+        default=None,
+        help="recompute the implicit mode's decomposition every k steps (default: every step)",
+    )
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(args.modes) - set(MODES))

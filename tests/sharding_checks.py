@@ -112,12 +112,18 @@ def _make_tx(env, config):
 def _train(jax, tx, params, grads_seq, state=None):
     import optax
 
-    update = jax.jit(tx.update)
+    @jax.jit
+    def step(grads, state, params):
+        # The parameter update is inside the same program: an eager add of two differently
+        # sharded arrays dispatches its own resharding program, which deadlocked the fake
+        # CPU devices (seen here, stuck in apply_updates).
+        updates, state = tx.update(grads, state, params)
+        return updates, state, optax.apply_updates(params, updates)
+
     state = tx.init(params) if state is None else state
     history = []
     for grads in grads_seq:
-        updates, state = update(grads, state, params)
-        params = optax.apply_updates(params, updates)
+        updates, state, params = step(grads, state, params)
         # one step at a time: queued steps on fake CPU devices can deadlock collectives
         history.append(jax.block_until_ready((updates, params)))
     return history, state
