@@ -130,11 +130,7 @@ def main(argv=None) -> dict:
     exponents = {}
     for shape_kind in ("square", "tall"):
         for x in METHODS:
-            pts = [
-                (r["n"], r["seconds"][x])
-                for r in rows
-                if r["shape"] == shape_kind and x in r["seconds"]
-            ]
+            pts = _timings(rows, shape_kind, x)
             if pts:
                 exponents[f"{shape_kind}/{x}"] = fit_exponent(
                     [p[0] for p in pts], [p[1] for p in pts], args.fit_from if not args.quick else 0
@@ -150,6 +146,15 @@ def main(argv=None) -> dict:
     return payload
 
 
+def _timings(rows, shape_kind: str, method: str) -> list[tuple[int, float]]:
+    """(n, seconds) of one method on one shape family, for the fit and the plot."""
+    return [
+        (r["n"], r["seconds"][method])
+        for r in rows
+        if r["shape"] == shape_kind and method in r["seconds"]
+    ]
+
+
 def _plot(rows, args, backend) -> None:
     import matplotlib
 
@@ -159,11 +164,7 @@ def _plot(rows, args, backend) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, shape_kind in zip(axes, ("square", "tall"), strict=True):
         for x in METHODS:
-            pts = [
-                (r["n"], r["seconds"][x])
-                for r in rows
-                if r["shape"] == shape_kind and x in r["seconds"]
-            ]
+            pts = _timings(rows, shape_kind, x)
             if pts:
                 ax.loglog(*zip(*pts, strict=True), marker="o", label=x)
         ax.set_title(
