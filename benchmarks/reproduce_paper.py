@@ -273,11 +273,14 @@ def _fmt_steps(steps) -> str:
     return "not reached" if steps is None else f"{steps:,}"
 
 
-def tables_markdown(results: dict, args) -> str:
+def tables_markdown(results: dict, args, runs: dict | None = None) -> str:
     lines = []
+    steps = args.steps
+    if runs and "regression" in runs:  # the horizon of the run that made the section
+        steps = runs["regression"]["config"]["steps"]
     for name, section in results.get("regression", {}).items():
         lines += [
-            f"### Ethanol {name} (target = best depth-1 GD loss at step {args.steps:,}: "
+            f"### Ethanol {name} (target = best depth-1 GD loss at step {steps:,}: "
             f"{section['target']:.6g})",
             "",
             "| method | best lr | final loss | steps to target | fastest on grid |",
@@ -448,6 +451,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _merge_with_earlier_runs(path: pathlib.Path, results: dict, run: dict) -> dict:
+    """The log of this run, keeping the sections of earlier runs that this one did not redo.
+
+    The sections take very different times (minutes for the regression, an hour of CPU for
+    the full MNIST run), so they are often run one at a time; each section keeps the command,
+    configuration and environment of the run that produced it under ``runs``.
+    """
+    log = {"results": {}, "runs": {}}
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if "runs" in earlier:
+            log = {"results": earlier["results"], "runs": earlier["runs"]}
+        else:  # a log written before sections were kept apart: one run made all of it
+            old_run = {k: v for k, v in earlier.items() if k != "results"}
+            log["results"] = earlier["results"]
+            log["runs"] = {s: old_run for s in SECTIONS if s in earlier["results"]}
+    for section in SECTIONS:
+        if section in results:
+            log["results"][section] = results[section]
+            log["runs"][section] = run
+    if "ethanol_rows" in results:
+        log["results"]["ethanol_rows"] = results["ethanol_rows"]
+    return log
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     results: dict = {}
@@ -471,7 +499,7 @@ def main(argv=None) -> dict:
     results_dir = pathlib.Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     figures = plot_figures(results, args)
-    log = {
+    run = {
         "command": " ".join(["python benchmarks/reproduce_paper.py", *(argv or sys.argv[1:])]),
         "config": {k: v for k, v in vars(args).items()},
         "learning_rates": learning_rates.tolist(),
@@ -483,11 +511,11 @@ def main(argv=None) -> dict:
             "x64": True,
         },
         "figures": figures,
-        "results": results,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    log = _merge_with_earlier_runs(results_dir / "reproduce_paper.json", results, run)
     (results_dir / "reproduce_paper.json").write_text(json.dumps(log, indent=1, default=str))
-    tables = tables_markdown(results, args)
+    tables = tables_markdown(log["results"], args, log["runs"])
     (results_dir / "reproduce_paper_tables.md").write_text(tables)
     print("\n" + tables)
     return log

@@ -7,9 +7,10 @@ rows over "model" (Megatron-style tensor parallelism), and the first kernel is a
 (tests/sharding_checks.py ``state_shardings_for``). The same training then runs on one
 device, and the largest differences of losses and parameters are printed.
 
-On a CPU, fake 8 devices (the flag must be set before jax starts):
+On a CPU, make 8 host devices (``--cpu-devices``, or the equivalent
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``):
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/sharded_mlp.py
+    python examples/sharded_mlp.py --cpu-devices 8
 
 On a machine with several accelerators, run it as is. See docs/scaling.md.
 """
@@ -17,6 +18,7 @@ On a machine with several accelerators, run it as is. See docs/scaling.md.
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import overparam_optax as opx
+from overparam_optax import training
 
 
 def parse_args(argv=None):
@@ -37,6 +40,10 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--model-parallel", type=int, default=None, help="size of 'model'")
     parser.add_argument("--precondition-every", type=int, default=None)
+    parser.add_argument(
+        "--cpu-devices", type=int, default=None,
+        help="run on this many host CPU devices (default: the devices jax finds)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -76,9 +83,7 @@ def train(params, tx, batches, step_fn):
     losses = []
     for x, y in batches:
         params, state, loss = step_fn(params, state, x, y)
-        # Wait for each step: with fake CPU devices, queued steps can interleave their
-        # collectives across the few host threads and deadlock XLA's CPU runtime.
-        losses.append(jax.block_until_ready(loss))
+        losses.append(loss)
     return params, np.asarray(jnp.stack(losses))
 
 
@@ -103,6 +108,11 @@ class _Step:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.cpu_devices is not None:
+        jax.config.update("jax_platforms", "cpu")
+        training.use_host_cpu_devices(args.cpu_devices)
+    elif "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        training.use_host_cpu_devices()  # the threads those CPU devices need
     devices = jax.devices()
     n = len(devices)
     model = args.model_parallel or (2 if n % 2 == 0 else 1)

@@ -1,13 +1,15 @@
 """Sharded-training checks, run on 8 host CPU devices in a subprocess by test_sharding.py.
 
-XLA_FLAGS=--xla_force_host_platform_device_count=8 only takes effect before jax creates its
-CPU backend, which the rest of the test session does long before this file's tests run, so
-``tests/test_sharding.py`` runs this module as ``python -m tests.sharding_checks --json F``
-with that flag set. Each check is a function that raises AssertionError on failure; the
-results (ok, a message, and the measured differences) are written as JSON, and every check
-becomes one pytest test that fails with the check's message. Run it by hand with
+A process gets its CPU devices once, when jax starts its CPU backend, and the rest of the
+test session has started it with one device long before this file's tests run. So
+``tests/test_sharding.py`` runs this module in a subprocess as
+``python -m tests.sharding_checks --json F``; it makes its 8 devices with
+:func:`overparam_optax.training.use_host_cpu_devices`. Each check is a function that raises
+AssertionError on failure; the results (ok, a message, and the measured differences) are
+written as JSON, and every check becomes one pytest test that fails with the check's
+message. Run it by hand with
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharding_checks
+    JAX_PLATFORMS=cpu python -m tests.sharding_checks
 
 Checks are written over the whole optimizer state pytree, whatever it holds (the step
 count, momentum, the ``precondition_every`` cache of factors), so that they keep covering
@@ -52,16 +54,14 @@ def _setup():
     from jax.sharding import PartitionSpec as P
 
     import overparam_optax as opx
+    from overparam_optax import training
 
-    # Fake CPU devices share a few host threads; with asynchronous dispatch, programs with
-    # collectives can overlap and deadlock XLA's CPU runtime (docs/scaling.md). Must be set
-    # before the CPU backend starts.
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    if jax.config.jax_platforms in (None, "", "cpu"):
+        # 8 CPU devices, and a thread pool large enough that their collectives cannot
+        # deadlock (training.use_host_cpu_devices says why).
+        training.use_host_cpu_devices(DEVICES_NEEDED)
     if jax.device_count() < DEVICES_NEEDED:
-        raise AssertionError(
-            f"needs {DEVICES_NEEDED} devices, got {jax.device_count()}: set "
-            "XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax starts"
-        )
+        raise AssertionError(f"needs {DEVICES_NEEDED} devices, got {jax.device_count()}")
     rng = np.random.default_rng(0)
     shapes_specs = {
         "fsdp_rows": ((64, 48), P("data", None)),
@@ -124,8 +124,7 @@ def _train(jax, tx, params, grads_seq, state=None):
     history = []
     for grads in grads_seq:
         updates, state, params = step(grads, state, params)
-        # one step at a time: queued steps on fake CPU devices can deadlock collectives
-        history.append(jax.block_until_ready((updates, params)))
+        history.append((updates, params))
     return history, state
 
 

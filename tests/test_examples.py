@@ -134,7 +134,9 @@ def test_reproduce_paper_smoke(gas_dir, mnist_dir, tmp_path):
         "--figures-dir", str(figures),
     )  # fmt: skip
     log = json.loads((results / "reproduce_paper.json").read_text())
-    assert log["environment"]["x64"] and log["command"].startswith("python benchmarks/")
+    for section in ("regression", "seeds", "mnist"):
+        run = log["runs"][section]
+        assert run["environment"]["x64"] and run["command"].startswith("python benchmarks/")
     regression = log["results"]["regression"]
     for name in ("l4", "l2"):
         methods = regression[name]["methods"]
@@ -153,3 +155,35 @@ def test_reproduce_paper_smoke(gas_dir, mnist_dir, tmp_path):
     for name in ("ethanol_depth", "ethanol_adaptive", "ethanol_init", "ethanol_validation"):
         assert (figures / f"{name}.png").exists()
     assert (figures / "mnist_cnn_loss.png").exists()
+
+    # A later run of one section replaces that section and keeps the others.
+    _run(
+        "benchmarks/reproduce_paper.py",
+        "--sections", "seeds",
+        "--data-dir", str(gas_dir),
+        "--steps", "10",
+        "--depths", "2",
+        "--seeds", "3",
+        "--lr-min", "-3", "--lr-max", "-1", "--lr-per-decade", "1",
+        "--results-dir", str(results),
+        "--figures-dir", str(figures),
+    )  # fmt: skip
+    merged = json.loads((results / "reproduce_paper.json").read_text())
+    assert [row["seed"] for row in merged["results"]["seeds"]["l4"]] == [3]
+    assert merged["results"]["regression"] == log["results"]["regression"]
+    assert merged["results"]["mnist"] == log["results"]["mnist"]
+    assert "--sections seeds" in merged["runs"]["seeds"]["command"]
+    assert merged["runs"]["mnist"] == log["runs"]["mnist"]
+    tables = (results / "reproduce_paper_tables.md").read_text()
+    assert "| GD depth 1 |" in tables and "MNIST CNN" in tables
+
+
+def test_sharded_mlp_matches_one_device():
+    result = _run(
+        "examples/sharded_mlp.py", "--cpu-devices", "8", "--steps", "3", "--hidden", "32"
+    )
+    assert "8 x cpu devices" in result.stdout
+    # the script prints the largest sharded-vs-single-device gaps; float32 reorderings only
+    relative = float(result.stdout.split("relative ")[-1].split(")")[0])
+    loss_gap = float(result.stdout.split("over 3 steps: ")[1].split()[0])
+    assert relative < 1e-5 and loss_gap < 1e-5, result.stdout

@@ -1,11 +1,10 @@
 """Sharded (multi-device SPMD) use of the transform, on 8 host CPU devices.
 
-The checks live in ``tests/sharding_checks.py``. They need 8 devices, which XLA only
-provides when ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` is set before jax
-starts, and the rest of the suite has started jax in this process already. So one
-subprocess (shared by all tests of this file) runs every check with that flag and writes
-the results as JSON; each check is then one test here, failing with the check's message.
-A crash of the subprocess fails every test with its stderr.
+The checks live in ``tests/sharding_checks.py``. They need 8 devices, which jax's CPU backend
+only makes when told before it starts, and the rest of the suite has started it in this
+process already. So one subprocess (shared by all tests of this file) runs every check and
+writes the results as JSON; each check is then one test here, failing with the check's
+message. A crash or a hang of the subprocess fails every test with its output.
 """
 
 import json
@@ -19,7 +18,8 @@ import pytest
 from tests import sharding_checks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TIMEOUT_S = 240
+# About 1 minute on 2 idle cores, most of it compiling; the margin is for busy CI machines.
+TIMEOUT_S = 420
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +27,8 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding") / "results.json"
     env = dict(os.environ)
     flags = [
-        f"--xla_force_host_platform_device_count={sharding_checks.DEVICES_NEEDED}",
-        # 8 fake devices share 2 cores: on a busy machine a device thread can miss XLA's
-        # default 40 s collective rendezvous deadline, which aborts the process.
+        # On a busy machine a device thread can miss XLA's default 40 s collective
+        # deadline, which aborts the process; a slow run should be slow, not fail.
         "--xla_cpu_collective_call_terminate_timeout_seconds=600",
         "--xla_cpu_collective_timeout_seconds=600",
     ]
@@ -45,19 +44,14 @@ def results(tmp_path_factory):
             timeout=TIMEOUT_S,
         )
     except subprocess.TimeoutExpired as timeout:
-        # XLA's CPU runtime can deadlock in a collective when 8 fake devices share fewer
-        # cores (seen on 2 cores, also with nothing else running). That is a limitation of
-        # the test bed, not a wrong result, so it skips loudly instead of failing CI.
-        stderr = (timeout.stderr or b"")
-        stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
-        pytest.skip(
-            f"8-fake-device run did not finish in {TIMEOUT_S} s on {os.cpu_count()} cores "
-            f"(XLA CPU collective deadlock; see docs/scaling.md). stderr tail: {stderr[-500:]}"
-        )
-    if not out.exists() and "RendezvousKey" in proc.stderr:
-        pytest.skip(
-            "8-fake-device run aborted in a stuck XLA CPU collective rendezvous "
-            f"(see docs/scaling.md): {proc.stderr[-500:]}"
+        output = [
+            s.decode(errors="replace") if isinstance(s, bytes) else (s or "")
+            for s in (timeout.stdout, timeout.stderr)
+        ]
+        pytest.fail(
+            f"tests.sharding_checks did not finish in {TIMEOUT_S} s on {os.cpu_count()} cores "
+            f"(a stuck collective? see docs/scaling.md).\nstdout:\n{output[0][-4000:]}\n"
+            f"stderr:\n{output[1][-4000:]}"
         )
     if not out.exists():
         pytest.fail(

@@ -1,5 +1,7 @@
 """Tests of overparam_optax.training."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,3 +193,50 @@ def test_log_grid_and_grid_search_pick_lowest_final_loss():
     assert search.best_learning_rate == [1e-3, 1e-2][search.best_index]
     np.testing.assert_array_equal(search.best_losses, search.losses[search.best_index])
     assert search.best_final_loss == final[search.best_index]
+
+
+# --------------------------------------------------------------------------------------
+# use_host_cpu_devices (its end-to-end test is tests/test_sharding.py, 8 devices).
+# --------------------------------------------------------------------------------------
+
+
+def test_use_host_cpu_devices_refuses_after_jax_started():
+    jax.devices()  # the backend exists from here on
+    with pytest.raises(RuntimeError, match="before jax starts"):
+        training.use_host_cpu_devices(8)
+
+
+@pytest.fixture
+def backend_not_started(monkeypatch):
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setenv("PJRT_NPROC", "unset")
+    monkeypatch.delenv("PJRT_NPROC")
+    return monkeypatch
+
+
+def test_use_host_cpu_devices_reads_xla_flags_and_sizes_the_pool(backend_not_started):
+    backend_not_started.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert training.use_host_cpu_devices() == 8
+    assert int(os.environ["PJRT_NPROC"]) >= 16  # two threads per device
+
+
+def test_use_host_cpu_devices_keeps_a_given_pool_size(backend_not_started):
+    backend_not_started.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    backend_not_started.setenv("PJRT_NPROC", "5")
+    assert training.use_host_cpu_devices(4) == 4
+    assert os.environ["PJRT_NPROC"] == "5"
+
+
+@pytest.mark.parametrize(
+    "flags, count, message",
+    [
+        ("--xla_force_host_platform_device_count=4", 8, "disagrees with XLA_FLAGS"),
+        ("", 0, "count must be >= 1"),
+    ],
+)
+def test_use_host_cpu_devices_rejects_bad_counts(backend_not_started, flags, count, message):
+    backend_not_started.setenv("XLA_FLAGS", flags)
+    with pytest.raises(ValueError, match=message):
+        training.use_host_cpu_devices(count)
