@@ -15,7 +15,8 @@ Sections (``--sections``, default all):
   of "steps to target" is the best depth-1 GD loss at the horizon.
 * ``seeds`` — depth 1 vs implicit N = 2,3,4 for several initialization seeds (p = 4, 2).
 * ``mnist`` — runs ``examples/mnist_cnn.py`` (plain / implicit / explicit, same seed) on
-  the MNIST folder given by ``--mnist-data-dir`` (default: the shared full MNIST).
+  the MNIST folder given by ``--mnist-data-dir`` (default: the shared full MNIST), for each
+  of ``--mnist-optimizers`` (momentum 0.01 and Adam 1e-3 by default) and ``--mnist-seeds``.
 
 Writes ``benchmarks/results/reproduce_paper.json`` (every number, the device, the jax
 version, the exact command), ``benchmarks/results/reproduce_paper_tables.md`` (the tables of
@@ -23,8 +24,13 @@ version, the exact command), ``benchmarks/results/reproduce_paper_tables.md`` (t
 
 Example::
 
-  python benchmarks/reproduce_paper.py                      # everything (~15 min on 2 cores)
+  python benchmarks/reproduce_paper.py --sections regression,seeds   # ~8 min on 2 cores
+  python benchmarks/reproduce_paper.py --sections mnist    # 8 runs of 3 modes, ~55 min on 2 cores
   python benchmarks/reproduce_paper.py --sections regression --steps 2000
+
+Sections run separately are merged into the same JSON and tables (each keeps the command
+that produced it); ``--mnist-reuse-logs`` re-summarizes finished MNIST runs without
+re-training.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ import importlib.util
 import json
 import pathlib
 import platform
-import shutil
 import sys
 import time
 
@@ -225,45 +230,101 @@ def seeds_section(X, y, args, learning_rates) -> dict:
     return out
 
 
+MNIST_SMOOTHING = 100  # steps per trailing mean of the (noisy) minibatch training loss
+
+
+def _trailing_mean(losses, window: int = MNIST_SMOOTHING) -> np.ndarray:
+    """Entry i is the mean loss of steps i .. i+window-1 (the window ending after i+window)."""
+    return np.convolve(np.asarray(losses, np.float64), np.ones(window) / window, "valid")
+
+
+def _mnist_argv(args, optimizer: str, seed: int, output_dir: pathlib.Path) -> list[str]:
+    """The command line of examples/mnist_cnn.py for one optimizer and seed."""
+    argv = [
+        "--optimizer", optimizer,
+        "--steps", str(args.mnist_steps),
+        "--batch-size", str(args.mnist_batch_size),
+        "--output-dir", str(output_dir),
+        "--seed", str(seed),
+        "--depth", "2",
+    ]  # fmt: skip
+    optional = {
+        "--lr": args.mnist_lr,
+        "--data-dir": args.mnist_data_dir,
+        "--dense-width": args.mnist_dense_width,
+        "--train-size": args.mnist_train_size,
+        "--test-size": args.mnist_test_size,
+    }
+    for flag, value in optional.items():
+        if value:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _mnist_summary(log: dict, window: int) -> dict:
+    """Per mode: the example's scalars, steps to the plain run's losses, a short curve.
+
+    The targets are the plain run's smoothed training loss after half of the steps and
+    after all of them; a mode reaches a target after the fewest steps whose trailing
+    ``window``-step mean is at or below it (the plain run itself may get there early, as the
+    curve is not monotone).
+    """
+    smooth = {name: _trailing_mean(run["train_loss"], window) for name, run in log["runs"].items()}
+    targets = {}
+    if "none" in smooth:
+        plain, steps = smooth["none"], len(log["runs"]["none"]["train_loss"])
+        targets = {str(steps // 2): float(plain[max(steps // 2 - window, 0)]),
+                   str(steps): float(plain[-1])}  # fmt: skip
+    runs = {}
+    for name, run in log["runs"].items():
+        stride = max(1, len(smooth[name]) // 200)  # about 200 points per curve in the JSON
+        reached = {
+            at: training.steps_to_reach(smooth[name], target) for at, target in targets.items()
+        }
+        runs[name] = {
+            **{k: v for k, v in run.items() if k not in ("train_loss", "train_accuracy")},
+            "steps_to_plain_loss_at": {
+                at: None if i is None else i + window for at, i in reached.items()
+            },
+            "smoothed_train_loss": smooth[name][::stride].tolist(),
+            "smoothed_stride": stride,
+            "smoothing_window": window,
+        }
+    return {"learning_rate": log["config"]["lr"], "targets": targets, "runs": runs}
+
+
+def _mnist_log(module, argv: list[str], output_dir: pathlib.Path, reuse: bool) -> dict:
+    """Runs the example, or with ``reuse`` reads the log an identical earlier run wrote."""
+    log_path = output_dir / "mnist_cnn.json"
+    if reuse and log_path.exists():
+        log = json.loads(log_path.read_text())
+        if log["command"] == " ".join(["python examples/mnist_cnn.py", *argv]):
+            print(f"reusing {log_path} ({log['timestamp']})", flush=True)
+            return log
+    # The CNN runs in float32, as the paper's TensorFlow model did.
+    with jax.enable_x64(False):
+        return module.main(argv)
+
+
 def mnist_section(args) -> dict:
-    """Runs examples/mnist_cnn.py and returns its JSON log."""
+    """Runs examples/mnist_cnn.py per optimizer and seed; summarizes each run's three modes.
+
+    Each mode is compared with the plain run by the steps it needs to reach the plain run's
+    smoothed training loss at half the horizon and at the horizon (:func:`_mnist_summary`).
+    """
     spec = importlib.util.spec_from_file_location("mnist_cnn", REPO / "examples" / "mnist_cnn.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # flax modules (dataclasses) look their module up there
     spec.loader.exec_module(module)
-    output_dir = pathlib.Path(args.results_dir) / "mnist_cnn"
-    argv = [
-        "--optimizer", args.mnist_optimizer,
-        "--steps", str(args.mnist_steps),
-        "--batch-size", str(args.mnist_batch_size),
-        "--output-dir", str(output_dir),
-        "--seed", str(args.seed),
-        "--depth", "2",
-    ]  # fmt: skip
-    if args.mnist_lr is not None:
-        argv += ["--lr", str(args.mnist_lr)]
-    if args.mnist_data_dir:
-        argv += ["--data-dir", str(args.mnist_data_dir)]
-    if args.mnist_dense_width:
-        argv += ["--dense-width", str(args.mnist_dense_width)]
-    if args.mnist_train_size:
-        argv += ["--train-size", str(args.mnist_train_size)]
-    if args.mnist_test_size:
-        argv += ["--test-size", str(args.mnist_test_size)]
-    # The CNN runs in float32, as the paper's TensorFlow model did.
-    with jax.enable_x64(False):
-        log = module.main(argv)
-    figures = pathlib.Path(args.figures_dir)
-    figures.mkdir(parents=True, exist_ok=True)
-    shutil.copy(output_dir / "mnist_cnn_loss.png", figures / "mnist_cnn_loss.png")
-    return {
-        "argv": argv,
-        "runs": {
-            name: {k: v for k, v in run.items() if k not in ("train_loss", "train_accuracy")}
-            for name, run in log["runs"].items()
-        },
-        "data": log["data"],
-    }
+    configs, log = {}, None
+    for optimizer in args.mnist_optimizers:
+        for seed in args.mnist_seeds:
+            output_dir = pathlib.Path(args.results_dir) / "mnist_cnn" / f"{optimizer}_seed{seed}"
+            argv = _mnist_argv(args, optimizer, seed, output_dir)
+            log = _mnist_log(module, argv, output_dir, args.mnist_reuse_logs)
+            summary = _mnist_summary(log, min(MNIST_SMOOTHING, args.mnist_steps))
+            configs[f"{optimizer}, seed {seed}"] = {"argv": argv, **summary}
+    return {"configs": configs, "data": log["data"]}
 
 
 # ------------------------------------------------------------------------------ output
@@ -326,15 +387,29 @@ def tables_markdown(results: dict, args, runs: dict | None = None) -> str:
             f"### MNIST CNN ({mnist['data']['train']:,} train / {mnist['data']['test']:,} test "
             "digits)",
             "",
-            "| run | train loss (last 10% of steps) | test accuracy | test loss | seconds |",
-            "|---|---:|---:|---:|---:|",
+            f"Smoothed loss: the trailing {MNIST_SMOOTHING}-step mean of the minibatch training "
+            "loss. \"Steps to plain@k\": steps until a run's smoothed loss first reaches the "
+            "plain run's smoothed loss after k steps.",
+            "",
         ]
-        for run_name, run in mnist["runs"].items():
-            lines.append(
-                f"| {run_name} | {run['final_train_loss']:.4f} | {run['test_accuracy']:.4f} | "
-                f"{run['test_loss']:.4f} | {run['seconds']:.0f} |"
-            )
-        lines.append("")
+        for config_name, config in mnist["configs"].items():
+            ats = list(config["targets"])
+            lines += [
+                f"**{config_name}** (lr {config['learning_rate']:g}):",
+                "",
+                "| run | train loss (last 10% of steps) | "
+                + " | ".join(f"steps to plain@{at}" for at in ats)
+                + " | test accuracy | test loss | seconds |",
+                "|---|---:|" + "---:|" * len(ats) + "---:|---:|---:|",
+            ]
+            for run_name, run in config["runs"].items():
+                lines.append(
+                    f"| {run_name} | {run['final_train_loss']:.4f} | "
+                    + " | ".join(_fmt_steps(run["steps_to_plain_loss_at"][at]) for at in ats)
+                    + f" | {run['test_accuracy']:.4f} | {run['test_loss']:.4f} | "
+                    f"{run['seconds']:.0f} |"
+                )
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -415,6 +490,31 @@ def plot_figures(results: dict, args) -> list[str]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(str(path))
+    if "mnist" in results:
+        configs = results["mnist"]["configs"]
+        cols = min(2, len(configs))
+        rows = -(-len(configs) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+        for ax in axes.flat[len(configs):]:
+            ax.set_visible(False)
+        for ax, (config_name, config) in zip(axes.flat, configs.items(), strict=False):
+            for run_name, run in config["runs"].items():
+                window, stride = run["smoothing_window"], run["smoothed_stride"]
+                steps = window + np.arange(len(run["smoothed_train_loss"])) * stride
+                ax.plot(steps, run["smoothed_train_loss"], label=run_name)
+            for target in config["targets"].values():
+                ax.axhline(target, color="gray", linestyle=":", linewidth=1)
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.set_ylabel(f"training loss ({window}-step trailing mean)")
+            ax.set_title(f"MNIST CNN: {config_name}, lr {config['learning_rate']:g}", fontsize=10)
+            ax.legend(fontsize=7)
+            ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        path = figures / "mnist_cnn_loss.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
     return written
 
 
@@ -434,7 +534,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mnist-data-dir", default=None)
     parser.add_argument("--mnist-steps", type=int, default=1000)
     parser.add_argument("--mnist-batch-size", type=int, default=50)
-    parser.add_argument("--mnist-optimizer", default="momentum")
+    parser.add_argument("--mnist-optimizers", default="momentum,adam", help="comma list")
+    parser.add_argument("--mnist-seeds", default="0,1,2,3", help="comma list")
+    parser.add_argument(
+        "--mnist-reuse-logs", action="store_true",
+        help="summarize the logs of earlier runs with the same command instead of re-running",
+    )  # fmt: skip
     parser.add_argument("--mnist-lr", type=float, default=None)
     parser.add_argument("--mnist-train-size", type=int, default=None)
     parser.add_argument("--mnist-dense-width", type=int, default=None, help="for smoke tests")
@@ -448,6 +553,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.p = [float(v) for v in args.p.split(",")]
     args.depths = [int(v) for v in args.depths.split(",")]
     args.seeds = [int(v) for v in args.seeds.split(",")]
+    args.mnist_optimizers = [v.strip() for v in args.mnist_optimizers.split(",") if v.strip()]
+    args.mnist_seeds = [int(v) for v in args.mnist_seeds.split(",")]
     return args
 
 

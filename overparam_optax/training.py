@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -93,7 +94,14 @@ def use_host_cpu_devices(count: int | None = None) -> int:
     if not forced:
         jax.config.update("jax_num_cpu_devices", count)
     if count > 1:
-        os.environ.setdefault("PJRT_NPROC", str(max(os.cpu_count() or 1, 2 * count)))
+        threads = os.environ.setdefault("PJRT_NPROC", str(max(os.cpu_count() or 1, 2 * count)))
+        if not threads.isdigit() or int(threads) <= count:
+            warnings.warn(
+                f"PJRT_NPROC={threads} gives XLA's CPU client at most as many threads as the "
+                f"{count} devices: their collectives can deadlock; unset it or use "
+                f"PJRT_NPROC={2 * count}",
+                stacklevel=2,
+            )
     return count
 
 

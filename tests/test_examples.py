@@ -128,6 +128,8 @@ def test_reproduce_paper_smoke(gas_dir, mnist_dir, tmp_path):
         "--lr-min", "-3", "--lr-max", "-1", "--lr-per-decade", "1",
         "--mnist-data-dir", str(mnist_dir),
         "--mnist-steps", "2",
+        "--mnist-optimizers", "momentum",
+        "--mnist-seeds", "0",
         "--mnist-batch-size", "8",
         "--mnist-dense-width", "8",
         "--results-dir", str(results),
@@ -149,7 +151,10 @@ def test_reproduce_paper_smoke(gas_dir, mnist_dir, tmp_path):
         assert np.isfinite(methods["GD depth 1"]["final_loss"])
         assert np.isfinite(regression[name]["validation"]["depth 2"]["max_relative_gap"])
     assert len(log["results"]["seeds"]["l4"]) == 2
-    assert set(log["results"]["mnist"]["runs"]) == {"none", "implicit N=2", "explicit N=2"}
+    (config,) = log["results"]["mnist"]["configs"].values()
+    assert set(config["runs"]) == {"none", "implicit N=2", "explicit N=2"}
+    assert set(config["targets"]) == {"1", "2"}  # the plain run's loss at half and all steps
+    assert all(set(run["steps_to_plain_loss_at"]) == {"1", "2"} for run in config["runs"].values())
     tables = (results / "reproduce_paper_tables.md").read_text()
     assert "| GD depth 1 |" in tables and "MNIST CNN" in tables
     for name in ("ethanol_depth", "ethanol_adaptive", "ethanol_init", "ethanol_validation"):
@@ -187,3 +192,32 @@ def test_sharded_mlp_matches_one_device():
     relative = float(result.stdout.split("relative ")[-1].split(")")[0])
     loss_gap = float(result.stdout.split("over 3 steps: ")[1].split()[0])
     assert relative < 1e-5 and loss_gap < 1e-5, result.stdout
+
+
+def test_reproduce_paper_mnist_speed_metric():
+    """Steps to the plain run's smoothed losses: a run twice as fast needs half the steps."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "reproduce_paper", REPO / "benchmarks" / "reproduce_paper.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    steps = np.arange(400)
+    log = {
+        "config": {"lr": 0.1},
+        "runs": {
+            name: {"train_loss": list(np.exp(-rate * steps)), "final_train_loss": 0.0}
+            for name, rate in (("none", 0.01), ("fast", 0.02), ("slow", 0.001))
+        },
+    }
+    summary = module._mnist_summary(log, window=10)
+    plain = np.exp(-0.01 * steps)
+    # the window ending after 200 steps covers steps 190..199
+    np.testing.assert_allclose(summary["targets"]["200"], plain[190:200].mean())
+    np.testing.assert_allclose(summary["targets"]["400"], plain[390:400].mean())
+    assert summary["runs"]["none"]["steps_to_plain_loss_at"] == {"200": 200, "400": 400}
+    # a trailing mean lags the curve by about half a window, the more so the steeper it is
+    fast = summary["runs"]["fast"]["steps_to_plain_loss_at"]
+    assert 100 <= fast["200"] <= 105 and 200 <= fast["400"] <= 205, fast
+    assert summary["runs"]["slow"]["steps_to_plain_loss_at"] == {"200": None, "400": None}

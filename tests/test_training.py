@@ -229,6 +229,13 @@ def test_use_host_cpu_devices_keeps_a_given_pool_size(backend_not_started):
     assert os.environ["PJRT_NPROC"] == "5"
 
 
+def test_use_host_cpu_devices_warns_of_a_pool_too_small(backend_not_started):
+    backend_not_started.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    backend_not_started.setenv("PJRT_NPROC", "2")
+    with pytest.warns(UserWarning, match="PJRT_NPROC=2 .* can deadlock"):
+        training.use_host_cpu_devices()
+
+
 @pytest.mark.parametrize(
     "flags, count, message",
     [
