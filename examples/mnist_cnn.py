@@ -1,8 +1,9 @@
 r"""MNIST with the TensorFlow-tutorial CNN: plain vs implicit vs explicit over-parameterization.
 
-Arora, Cohen & Hazan (ICML 2018, Section 7) took the convolutional network of the
-TensorFlow "Deep MNIST" tutorial and replaced its dense layers by products of two matrices;
-training then converged faster. This script runs that comparison on the same data, the same
+In their non-linear experiment, Arora, Cohen & Hazan (ICML 2018) took the convolutional
+network of the TensorFlow "Deep MNIST" tutorial and replaced its dense layers by products of
+two matrices; training then converged faster (docs/reproduction.md has our 1,000-step
+comparison on full MNIST). This script runs that comparison on the same data, the same
 initial end-to-end weights, the same minibatches and the same dropout masks:
 
 * ``none``     — the plain network and the base optimizer;
