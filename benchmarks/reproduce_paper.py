@@ -424,18 +424,28 @@ def plot_figures(results: dict, args) -> list[str]:
     written = []
     regression = results.get("regression", {})
 
+    def loss_axes(ax, title, ylabel="training loss"):
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+
+    def save(fig, name):
+        fig.tight_layout()
+        path = figures / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+
     def curve_axes(ax, section, labels, title):
         for label in labels:
             s = section["methods"][label]
             steps = np.arange(len(s["curve"])) * s["curve_stride"]
             ax.plot(steps, s["curve"], label=f"{label} (lr {s['learning_rate']:.2g})")
         ax.axhline(section["target"], color="gray", linestyle=":", linewidth=1)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7)
-        ax.grid(True, which="both", alpha=0.3)
+        loss_axes(ax, title)
 
     if regression:
         names = list(regression)
@@ -464,11 +474,7 @@ def plot_figures(results: dict, args) -> list[str]:
             fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.3), squeeze=False)
             for ax, name in zip(axes[0], names, strict=True):
                 curve_axes(ax, regression[name], labels(), f"Ethanol {name} ({panel})")
-            fig.tight_layout()
-            path = figures / f"ethanol_{panel}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(str(path))
+            save(fig, f"ethanol_{panel}.png")
         # Validation: explicit vs implicit trajectories.
         fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.3), squeeze=False)
         for ax, name in zip(axes[0], names, strict=True):
@@ -479,17 +485,8 @@ def plot_figures(results: dict, args) -> list[str]:
                     steps, v["explicit_curve"], color=f"C{i}", linestyle="--",
                     label=f"explicit {depth} (balanced init)",
                 )  # fmt: skip
-            ax.set_yscale("log")
-            ax.set_xlabel("step")
-            ax.set_ylabel("training loss")
-            ax.set_title(f"Ethanol {name}: explicit nets vs implicit rule", fontsize=10)
-            ax.legend(fontsize=7)
-            ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        path = figures / "ethanol_validation.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+            loss_axes(ax, f"Ethanol {name}: explicit nets vs implicit rule")
+        save(fig, "ethanol_validation.png")
     if "mnist" in results:
         configs = results["mnist"]["configs"]
         cols = min(2, len(configs))
@@ -504,17 +501,12 @@ def plot_figures(results: dict, args) -> list[str]:
                 ax.plot(steps, run["smoothed_train_loss"], label=run_name)
             for target in config["targets"].values():
                 ax.axhline(target, color="gray", linestyle=":", linewidth=1)
-            ax.set_yscale("log")
-            ax.set_xlabel("step")
-            ax.set_ylabel(f"training loss ({window}-step trailing mean)")
-            ax.set_title(f"MNIST CNN: {config_name}, lr {config['learning_rate']:g}", fontsize=10)
-            ax.legend(fontsize=7)
-            ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        path = figures / "mnist_cnn_loss.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+            loss_axes(
+                ax,
+                f"MNIST CNN: {config_name}, lr {config['learning_rate']:g}",
+                f"training loss ({window}-step trailing mean)",
+            )
+        save(fig, "mnist_cnn_loss.png")
     return written
 
 
