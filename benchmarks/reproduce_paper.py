@@ -334,12 +334,11 @@ def _fmt_steps(steps) -> str:
     return "not reached" if steps is None else f"{steps:,}"
 
 
-def tables_markdown(results: dict, args, runs: dict | None = None) -> str:
+def tables_markdown(results: dict, runs: dict) -> str:
+    """The markdown tables of every section in ``results``; ``runs`` made each section."""
     lines = []
-    steps = args.steps
-    if runs and "regression" in runs:  # the horizon of the run that made the section
-        steps = runs["regression"]["config"]["steps"]
     for name, section in results.get("regression", {}).items():
+        steps = runs["regression"]["config"]["steps"]  # the horizon of that section's run
         lines += [
             f"### Ethanol {name} (target = best depth-1 GD loss at step {steps:,}: "
             f"{section['target']:.6g})",
@@ -557,15 +556,7 @@ def _merge_with_earlier_runs(path: pathlib.Path, results: dict, run: dict) -> di
     the full MNIST run), so they are often run one at a time; each section keeps the command,
     configuration and environment of the run that produced it under ``runs``.
     """
-    log = {"results": {}, "runs": {}}
-    if path.exists():
-        earlier = json.loads(path.read_text())
-        if "runs" in earlier:
-            log = {"results": earlier["results"], "runs": earlier["runs"]}
-        else:  # a log written before sections were kept apart: one run made all of it
-            old_run = {k: v for k, v in earlier.items() if k != "results"}
-            log["results"] = earlier["results"]
-            log["runs"] = {s: old_run for s in SECTIONS if s in earlier["results"]}
+    log = json.loads(path.read_text()) if path.exists() else {"results": {}, "runs": {}}
     for section in SECTIONS:
         if section in results:
             log["results"][section] = results[section]
@@ -614,7 +605,7 @@ def main(argv=None) -> dict:
     }
     log = _merge_with_earlier_runs(results_dir / "reproduce_paper.json", results, run)
     (results_dir / "reproduce_paper.json").write_text(json.dumps(log, indent=1, default=str))
-    tables = tables_markdown(log["results"], args, log["runs"])
+    tables = tables_markdown(log["results"], log["runs"])
     (results_dir / "reproduce_paper_tables.md").write_text(tables)
     print("\n" + tables)
     return log

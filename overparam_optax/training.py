@@ -74,6 +74,14 @@ def use_host_cpu_devices(count: int | None = None) -> int:
 
     Returns:
       The number of CPU devices jax will create.
+
+    Example (a script's first lines; the sharded example does this for ``--cpu-devices``)::
+
+      import jax
+      from overparam_optax import training
+
+      training.use_host_cpu_devices(8)
+      assert jax.device_count() == 8
     """
     from jax._src import xla_bridge  # the only way to ask whether backends exist yet
 

@@ -23,3 +23,11 @@ def enable_x64():
 def x64():
     with enable_x64():
         yield
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_x64():
+    """Fails a test that leaves float64 on: every later test would silently run in it."""
+    before = jax.config.jax_enable_x64
+    yield
+    assert jax.config.jax_enable_x64 == before, "this test changed jax_enable_x64 globally"
