@@ -110,19 +110,6 @@ def _truncate_below_rank_tolerance(s: jax.Array, shape, dtype) -> jax.Array:
     return jnp.where(s > tolerance, s, 0)
 
 
-def _precondition_tall(w: jax.Array, g: jax.Array, N: int, precision) -> jax.Array:
-    """P_W(G) for m >= n via the thin SVD (module docstring). Batched over leading axes."""
-    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
-    s = _truncate_below_rank_tolerance(s, w.shape[-2:], w.dtype)
-    v = jnp.swapaxes(vt, -1, -2)
-    kernel = depth_kernel(s, s, N)
-    d = _singular_value_powers(s, N)[..., -1]  # s^{2(N-1)/N}, the complement multiplier
-    b = jnp.matmul(g, v, precision=precision)
-    a = jnp.matmul(jnp.swapaxes(u, -1, -2), b, precision=precision)
-    inner = jnp.matmul(u, (kernel - d[..., None, :]) * a, precision=precision)
-    return jnp.matmul(inner + b * d[..., None, :], vt, precision=precision)
-
-
 # --------------------------------------------------------------------------------------
 # Fast paths (docs/performance.md): one decomposition ("factors") of the tall matrix W,
 # then a matmul-only application to G. The factors can be cached and reused for later
@@ -456,14 +443,15 @@ def precondition_matrix(
     if N == 1:
         return G
     method = resolve_method(method, *W.shape[-2:])
-    if method == "svd":
-        return _precondition_exact(W, G, N, precision)
-    return _precondition_fast(W, G, N, precision, method)
+    return _precondition_jit(W, G, N, precision, method)
 
 
 @functools.partial(jax.jit, static_argnames=("N", "precision", "method"))
-def _precondition_fast(W: jax.Array, G: jax.Array, N: int, precision, method: str) -> jax.Array:
-    """The "eigh" / "newton" paths: factors of the tall orientation, then their application."""
+def _precondition_jit(W: jax.Array, G: jax.Array, N: int, precision, method: str) -> jax.Array:
+    """Every method is one path: factors of the tall orientation of W, then their application.
+
+    P is invariant under transposing W and G together, so a wide matrix is transposed first.
+    """
     dtype = compute_dtype(jnp.promote_types(W.dtype, G.dtype))
     w, g = W.astype(dtype), G.astype(dtype)
     wide = w.shape[-2] < w.shape[-1]
@@ -472,22 +460,6 @@ def _precondition_fast(W: jax.Array, G: jax.Array, N: int, precision, method: st
     factors = depth_factors(w, N, method, precision=precision)
     out = apply_depth_factors(factors, g, N, precision=precision)
     return (jnp.swapaxes(out, -1, -2) if wide else out).astype(G.dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("N", "precision"))
-def _precondition_exact(W: jax.Array, G: jax.Array, N: int, precision) -> jax.Array:
-    """The exact path, jitted so that eager calls do not dispatch op by op."""
-    dtype = compute_dtype(jnp.promote_types(W.dtype, G.dtype))
-    w, g = W.astype(dtype), G.astype(dtype)
-    if w.shape[-2] < w.shape[-1]:  # wide: use the transpose identity P_{W^T}(G^T) = P_W(G)^T
-        out = jnp.swapaxes(
-            _precondition_tall(jnp.swapaxes(w, -1, -2), jnp.swapaxes(g, -1, -2), N, precision),
-            -1,
-            -2,
-        )
-    else:
-        out = _precondition_tall(w, g, N, precision)
-    return out.astype(G.dtype)
 
 
 def precondition_vector(w: jax.Array, g: jax.Array, N: int) -> jax.Array:
