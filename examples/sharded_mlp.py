@@ -4,8 +4,8 @@ The devices that exist are arranged in a ("data", "model") mesh: the batch is sp
 "data" (data parallelism); the first layer's kernel is split by columns and the second by
 rows over "model" (Megatron-style tensor parallelism), and the first kernel is also split over
 "data" on its other axis (FSDP-style). The optimizer state is sharded like the params
-(tests/sharding_checks.py ``state_shardings_for``). The same training then runs on one
-device, and the largest differences of losses and parameters are printed.
+(``overparam_optax.state_shardings``, the recipe of docs/scaling.md). The same training
+then runs on one device, and the largest differences of losses and parameters are printed.
 
 On a CPU, make 8 host devices (``--cpu-devices``, or the equivalent
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``):
@@ -150,26 +150,10 @@ def main(argv=None):
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=param_sh[k])
             for k, v in params0.items()
         }
-        # State shardings: a leaf that mirrors a param (momentum: its key path ends with
-        # the param's, same shape) follows it; the rest (step count, cached factors) go
-        # where XLA puts them when compiling the update from the sharded params.
-        abstract_state = jax.eval_shape(tx.init, abstract)
-        chosen = (
-            jax.jit(tx.update, in_shardings=(param_sh, None, param_sh))
-            .lower(abstract, abstract_state, abstract)
-            .compile()
-            .output_shardings[1]
-        )
-
-        def pick(path, leaf, xla_choice):
-            name = jax.tree_util.keystr(path)
-            for k, v in params0.items():
-                if name.endswith(f"['{k}']") and tuple(leaf.shape) == v.shape:
-                    return param_sh[k]
-            return xla_choice
-
-        state_sh = jax.tree_util.tree_map_with_path(pick, abstract_state, chosen)
+        # State shardings (docs/scaling.md): momentum follows its param; the step count
+        # and the cached factors are replicated.
         replicated = NamedSharding(mesh, P())
+        state_sh = opx.state_shardings(tx, abstract, param_sh, replicated)
         step = _Step(
             tx,
             in_shardings=(param_sh, state_sh, *batch_sh),

@@ -11,12 +11,13 @@ deep trajectory with no extra parameters:
 from overparam_optax import data, factorized, training
 from overparam_optax.factorized import FactorizedConv, FactorizedDense, balancedness, collapse
 from overparam_optax.linalg import depth_kernel, precondition_matrix, precondition_vector
+from overparam_optax.sharding import state_shardings
 from overparam_optax.transform import (
-    MatrixDimensionNumbers,
     OverparamPreconditionState,
     overparam_precondition,
     overparam_sgd,
 )
+from overparam_optax.views import MatrixDimensionNumbers
 
 __version__ = "0.1.0"
 
@@ -34,5 +35,6 @@ __all__ = [
     "overparam_sgd",
     "precondition_matrix",
     "precondition_vector",
+    "state_shardings",
     "training",
 ]

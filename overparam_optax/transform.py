@@ -1,14 +1,13 @@
-"""The optax transform: applies the depth-N preconditioner to every matrix in a tree.
+"""The optax transforms: the depth-N preconditioner applied to every matrix in a tree.
 
-The math is in `linalg.py`; this module decides, leaf by leaf, which axes form the
-matrix (dimension numbers), reshapes each leaf into a batch of matrices, and calls it.
+An update reads as a few named steps: views (which axes of each leaf form its matrices,
+``views.py``) -> group the matrices of equal shape -> their factors, fresh or cached
+(``amortize.py``) -> apply the factors to the gradients (``linalg.py``) -> back to the
+leaves, with the leaves' shardings (``sharding.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -16,7 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from overparam_optax import linalg
+from overparam_optax import amortize, linalg, sharding
+from overparam_optax.views import (
+    MatrixDimensionNumbers,
+    MatrixView,
+    check_same_structure,
+    resolve_views,
+)
 
 __all__ = [
     "MatrixDimensionNumbers",
@@ -26,378 +31,144 @@ __all__ = [
 ]
 
 
-class MatrixDimensionNumbers(NamedTuple):
-    """Which axes of a parameter form the rows and the columns of its matrix.
-
-    A layer computes y = x W with W of shape (in, out): the ``reduction_axis`` axes
-    (contracted with the input) are flattened into the rows, the ``output_axis`` axes
-    into the columns, and every other axis is a batch axis, each slice getting its own
-    preconditioner (stacked layers from ``nn.scan``, attention heads, ...).
-
-    Defaults, used when ``dimension_numbers`` is None: a leaf with k >= 2 axes has
-    ``reduction_axis = (0, ..., k-2)`` and ``output_axis = k-1`` (a flax ``Conv`` kernel
-    HWIO becomes the (H*W*I, O) matrix of a k x k conv followed by 1x1 convs); 1-D and
-    scalar leaves are left unchanged.
-
-    An empty ``output_axis=()`` makes the leaf a single-output row vector, for which the
-    closed form ``||w||^{2-2/N} (g + (N-1) proj_w(g))`` is used: e.g.
-    ``MatrixDimensionNumbers(reduction_axis=0, output_axis=())`` for a 1-D leaf.
-
-    Attributes:
-      reduction_axis: int or sequence of ints; the input side. Negative values count
-        from the end.
-      output_axis: int or sequence of ints; the output side.
-    """
-
-    reduction_axis: Sequence[int] | int = 0
-    output_axis: Sequence[int] | int = 1
-
-
 class OverparamPreconditionState(NamedTuple):
     """State of :func:`overparam_precondition`.
 
     Attributes:
-      count: number of updates applied so far (int32 scalar).
-      cache: with ``precondition_every > 1``, one entry per group of same-shaped matrices
-        (in order of first appearance in the params): the factors
-        (:class:`~overparam_optax.linalg.SpectralBasis` or
-        :class:`~overparam_optax.linalg.PolarRoot`, batched over the group's matrices) last
-        computed, in the tall orientation. ``()`` otherwise.
+      count: number of updates applied so far (int32 scalar, saturating).
+      factors_age: updates served by the cached factors since they were computed (int32
+        scalar, at most ``precondition_every``); unused when ``precondition_every == 1``.
+      factors: a tree shaped like the params: for each leaf with cached factors (only
+        with ``precondition_every > 1``) the factors of its matrices in the tall
+        orientation (:class:`~overparam_optax.linalg.SpectralBasis` or
+        :class:`~overparam_optax.linalg.PolarRoot`, batched over the leaf's matrices);
+        ``optax.MaskedNode()`` for every other leaf.
     """
 
     count: jax.Array
-    cache: Any = ()
+    factors_age: jax.Array
+    factors: Any
 
 
-@dataclasses.dataclass(frozen=True)
-class _MatrixView:
-    """How one leaf is reshaped into a (batch, rows, cols) stack of matrices and back."""
-
-    permutation: tuple[int, ...]
-    permuted_shape: tuple[int, ...]
-    batch: int
-    rows: int
-    cols: int
-
-    def to_matrices(self, x: jax.Array) -> jax.Array:
-        return jnp.transpose(x, self.permutation).reshape(self.batch, self.rows, self.cols)
-
-    def from_matrices(self, x: jax.Array) -> jax.Array:
-        inverse = [0] * len(self.permutation)
-        for position, axis in enumerate(self.permutation):
-            inverse[axis] = position
-        return jnp.transpose(x.reshape(self.permuted_shape), inverse)
+# --------------------------------------------------------------------------------------
+# The steps of an update.
+# --------------------------------------------------------------------------------------
 
 
-def _as_axes(axes: Sequence[int] | int) -> tuple[int, ...]:
-    return (axes,) if isinstance(axes, int) else tuple(axes)
-
-
-def _matrix_view(path: str, shape: tuple[int, ...], spec: MatrixDimensionNumbers) -> _MatrixView:
-    """Validates ``spec`` against a leaf's shape and builds its reshape plan."""
-    ndim = len(shape)
-    try:
-        reduction = _as_axes(spec.reduction_axis)
-        output = _as_axes(spec.output_axis)
-        if not all(isinstance(a, int) for a in reduction + output):
-            raise TypeError
-    except TypeError:
-        raise ValueError(
-            f"Parameter {path}: dimension numbers must hold ints or sequences of ints, got {spec}."
-        ) from None
-    for axis in reduction + output:
-        if not -ndim <= axis < ndim:
-            raise ValueError(
-                f"Parameter {path} of shape {shape} (rank {ndim}): dimension numbers {spec} "
-                f"name axis {axis}, which is out of range for rank {ndim}."
-            )
-    reduction = tuple(a % ndim for a in reduction)
-    output = tuple(a % ndim for a in output)
-    if len(set(reduction + output)) != len(reduction + output):
-        raise ValueError(
-            f"Parameter {path} of shape {shape}: dimension numbers {spec} must name each axis "
-            "at most once, and not as both a reduction and an output axis."
-        )
-    if not reduction:
-        raise ValueError(
-            f"Parameter {path} of shape {shape}: dimension numbers {spec} need at least one "
-            "reduction (input) axis."
-        )
-    batch_axes = tuple(a for a in range(ndim) if a not in reduction + output)
-    permutation = batch_axes + reduction + output
-    return _MatrixView(
-        permutation=permutation,
-        permuted_shape=tuple(shape[a] for a in permutation),
-        batch=math.prod(shape[a] for a in batch_axes),
-        rows=math.prod(shape[a] for a in reduction),
-        cols=math.prod(shape[a] for a in output),
-    )
-
-
-def _default_spec(ndim: int) -> MatrixDimensionNumbers | None:
-    if ndim < 2:
-        return None
-    return MatrixDimensionNumbers(reduction_axis=tuple(range(ndim - 1)), output_axis=ndim - 1)
-
-
-def _is_spec_leaf(x: Any) -> bool:
-    return x is None or isinstance(x, MatrixDimensionNumbers)
-
-
-def _resolve_views(
-    params: Any,
-    dimension_numbers: Any,
-    mask: Any,
-    max_matrix_size: int | None,
-) -> tuple[list[str], list[_MatrixView | None], jax.tree_util.PyTreeDef]:
-    """Per leaf of ``params``: its path string and its matrix view (None: pass through).
-
-    Only shapes are read, so ``params`` may hold ``jax.ShapeDtypeStruct`` leaves.
-    """
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = [jax.tree_util.keystr(p) for p, _ in leaves_with_path]
-    shapes = [tuple(leaf.shape) for _, leaf in leaves_with_path]
-
-    if callable(dimension_numbers) and not isinstance(dimension_numbers, MatrixDimensionNumbers):
-        dimension_numbers = dimension_numbers(params)
-    if dimension_numbers is None:
-        specs = [_default_spec(len(s)) for s in shapes]
-    elif isinstance(dimension_numbers, MatrixDimensionNumbers):
-        specs = [dimension_numbers if len(s) >= 2 else None for s in shapes]
-    else:
-        specs = _flatten_like(dimension_numbers, treedef, paths, "dimension_numbers", _is_spec_leaf)
-        for path, spec in zip(paths, specs, strict=True):
-            if not _is_spec_leaf(spec):
-                raise ValueError(
-                    f"dimension_numbers at {path}: expected a MatrixDimensionNumbers or None, "
-                    f"got {spec!r}."
-                )
-
-    if mask is not None:
-        if callable(mask):
-            mask = mask(params)
-        selected = _flatten_like(mask, treedef, paths, "mask", None)
-        specs = [spec if bool(keep) else None for spec, keep in zip(specs, selected, strict=True)]
-
-    views = []
-    for path, shape, spec in zip(paths, shapes, specs, strict=True):
-        view = None if spec is None else _matrix_view(path, shape, spec)
-        if (
-            view is not None
-            and max_matrix_size is not None
-            and view.rows * view.cols > max_matrix_size
-        ):
-            view = None
-        views.append(view)
-    return paths, views, treedef
-
-
-def _flatten_like(tree: Any, treedef, paths: list[str], name: str, is_leaf) -> list[Any]:
-    """Flattens ``tree`` and checks it has the structure of the params."""
-    leaves, other = jax.tree_util.tree_flatten(tree, is_leaf=is_leaf)
-    if other != treedef:
-        raise ValueError(
-            f"{name} must have the same tree structure as the params. Params leaves: "
-            f"{paths[:8]}{' ...' if len(paths) > 8 else ''}; {name} structure: {other}."
-        )
-    return leaves
-
-
-def _check_same_structure(updates: Any, params: Any) -> None:
-    """Raises a ValueError naming the first path where the two trees disagree."""
-    u_leaves, u_def = jax.tree_util.tree_flatten_with_path(updates)
-    p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
-    if u_def == p_def:
-        for (path, u), (_, p) in zip(u_leaves, p_leaves, strict=True):
-            if tuple(u.shape) != tuple(p.shape):
-                raise ValueError(
-                    f"Parameter {jax.tree_util.keystr(path)}: the update has shape "
-                    f"{tuple(u.shape)} but the parameter has shape {tuple(p.shape)}."
-                )
-        return
-    u_paths = {jax.tree_util.keystr(p) for p, _ in u_leaves}
-    p_paths = {jax.tree_util.keystr(p) for p, _ in p_leaves}
-    only_u = sorted(u_paths - p_paths)
-    only_p = sorted(p_paths - u_paths)
-    raise ValueError(
-        "updates and params must have the same tree structure. "
-        f"Only in updates: {only_u[:5] or 'none'}; only in params: {only_p[:5] or 'none'}."
-    )
-
-
-def _precondition_leaf(
-    view: _MatrixView,
-    param: jax.Array,
-    update: jax.Array,
-    N: int,
-    block_size: int | None,
-    precision,
-) -> jax.Array:
-    w = view.to_matrices(param)
-    g = view.to_matrices(update)
-    if view.cols == 1 or view.rows == 1:
-        # Single-output (or single-input) layer: the closed form, no SVD.
-        out = linalg.precondition_vector(
-            w.reshape(view.batch, -1), g.reshape(view.batch, -1), N
-        ).reshape(g.shape)
-    elif block_size is not None and max(view.rows, view.cols) > block_size:
-        out = _precondition_blocks(w, g, N, block_size, precision)
-    else:
-        out = linalg.precondition_matrix(w, g, N, precision=precision)
-    return view.from_matrices(out).astype(update.dtype)
-
-
-def _precondition_blocks(w, g, N: int, block_size: int, precision) -> jax.Array:
-    """Splits each (rows, cols) matrix into a grid of <= block_size blocks, each its own W.
-
-    Zero padding to whole blocks is exact: padded rows and columns of W are zero, so the
-    powers of W W^T and W^T W vanish there and the top-left block of the result is the
-    unpadded block's P. The blocks, not the whole matrix, are treated as the factorized
-    matrices, which is an approximation of the exact rule (docs/scaling.md).
-    """
-    batch, rows, cols = w.shape
-    block_rows, block_cols = min(block_size, rows), min(block_size, cols)
-    grid_rows, grid_cols = -(-rows // block_rows), -(-cols // block_cols)
-    pad = ((0, 0), (0, grid_rows * block_rows - rows), (0, grid_cols * block_cols - cols))
-
-    def to_blocks(x):
-        x = jnp.pad(x, pad).reshape(batch, grid_rows, block_rows, grid_cols, block_cols)
-        return x.transpose(0, 1, 3, 2, 4).reshape(-1, block_rows, block_cols)
-
-    out = linalg.precondition_matrix(to_blocks(w), to_blocks(g), N, precision=precision)
-    out = out.reshape(batch, grid_rows, grid_cols, block_rows, block_cols).transpose(0, 1, 3, 2, 4)
-    return out.reshape(batch, grid_rows * block_rows, grid_cols * block_cols)[:, :rows, :cols]
-
-
-def _explicit_spec(x: Any):
-    """x's PartitionSpec if it is sharded over an Explicit mesh axis, else None.
-
-    Under explicit sharding (``jax.sharding.AxisType.Explicit``, the default of
-    ``jax.make_mesh`` in recent jax) a sharding is part of an array's type, and an SVD,
-    eigh, or reshape that merges a sharded axis refuses such operands. Under the default
-    ``Auto`` axes XLA's partitioner inserts the needed gathers itself and this is None.
-    """
-    try:
-        sharding = jax.typeof(x).sharding
-    except (AttributeError, TypeError):
-        return None
-    mesh = getattr(sharding, "mesh", None)
-    spec = getattr(sharding, "spec", None)
-    if mesh is None or spec is None or getattr(mesh, "empty", True):
-        return None
-    explicit = {
-        name
-        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
-        if kind == jax.sharding.AxisType.Explicit
-    }
-    used = {a for entry in spec if entry is not None for a in _as_axes_names(entry)}
-    return spec if used & explicit else None
-
-
-def _as_axes_names(entry) -> tuple:
-    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
-def _unsharded(x: Any, needed: bool = True):
-    """x replicated across an explicit mesh (what XLA does by itself for Auto axes)."""
-    if not needed or _explicit_spec(x) is None:
-        return x
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
-
-
-def _check_every(every) -> int:
-    """precondition_every as a Python int (None -> 1); concrete integer arrays are accepted."""
-    if every is None:
-        return 1
-    if isinstance(every, jax.core.Tracer):
-        raise ValueError(
-            "precondition_every must be known when tracing (it fixes the state's structure). "
-            "With optax.inject_hyperparams, pass static_args=('N', 'precondition_every')."
-        )
-    value = np.asarray(every)
-    if (
-        value.shape == ()
-        and value.dtype.kind in "iu"
-        and value >= 1
-        and not isinstance(every, bool)
-    ):
-        return int(value)
-    raise ValueError(f"precondition_every must be a positive int or None, got {every!r}.")
-
-
-class _MatrixGroup(NamedTuple):
+class _Group(NamedTuple):
     """Leaves whose matrices share (rows, cols, compute dtype): one batched call for all."""
 
     indices: tuple[int, ...]  # positions in the flattened params
-    tall_shape: tuple[int, int, int]  # (total batch, max side, min side)
-    transpose: bool  # rows < cols: the group is handled as its transpose
+    transpose: bool  # rows < cols: the group is handled as its transpose (tall)
     dtype: Any
-    method: str  # concrete ("svd", "eigh" or "newton")
+    method: str  # concrete: "svd", "eigh" or "newton"
 
 
-def _is_plain_matrix(view: _MatrixView | None, block_size: int | None) -> bool:
-    """Whether a leaf goes through the batched matrix route (not vector, not blocked)."""
-    return (
-        view is not None
-        and view.rows > 1
-        and view.cols > 1
-        and not (block_size is not None and max(view.rows, view.cols) > block_size)
-    )
-
-
-def _matrix_groups(views, leaves, block_size, method: str) -> list[_MatrixGroup]:
-    """Groups the plain matrix leaves by shape and dtype (trace-time structure only)."""
+def _groups(views: list[MatrixView | None], leaves, method: str) -> list[_Group]:
+    """Groups the leaves that have factors by matrix shape and dtype (trace-time only)."""
     members: dict[tuple, list[int]] = {}
     for index, (view, leaf) in enumerate(zip(views, leaves, strict=True)):
-        if _is_plain_matrix(view, block_size):
+        if view is not None and not view.is_vector:
             key = (view.rows, view.cols, jnp.dtype(linalg.compute_dtype(leaf.dtype)))
             members.setdefault(key, []).append(index)
-    groups = []
-    for (rows, cols, dtype), indices in members.items():
-        batch = sum(views[i].batch for i in indices)
-        groups.append(
-            _MatrixGroup(
-                indices=tuple(indices),
-                tall_shape=(batch, max(rows, cols), min(rows, cols)),
-                transpose=rows < cols,
-                dtype=dtype,
-                method=linalg.resolve_method(method, rows, cols),
-            )
-        )
-    return groups
+    return [
+        _Group(tuple(indices), rows < cols, dtype, linalg.resolve_method(method, rows, cols))
+        for (rows, cols, dtype), indices in members.items()
+    ]
 
 
-def _stack_group(group: _MatrixGroup, views, leaves) -> jax.Array:
-    """The group's matrices as one (batch, max side, min side) array in the compute dtype."""
-    mats = [views[i].to_matrices(leaves[i]).astype(group.dtype) for i in group.indices]
-    out = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=0)
+def _stack(group: _Group, views, leaves) -> jax.Array:
+    """The group's matrices as one (count, long side, short side) array in the compute dtype."""
+    mats = [views[i].to_matrices(jnp.asarray(leaves[i]).astype(group.dtype)) for i in group.indices]
+    out = jnp.concatenate(mats, axis=0) if len(mats) > 1 else mats[0]
     return jnp.swapaxes(out, -1, -2) if group.transpose else out
 
 
-def _unstack_group(group: _MatrixGroup, views, out: jax.Array, updates) -> list[jax.Array]:
+def _split(group: _Group, views, stacked: Any) -> list[Any]:
+    """Inverse of the concatenation in :func:`_stack`, for any tree batched on axis 0."""
+    bounds = np.cumsum([views[i].count for i in group.indices])[:-1]
+    return [
+        jax.tree.map(lambda x, k=k: jnp.split(x, bounds, axis=0)[k], stacked)
+        for k in range(len(group.indices))
+    ]
+
+
+def _to_leaf(group: _Group, view: MatrixView, out: jax.Array, like: Any) -> jax.Array:
     if group.transpose:
         out = jnp.swapaxes(out, -1, -2)
-    pieces, start = [], 0
-    for i in group.indices:
-        view = views[i]
-        piece = out[start : start + view.batch]
-        start += view.batch
-        pieces.append(view.from_matrices(piece).astype(updates[i].dtype))
-    return pieces
+    return view.from_matrices(out).astype(jnp.result_type(like))
+
+
+def _is_zero(w: jax.Array) -> jax.Array:
+    """Per matrix of a (count, rows, cols) stack: whether it is exactly zero."""
+    return jnp.all(w == 0, axis=(-2, -1))
+
+
+def _vector_update(view: MatrixView, param, update, N: int, at_zero: bool) -> jax.Array:
+    """Single-output (or single-input) leaves: the closed form, no factors."""
+    w = view.to_matrices(param).reshape(view.count, -1)
+    g = view.to_matrices(update).reshape(view.count, -1)
+    out = linalg.precondition_vector(w, g, N)
+    if at_zero:
+        out = jnp.where(jnp.all(w == 0, axis=-1, keepdims=True), g, out)
+    return view.from_matrices(out.reshape(view.count, view.rows, view.cols))
+
+
+# --------------------------------------------------------------------------------------
+# The transform.
+# --------------------------------------------------------------------------------------
+
+
+def _gathered(views: list[MatrixView | None], leaves: list[Any]) -> list[Any]:
+    """The leaves that are preconditioned, gathered if an Explicit mesh shards them."""
+    return [
+        leaf if view is None else sharding.gathered(leaf)
+        for view, leaf in zip(views, leaves, strict=True)
+    ]
+
+
+def _check_options(method, block_size, precision, plain_gradient_at_zero) -> None:
+    if method not in linalg.METHODS:
+        raise ValueError(f"method must be one of {linalg.METHODS}, got {method!r}.")
+    if block_size is not None and (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, (int, np.integer))
+        or block_size < 2
+    ):
+        raise ValueError(f"block_size must be an int >= 2 or None, got {block_size!r}.")
+    try:  # jax's own check of the value, on a 1 x 1 product traced abstractly
+        one = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+        jax.eval_shape(lambda x: jnp.matmul(x, x, precision=precision), one)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"precision: {error}") from None
+    if not isinstance(plain_gradient_at_zero, bool):
+        raise ValueError(f"plain_gradient_at_zero must be a bool, got {plain_gradient_at_zero!r}.")
+
+
+def _check_state_fits(factors: Any, expected: Any) -> None:
+    """The cached factors must be those ``init`` makes for these params and options."""
+    shapes = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), factors)
+    wanted = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), expected)
+    if shapes != wanted:
+        raise ValueError(
+            "the optimizer state does not fit these params (or was made with other options): "
+            "re-run tx.init(params). Cached factors in the state: "
+            f"{jax.tree_util.tree_structure(factors)}; expected: "
+            f"{jax.tree_util.tree_structure(expected)}."
+        )
 
 
 def overparam_precondition(
     N: int,
     *,
+    method: str = "svd",
+    precondition_every: int | None = None,
+    warmup_steps: int | None = None,
     dimension_numbers: Any = None,
     mask: Any = None,
     block_size: int | None = None,
-    max_matrix_size: int | None = None,
     precision: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST,
-    method: str = "svd",
-    precondition_every: int | None = None,
-    refresh_spectrum: bool = True,
-    every_step_until: int | jax.Array = 0,
+    plain_gradient_at_zero: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions gradients as depth-N linear over-parameterization would.
 
@@ -419,66 +190,61 @@ def overparam_precondition(
     parameters. The result is the preconditioned gradient itself (not negated, not
     scaled), so it composes with any optimizer that follows.
 
-    P_W scales like ||W||^{2-2/N}: a weight matrix initialized near zero barely moves at
-    first. Standard flax initializers and identity-like inits are fine.
+    Leaves with more than two axes are viewed as matrices (or stacks of them) per
+    :class:`MatrixDimensionNumbers`; single-output matrices use the closed form
+    ||w||^{2-2/N} (g + (N-1) proj_w(g)). Everything is computed in float32 or wider
+    whatever the parameter dtype; zero and repeated singular values give no NaN; updates
+    keep their dtype. Matrices of equal shape (across leaves, and the batch axes of a
+    leaf) are preconditioned in one batched call.
 
-    Leaves with more than two axes are reshaped to matrices (or batches of them) per
-    :class:`MatrixDimensionNumbers`. Single-output matrices use the closed form
-    ||w||^{2-2/N} (g + (N-1) proj_w(g)). The exact path takes a thin SVD of every matrix,
-    in float32 or wider whatever the parameter dtype; zero and repeated singular values
-    give no NaN, and updates keep their dtype.
+    P_W scales like ||W||^{2-2/N}, so P_0(G) = 0 for N >= 2: a matrix that is exactly
+    zero would never move (the saddle that explicit factors share). By default such a
+    matrix gets the plain gradient G instead, which departs from the rule only at that
+    degenerate point; ``plain_gradient_at_zero=False`` keeps the strict rule.
 
     Args:
-      N: the depth, a positive Python int. N = 1 is the identity.
+      N: the depth, a positive Python int. N = 1 is the identity (the updates pass
+        through unchanged, whatever the other options).
+      method: how the factors of each matrix are computed: "svd" (default; exact
+        reference), "eigh" (eigendecomposition of the smaller Gram matrix W^T W),
+        "newton" (matmul-only iteration, for GPU/TPU) or "auto" (per platform and shape,
+        :func:`overparam_optax.linalg.resolve_method`). docs/performance.md has the
+        measured speed and error of each.
+      precondition_every: k >= 1, or None (the default) for 1. With k > 1 the factors
+        are computed only on updates 0, k, 2k, ... (and before ``warmup_steps``) and
+        cached in the state; in between they are applied to the new gradient with matmuls
+        only. Cached singular bases ("svd", "eigh") keep their singular vectors and
+        re-estimate the singular values from the current W each update (one extra
+        matmul); matmul-only factors ("newton") are used as cached. It decides the
+        state's structure: under ``optax.inject_hyperparams`` list it in ``static_args``
+        (its default, None, needs no listing).
+      warmup_steps: None (the default: no warm-up) or an int: with
+        ``precondition_every > 1``, also recompute on every update while fewer than this
+        many updates have been applied (the singular vectors rotate fastest early in
+        training). Rejected with ``precondition_every == 1``.
       dimension_numbers: None (the defaults in :class:`MatrixDimensionNumbers`), one
         ``MatrixDimensionNumbers`` for every leaf of rank >= 2, a pytree like the params
         with a ``MatrixDimensionNumbers`` or None (pass through) per leaf, or a callable
         from params to such a pytree.
-      mask: optional pytree of bools like the params, or a callable returning one; leaves
-        marked False pass through unchanged.
-      block_size: if set, matrices with a side longer than this are split into a grid of
-        blocks of at most ``block_size x block_size``, each preconditioned as its own
-        matrix: cheaper, but not the exact rule (docs/scaling.md).
-      max_matrix_size: if set, leaves whose matrix has more entries than this pass
-        through unchanged.
-      precision: precision of the matmuls around the SVD.
-      method: how each matrix's factors are computed: "svd" (default, the exact
-        reference), "eigh" (eigendecomposition of the smaller Gram matrix W^T W; resolves
-        singular values down to ~sqrt(eps) s_max), "newton" (matmul-only coupled Newton
-        iteration, for GPU/TPU) or "auto" (per platform and shape,
-        :func:`overparam_optax.linalg.resolve_method`). docs/performance.md has the
-        measured speed and error of each.
-      precondition_every: k >= 1 (None, the default, means 1). With k > 1 the factors of
-        every matrix are recomputed only on updates 0, k, 2k, ... (a ``lax.cond`` on the
-        step count) and cached in the state; in between, the cached factors of W_old
-        (the parameters at the last recomputation) are applied, matmuls only: exactly
-        P_{W_old}(G) with ``refresh_spectrum=False``, else W_old's singular vectors with
-        the current singular values (below). Costs one
-        (rows x min side) plus one (min side)^2 array per matrix of state. Default: exact
-        every step, no cache. It decides the state's structure, so under
-        ``optax.inject_hyperparams`` list it in ``static_args``.
-      refresh_spectrum: with ``precondition_every > 1`` and method "svd"/"eigh" (or
-        "auto" resolving to them), re-estimate the singular values every step from the
-        current W in the cached singular vectors (s_a = u_a^T W v_a, one extra
-        m x n x n product), so that only the vectors are stale. Default True: it cut
-        the staleness gap of the MNIST curve several-fold (docs/performance.md). False
-        gives exactly P_{W_old}(G).
-      every_step_until: with ``precondition_every > 1``, also recompute on every update
-        while the step count is below this (a warm-up: the singular vectors rotate
-        fastest early in training, where a stale basis costs the most). Enters only the
-        ``lax.cond`` predicate, so it may be a traced value. Default 0.
-
-    Matrices of the same shape (across leaves, and the batch axes of each leaf) are
-    preconditioned in one batched call. Leaves split by ``block_size`` always use the
-    exact SVD path, every step.
+      mask: optional pytree like the params of Python bools (True: precondition the
+        leaf), or a callable returning one; leaves marked False pass through. To skip
+        large layers, e.g. ``mask=lambda p: jax.tree.map(lambda x: x.size <= 2**20, p)``.
+      block_size: if set, matrices with a side longer than this are cut into a grid of
+        blocks of at most ``block_size x block_size``, each treated as its own factorized
+        matrix with every other option (method, caching) applying to the blocks: cheaper,
+        but not the exact rule (docs/scaling.md).
+      precision: precision of the matmuls (``jax.lax.Precision``).
+      plain_gradient_at_zero: whether a matrix (or block, or single-output row) that is
+        exactly zero gets the plain gradient instead of P_0(G) = 0. Default True.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. Its ``update`` requires ``params``.
 
     Raises:
-      ValueError: at construction, if N is not a positive int; in ``init``/``update``, if
-        the dimension numbers or mask do not fit the params (the message names the leaf),
-        or if ``update`` is called without params.
+      ValueError: at construction, for an invalid option; in ``init``/``update``, if the
+        dimension numbers or mask do not fit the params, a selected leaf is complex or
+        not floating-point (the message names the leaf), the state was made for other
+        params, or ``update`` is called without params.
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -495,31 +261,26 @@ def overparam_precondition(
       Acceleration by Overparameterization", ICML 2018.
     """
     N = linalg.check_depth(N)
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 2):
-        raise ValueError(f"block_size must be an int >= 2 or None, got {block_size!r}.")
-    if max_matrix_size is not None and (
-        not isinstance(max_matrix_size, int) or max_matrix_size < 1
-    ):
-        raise ValueError(
-            f"max_matrix_size must be a positive int or None, got {max_matrix_size!r}."
-        )
-    if method not in linalg.METHODS:
-        raise ValueError(f"method must be one of {linalg.METHODS}, got {method!r}.")
-    precondition_every = _check_every(precondition_every)
-    cached = precondition_every > 1 and N > 1
+    _check_options(method, block_size, precision, plain_gradient_at_zero)
+    every = amortize.check_every(precondition_every)
+    warmup = amortize.check_warmup(warmup_steps, every)
+    cached = every > 1 and N > 1
+
+    def views_of(params):
+        return resolve_views(params, dimension_numbers, mask, block_size)
 
     def init_fn(params):
-        # Validate the dimension numbers now (shapes only, no linear algebra), so that a
-        # spec that does not fit is reported before the first step.
-        _, views, _ = _resolve_views(params, dimension_numbers, mask, max_matrix_size)
-        cache = ()
-        if cached:  # zeros of the right shapes; the first update (count 0) fills them
-            groups = _matrix_groups(views, jax.tree.leaves(params), block_size, method)
-            cache = tuple(
-                linalg.depth_factors_like(group.tall_shape, group.dtype, N, group.method)
-                for group in groups
-            )
-        return OverparamPreconditionState(count=jnp.zeros([], jnp.int32), cache=cache)
+        # Views are resolved (and validated) now, so a misfit is reported before any step.
+        _, views, treedef = views_of(params)
+        entries = [
+            amortize.init_entry(view, jnp.result_type(leaf), N, method, every)
+            for view, leaf in zip(views, treedef.flatten_up_to(params), strict=True)
+        ]
+        return OverparamPreconditionState(
+            count=jnp.zeros([], jnp.int32),
+            factors_age=jnp.asarray(every, jnp.int32),
+            factors=treedef.unflatten(entries),
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -528,80 +289,82 @@ def overparam_precondition(
                 "overparam_precondition needs the current params: call "
                 "tx.update(grads, state, params)."
             )
-        _check_same_structure(updates, params)
+        check_same_structure(updates, params)
         count = optax.safe_increment(state.count)
         if N == 1:
-            return updates, OverparamPreconditionState(count=count, cache=state.cache)
-        _, views, treedef = _resolve_views(params, dimension_numbers, mask, max_matrix_size)
-        param_leaves, update_leaves = jax.tree.leaves(params), jax.tree.leaves(updates)
-        # Explicit sharding (shardings in the types): gather what the linear algebra needs.
-        explicit_specs = [
-            None if v is None else _explicit_spec(u)
-            for v, u in zip(views, update_leaves, strict=True)
-        ]
-        param_leaves = [
-            _unsharded(p, v is not None) for v, p in zip(views, param_leaves, strict=True)
-        ]
-        update_leaves = [
-            _unsharded(u, v is not None) for v, u in zip(views, update_leaves, strict=True)
-        ]
-        new_leaves = [
-            update
-            if view is None or _is_plain_matrix(view, block_size)
-            else _precondition_leaf(view, param, update, N, block_size, precision)
-            for view, param, update in zip(views, param_leaves, update_leaves, strict=True)
-        ]
-        groups = _matrix_groups(views, param_leaves, block_size, method)
-        ws = [_stack_group(group, views, param_leaves) for group in groups]
-        gs = [_stack_group(group, views, update_leaves) for group in groups]
-        if cached:
-
-            def recompute():
-                return tuple(
-                    linalg.depth_factors(w, N, group.method, precision=precision)
-                    for group, w in zip(groups, ws, strict=True)
-                )
-
-            cache = jax.lax.cond(
-                (state.count % precondition_every == 0) | (state.count < every_step_until),
-                recompute,
-                lambda: state.cache,
-            )
-            if refresh_spectrum:
-                cache_now = [
-                    linalg.refresh_singular_values(factors, w, precision=precision)
-                    if isinstance(factors, linalg.SpectralBasis)
-                    else factors
-                    for factors, w in zip(cache, ws, strict=True)
-                ]
-            else:
-                cache_now = cache
-            outs = [
-                linalg.apply_depth_factors(factors, g, N, precision=precision)
-                for factors, g in zip(cache_now, gs, strict=True)
-            ]
-        else:
-            cache = ()
-            outs = [
-                linalg.precondition_matrix(w, g, N, precision=precision, method=group.method)
-                for group, w, g in zip(groups, ws, gs, strict=True)
-            ]
-        for group, out in zip(groups, outs, strict=True):
-            for i, piece in zip(
-                group.indices, _unstack_group(group, views, out, update_leaves), strict=True
-            ):
-                new_leaves[i] = piece
-        new_leaves = [  # and give each update back the sharding it came with
+            return updates, state._replace(count=count)
+        _, views, treedef = views_of(params)
+        _check_state_fits(state.factors, jax.eval_shape(init_fn, params).factors)
+        recompute = amortize.recompute_now(state.count, state.factors_age, every, warmup)
+        update_leaves = treedef.flatten_up_to(updates)
+        new_leaves, entries, saw_zero = _precondition_leaves(
+            views,
+            _gathered(views, treedef.flatten_up_to(params)),
+            _gathered(views, update_leaves),
+            treedef.flatten_up_to(state.factors),
+            recompute,
+        )
+        new_leaves = [  # each update gets back the sharding it came with
             leaf if spec is None else jax.sharding.reshard(leaf, spec)
-            for leaf, spec in zip(new_leaves, explicit_specs, strict=True)
+            for leaf, spec in zip(
+                new_leaves, map(sharding.explicit_spec, update_leaves), strict=True
+            )
         ]
-        return treedef.unflatten(new_leaves), OverparamPreconditionState(count=count, cache=cache)
+        age = jnp.where(recompute, 1, jnp.minimum(state.factors_age + 1, every))
+        # Factors cached from a zero matrix would keep it frozen until the next recompute.
+        age = jnp.where(saw_zero, every, age).astype(jnp.int32)
+        new_state = OverparamPreconditionState(count, age, treedef.unflatten(entries))
+        return treedef.unflatten(new_leaves), new_state
+
+    def _precondition_leaves(views, params, updates, entries, recompute):
+        new_leaves, entries = list(updates), list(entries)
+        zero_flags = []
+        for i, view in enumerate(views):
+            if view is not None and view.is_vector:
+                new_leaves[i] = _vector_update(
+                    view, params[i], updates[i], N, plain_gradient_at_zero
+                ).astype(jnp.result_type(updates[i]))
+        groups = _groups(views, params, method)
+        ws = [_stack(group, views, params) for group in groups]
+        gs = [_stack(group, views, updates) for group in groups]
+        factors = [
+            _factors(group, w, [entries[i] for i in group.indices], recompute)
+            for group, w in zip(groups, ws, strict=True)
+        ]
+        for group, w, g, (fresh, current) in zip(groups, ws, gs, factors, strict=True):
+            out = linalg.apply_depth_factors(current, g, N, precision=precision)
+            if plain_gradient_at_zero:
+                is_zero = _is_zero(w)
+                out = jnp.where(is_zero[:, None, None], g, out)
+                zero_flags.append(jnp.any(is_zero))
+            if cached:
+                for i, entry in zip(group.indices, _split(group, views, fresh), strict=True):
+                    entries[i] = entry
+            for i, piece in zip(group.indices, _split(group, views, out), strict=True):
+                new_leaves[i] = _to_leaf(group, views[i], piece, updates[i])
+        saw_zero = jnp.any(jnp.stack(zero_flags)) if zero_flags and cached else False
+        return new_leaves, entries, saw_zero
+
+    def _factors(group, w, group_entries, recompute):
+        """(factors to cache, factors to apply now) for one group's stacked matrices."""
+        if not cached:
+            fresh = linalg.depth_factors(w, N, group.method, precision=precision)
+            return fresh, fresh
+        stale = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *group_entries)
+        fresh = jax.lax.cond(
+            recompute,
+            lambda: linalg.depth_factors(w, N, group.method, precision=precision),
+            lambda: stale,
+        )
+        if isinstance(fresh, linalg.SpectralBasis):  # only the singular vectors stay stale
+            return fresh, linalg.refresh_singular_values(fresh, w, precision=precision)
+        return fresh, fresh
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _add_depth_scaled_decay(
-    weight_decay, N: int, dimension_numbers, mask, max_matrix_size
+    weight_decay, N: int, dimension_numbers, mask
 ) -> optax.GradientTransformationExtraArgs:
     """Adds weight_decay * N * W on preconditioned leaves and weight_decay * W elsewhere.
 
@@ -614,11 +377,13 @@ def _add_depth_scaled_decay(
         del extra_args
         if params is None:
             raise ValueError("overparam_sgd with weight_decay needs params in update().")
-        _, views, treedef = _resolve_views(params, dimension_numbers, mask, max_matrix_size)
+        _, views, treedef = resolve_views(params, dimension_numbers, mask, None)
         leaves = [
-            u + (weight_decay * (N if view is not None else 1)) * p.astype(u.dtype)
+            u
+            + (weight_decay * (N if view is not None else 1))
+            * jnp.asarray(p).astype(jnp.result_type(u))
             for view, u, p in zip(
-                views, jax.tree.leaves(updates), jax.tree.leaves(params), strict=True
+                views, treedef.flatten_up_to(updates), treedef.flatten_up_to(params), strict=True
             )
         ]
         return treedef.unflatten(leaves), state
@@ -633,13 +398,14 @@ def overparam_sgd(
     *,
     momentum: float | None = None,
     nesterov: bool = False,
+    method: str = "svd",
+    precondition_every: int | None = None,
+    warmup_steps: int | None = None,
     dimension_numbers: Any = None,
     mask: Any = None,
     block_size: int | None = None,
-    max_matrix_size: int | None = None,
-    method: str = "svd",
-    precondition_every: int | None = None,
-    every_step_until: int | jax.Array = 0,
+    precision: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST,
+    plain_gradient_at_zero: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD along the depth-N end-to-end dynamics, with the paper's weight decay.
 
@@ -648,17 +414,18 @@ def overparam_sgd(
 
     for every preconditioned matrix W (Arora et al., 2018, eq. 24), and the plain rule
     W <- (1 - eta * lambda) W - eta * grad for the other leaves. With ``momentum`` the
-    same direction is fed to heavy-ball (or Nesterov) momentum.
+    same direction is fed to heavy-ball (or Nesterov) momentum. It is
+    ``optax.chain(overparam_precondition(N, ...), <the decay>, optax.sgd(...))``.
 
     Args:
       learning_rate: eta, a float or an optax schedule.
       N: the depth, a positive Python int. Under ``optax.inject_hyperparams`` list it in
-        ``static_args``.
+        ``static_args`` (and ``precondition_every``, ``warmup_steps`` too).
       weight_decay: lambda, the decay applied to each factor in the factorized view.
       momentum: optional momentum coefficient (as in ``optax.sgd``).
       nesterov: whether to use Nesterov momentum.
-      dimension_numbers, mask, block_size, max_matrix_size, method, precondition_every,
-        every_step_until: as in :func:`overparam_precondition`.
+      method, precondition_every, warmup_steps, dimension_numbers, mask, block_size,
+        precision, plain_gradient_at_zero: as in :func:`overparam_precondition`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires params.
@@ -676,17 +443,18 @@ def overparam_sgd(
       Arora, Cohen & Hazan, "On the Optimization of Deep Networks: Implicit
       Acceleration by Overparameterization", ICML 2018.
     """
-    N = linalg.check_depth(N)
-    options = dict(dimension_numbers=dimension_numbers, mask=mask, max_matrix_size=max_matrix_size)
     return optax.chain(
         overparam_precondition(
             N,
-            block_size=block_size,
             method=method,
             precondition_every=precondition_every,
-            every_step_until=every_step_until,
-            **options,
+            warmup_steps=warmup_steps,
+            dimension_numbers=dimension_numbers,
+            mask=mask,
+            block_size=block_size,
+            precision=precision,
+            plain_gradient_at_zero=plain_gradient_at_zero,
         ),
-        _add_depth_scaled_decay(weight_decay, N, **options),
+        _add_depth_scaled_decay(weight_decay, N, dimension_numbers, mask),
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
     )

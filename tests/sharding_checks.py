@@ -99,6 +99,8 @@ def _setup():
         "dims": dims,
         "mesh_and_shardings": mesh_and_shardings,
         "AxisType": AxisType,
+        "NamedSharding": NamedSharding,
+        "P": P,
     }
 
 
@@ -222,53 +224,22 @@ def _abstract(jax, params, shardings):
     }
 
 
-def state_shardings_for(jax, tx, abstract_params, param_shardings):
-    """Shardings for every optimizer-state leaf, generically over the state pytree.
-
-    The recipe of docs/scaling.md (Auto axes): a state leaf that mirrors a parameter
-    (momentum, Adam moments: its key path ends with the parameter's and the shapes agree)
-    takes that parameter's sharding; every other leaf (the step count, the
-    ``precondition_every`` cache) takes the sharding XLA picks for it when compiling the
-    update from the sharded parameters.
-    """
-    abstract_state = jax.eval_shape(tx.init, abstract_params)
-    lowered = jax.jit(tx.update, in_shardings=(param_shardings, None, param_shardings))
-    compiled = lowered.lower(abstract_params, abstract_state, abstract_params).compile()
-    chosen = compiled.output_shardings[1]
-    keystr = jax.tree_util.keystr
-    params_by_path = {
-        keystr(path): (tuple(leaf.shape), sharding)
-        for (path, leaf), sharding in zip(
-            jax.tree_util.tree_flatten_with_path(abstract_params)[0],
-            jax.tree.leaves(param_shardings),
-            strict=True,
-        )
-    }
-
-    def pick(path, leaf, xla_choice):
-        name = keystr(path)
-        for param_path, (shape, sharding) in params_by_path.items():
-            if name.endswith(param_path) and tuple(leaf.shape) == shape:
-                return sharding
-        return xla_choice
-
-    return jax.tree_util.tree_map_with_path(pick, abstract_state, chosen)
-
-
 def check_state_follows_params(env, config, axis_type_name):
     """Optimizer state sharding follows the params, generically over the state pytree.
 
-    With the shardings of :func:`state_shardings_for` pinned on init and update (as a
-    sharded training step does), (1) init and update produce exactly those shardings, (2)
-    leaves shaped like a parameter are sharded like it, and (3) no state leaf at least as
-    large as the largest weight matrix is fully replicated.
+    With the shardings of the documented recipe, ``opx.state_shardings``, pinned on init
+    and update (as a sharded training step does), (1) init and update produce exactly those
+    shardings, (2) leaves shaped like a parameter (momentum) are sharded like it, and (3)
+    no state leaf at least as large as the largest weight matrix is fully replicated.
+    (2) and (3) exempt the cached factors, replicated by design (docs/scaling.md).
     """
     jax = env["jax"]
     mesh, shardings = env["mesh_and_shardings"](getattr(env["AxisType"], axis_type_name))
     tx = _make_tx(env, config)
     with jax.set_mesh(mesh):
         abstract_params = _abstract(jax, env["params"], shardings)
-        state_sh = state_shardings_for(jax, tx, abstract_params, shardings)
+        replicated = env["NamedSharding"](mesh, env["P"]())
+        state_sh = env["opx"].state_shardings(tx, abstract_params, shardings, replicated)
         params = jax.device_put(env["params"], shardings)
         state = jax.block_until_ready(jax.jit(tx.init, out_shardings=state_sh)(params))
         grads = jax.device_put(env["grads"], shardings)
@@ -293,9 +264,10 @@ def check_state_follows_params(env, config, axis_type_name):
         for what, got in (("init", leaf), ("update", new_leaf)):
             if not got.sharding.is_equivalent_to(expected, leaf.ndim):
                 problems.append(f"{name}: {what} gave {got.sharding}, asked {expected}")
-        if leaf.size >= large and leaf.sharding.is_fully_replicated:
+        cached_factor = ".factors[" in name
+        if leaf.size >= large and leaf.sharding.is_fully_replicated and not cached_factor:
             problems.append(f"{name} {leaf.shape}: fully replicated")
-        if tuple(leaf.shape) in param_shapes and leaf.ndim >= 2:
+        if tuple(leaf.shape) in param_shapes and leaf.ndim >= 2 and not cached_factor:
             like = param_shapes[tuple(leaf.shape)]
             if not leaf.sharding.is_equivalent_to(like, leaf.ndim):
                 problems.append(f"{name}: {leaf.sharding.spec}, its param has {like.spec}")

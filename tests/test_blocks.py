@@ -1,11 +1,11 @@
-"""``block_size`` and ``max_matrix_size``: what the large-layer options compute, exactly.
+"""``block_size`` and skipping large leaves with a mask: what they compute, exactly.
 
 ``block_size=b`` must give, for every block of the grid of at most b x b blocks (the last
 row and column of blocks may be smaller), P applied to that block of W and G alone, as if
 the block were its own weight matrix; the zero padding used to batch the blocks must not
-change the result. ``max_matrix_size`` must pass the update of a larger leaf through
-untouched. The comparisons run in float64 (``x64`` fixture), where the library's SVD route
-and a per-block call agree to ~1e-12, so any tolerance above that would hide a wrong block.
+change the result. A leaf masked out must get exactly the plain update. The comparisons
+run in float64 (``x64`` fixture), where the library's SVD route and a per-block call agree
+to ~1e-12, so any tolerance above that would hide a wrong block.
 """
 
 import jax
@@ -100,20 +100,25 @@ def test_block_diagonal_w_shows_exactly_how_blocks_differ(x64):
     """W = diag(W1, W2) on the grid: diagonal blocks agree, off-diagonal ones differ.
 
     For block-diagonal W the exact rule maps block (i, k) of G through the Gram matrices
-    of W_i and W_k; the block rule sees W_ik = 0 there, and P_0 = 0 for N >= 2, so an
-    all-zero block of W never moves under the block rule. This is the documented
-    difference (docs/scaling.md).
+    of W_i and W_k; the block rule sees W_ik = 0 there, and P_0 = 0 for N >= 2, so under
+    the strict rule an all-zero block of W never moves; by default a zero block gets the
+    plain gradient instead. This is the documented difference (docs/scaling.md).
     """
     b = 4
     w1, w2 = _rand((b, b), 7), _rand((b, b), 8)
     w = jnp.zeros((2 * b, 2 * b)).at[:b, :b].set(w1).at[b:, b:].set(w2)
     g = _rand((2 * b, 2 * b), 9)
-    out = _update(opx.overparam_precondition(3, block_size=b), w, g)
+    strict = _update(
+        opx.overparam_precondition(3, block_size=b, plain_gradient_at_zero=False), w, g
+    )
+    default = _update(opx.overparam_precondition(3, block_size=b), w, g)
     exact = reference_precondition(w, g, 3)
     for sl in (np.s_[:b, :b], np.s_[b:, b:]):
-        assert _rel(out[sl], exact[sl]) < RTOL64
+        assert _rel(strict[sl], exact[sl]) < RTOL64
+        np.testing.assert_array_equal(default[sl], strict[sl])
     for sl in (np.s_[:b, b:], np.s_[b:, :b]):
-        np.testing.assert_allclose(out[sl], 0, atol=1e-12)
+        np.testing.assert_allclose(strict[sl], 0, atol=1e-12)
+        np.testing.assert_array_equal(default[sl], g[sl])
         assert np.linalg.norm(exact[sl]) > 0.1
 
 
@@ -174,45 +179,12 @@ def test_blocks_train_under_jit_in_float32():
 
 
 # ----------------------------------------------------------------------------------------
-# max_matrix_size
+# Leaves skipped by a mask
 # ----------------------------------------------------------------------------------------
 
 
-def test_max_matrix_size_boundary_and_batch_axes_do_not_count():
-    """The limit is on rows * cols of one matrix (inclusive); batch axes are not counted."""
-    rng = np.random.default_rng(17)
-    params = {
-        "at_limit": jnp.asarray(rng.normal(size=(5, 6)), jnp.float32),  # 30 entries
-        "over": jnp.asarray(rng.normal(size=(31, 1)), jnp.float32),  # 31 entries
-        "stack": jnp.asarray(rng.normal(size=(4, 5, 6)), jnp.float32),  # 4 x (5 x 6)
-        "bias": jnp.asarray(rng.normal(size=(100,)), jnp.float32),
-    }
-    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
-    dims = {
-        "at_limit": MatrixDimensionNumbers(0, 1),
-        "over": MatrixDimensionNumbers(0, 1),
-        "stack": MatrixDimensionNumbers(reduction_axis=1, output_axis=2),
-        "bias": None,
-    }
-    tx = opx.overparam_precondition(2, max_matrix_size=30, dimension_numbers=dims)
-    out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    np.testing.assert_array_equal(out["over"], grads["over"])  # skipped: bit-identical
-    np.testing.assert_array_equal(out["bias"], grads["bias"])
-    ref = reference_precondition(params["at_limit"], grads["at_limit"], 2)
-    assert _rel(out["at_limit"], ref) < 1e-4
-    for i in range(4):
-        ref = reference_precondition(params["stack"][i], grads["stack"][i], 2)
-        assert _rel(out["stack"][i], ref) < 1e-4
-
-
-def test_max_matrix_size_is_checked_before_blocking():
-    """A leaf over the limit is skipped even if its blocks would be small."""
-    rng = np.random.default_rng(18)
-    params = {"w": jnp.asarray(rng.normal(size=(12, 10)), jnp.float32)}
-    grads = {"w": jnp.asarray(rng.normal(size=(12, 10)), jnp.float32)}
-    tx = opx.overparam_precondition(2, block_size=4, max_matrix_size=100)
-    out, _ = tx.update(grads, tx.init(params), params)
-    np.testing.assert_array_equal(out["w"], grads["w"])
+def _small(params):
+    return jax.tree.map(lambda x: x.size <= 4, params)
 
 
 def test_skipped_leaves_get_the_plain_decay_in_overparam_sgd():
@@ -221,7 +193,7 @@ def test_skipped_leaves_get_the_plain_decay_in_overparam_sgd():
     lr, lam, N = 0.1, 0.01, 3
     params = {"big": jnp.full((4, 4), 0.5), "small": jnp.eye(2) * 2.0}
     grads = {"big": jnp.ones((4, 4)), "small": jnp.ones((2, 2))}
-    tx = opx.overparam_sgd(lr, N=N, weight_decay=lam, max_matrix_size=4)
+    tx = opx.overparam_sgd(lr, N=N, weight_decay=lam, mask=_small)
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(
         updates["big"], -lr * (grads["big"] + lam * params["big"]), rtol=1e-6

@@ -82,7 +82,7 @@ def _has_cache(state):
 
     def visit(node):
         if isinstance(node, opx.OverparamPreconditionState):
-            found.append(bool(jax.tree.leaves(node.cache)))
+            found.append(bool(jax.tree.leaves(node.factors)))
             return True
         return False
 

@@ -229,10 +229,10 @@ def test_updates_keep_the_dtype(dtype):
         np.testing.assert_array_equal(low["dense"]["kernel"], u32["dense"]["kernel"].astype(dtype))
 
 
-def test_zero_matrix_gives_zero_update_without_nan():
+def test_zero_matrix_strict_rule_gives_zero_update_without_nan():
     params = {"w": jnp.zeros((5, 3)), "v": jnp.zeros((4, 1))}
     grads = {"w": jnp.ones((5, 3)), "v": jnp.ones((4, 1))}
-    tx = opx.overparam_precondition(3)
+    tx = opx.overparam_precondition(3, plain_gradient_at_zero=False)
     out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     np.testing.assert_array_equal(out["w"], 0.0)
     np.testing.assert_array_equal(out["v"], 0.0)
@@ -355,10 +355,11 @@ def test_flax_nnx_optimizer_trains():
     assert losses[-1] < 0.9 * losses[0]
 
 
-def test_max_matrix_size_skips_large_leaves():
+def test_mask_recipe_skips_large_leaves():
+    """The docstring's recipe for skipping large layers (the v1 max_matrix_size option)."""
     params = {"small": jnp.eye(3) + 0.5, "large": jnp.eye(8) + 0.5}
     grads = _grads_like(params)
-    tx = opx.overparam_precondition(2, max_matrix_size=20)
+    tx = opx.overparam_precondition(2, mask=lambda p: jax.tree.map(lambda x: x.size <= 20, p))
     out, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_array_equal(out["large"], grads["large"])
     assert _rel_err(out["small"], reference_precondition(params["small"], grads["small"], 2)) < 1e-4

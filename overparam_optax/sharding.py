@@ -1,0 +1,101 @@
+"""Sharding: what the linear algebra needs gathered, and the optimizer state's shardings.
+
+Under ``Auto`` mesh axes XLA's partitioner inserts the gathers an SVD or eigh needs by
+itself. Under ``Explicit`` axes (``jax.sharding.AxisType.Explicit``) a sharding is part of
+an array's type and those ops refuse sharded operands, so the transform gathers each
+preconditioned leaf first and gives its update the leaf's sharding back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from overparam_optax import linalg
+
+__all__ = ["explicit_spec", "gathered", "state_shardings"]
+
+
+def _axis_names(entry) -> tuple:
+    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def explicit_spec(x: Any) -> jax.sharding.PartitionSpec | None:
+    """x's PartitionSpec if it is sharded over an Explicit mesh axis, else None."""
+    try:
+        sharding = jax.typeof(x).sharding
+    except (AttributeError, TypeError):
+        return None
+    mesh = getattr(sharding, "mesh", None)
+    spec = getattr(sharding, "spec", None)
+    if mesh is None or spec is None or getattr(mesh, "empty", True):
+        return None
+    explicit = {
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == jax.sharding.AxisType.Explicit
+    }
+    used = {a for entry in spec if entry is not None for a in _axis_names(entry)}
+    return spec if used & explicit else None
+
+
+def gathered(x: jax.Array) -> jax.Array:
+    """x replicated across an Explicit mesh (XLA does this by itself for Auto axes)."""
+    if explicit_spec(x) is None:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
+def _is_factors(x: Any) -> bool:
+    return isinstance(x, (linalg.SpectralBasis, linalg.PolarRoot, optax.MaskedNode))
+
+
+def state_shardings(
+    tx: optax.GradientTransformation, params: Any, param_shardings: Any, replicated: Any
+) -> Any:
+    """Shardings for ``tx.init(params)``: each parameter-like state leaf like its parameter.
+
+    This is ``optax.tree.map_params`` with one rule: a state leaf that mirrors a parameter
+    (momentum, Adam's moments, ...) takes that parameter's sharding; every other state leaf
+    (step counts, and the cached factors of ``precondition_every``, whose shapes differ
+    from the parameter's) is ``replicated``.
+
+    Args:
+      tx: the optimizer (any chain containing :func:`overparam_precondition`).
+      params: the parameters, or ``jax.ShapeDtypeStruct`` s of them.
+      param_shardings: a tree like ``params`` of shardings.
+      replicated: the sharding for every other leaf, e.g. ``NamedSharding(mesh, P())``.
+
+    Returns:
+      A tree of shardings with the state's structure, for ``jax.jit``'s
+      ``in_shardings``/``out_shardings`` or ``jax.device_put``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import overparam_optax as opx
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("data",))
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> tx = optax.chain(opx.overparam_precondition(2, precondition_every=2),
+      ...                  optax.sgd(0.1, momentum=0.9))
+      >>> shardings = opx.state_shardings(
+      ...     tx, params, {"w": NamedSharding(mesh, P("data"))}, NamedSharding(mesh, P()))
+      >>> state = jax.device_put(tx.init(params), shardings)
+    """
+    abstract_state = jax.eval_shape(tx.init, params)
+
+    def like_param(state_leaf, param_sharding):
+        if _is_factors(state_leaf):
+            return jax.tree.map(lambda _: replicated, state_leaf)
+        return param_sharding
+
+    return optax.tree.map_params(
+        tx,
+        like_param,
+        abstract_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=_is_factors,
+    )

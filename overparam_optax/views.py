@@ -1,0 +1,300 @@
+"""Which axes of each parameter form its matrices, and how a leaf becomes a stack of them.
+
+A leaf is *viewed* as a (batch, rows, cols) stack of matrices: the reduction (input) axes
+flattened into the rows, the output axes into the columns, every other axis a batch axis.
+With ``block_size`` every matrix is further cut into a grid of blocks, each its own matrix.
+Nothing here does linear algebra; only shapes are read, so ``jax.ShapeDtypeStruct`` leaves
+work as well as arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["MatrixDimensionNumbers", "MatrixView", "check_same_structure", "resolve_views"]
+
+
+class MatrixDimensionNumbers(NamedTuple):
+    """Which axes of a parameter form the rows and the columns of its matrix.
+
+    A layer computes y = x W with W of shape (in, out): the ``reduction_axis`` axes
+    (contracted with the input) are flattened into the rows, the ``output_axis`` axes
+    into the columns, and every other axis is a batch axis, each slice getting its own
+    preconditioner (stacked layers from ``nn.scan``, attention heads, ...).
+
+    Defaults, used when ``dimension_numbers`` is None: a leaf with k >= 2 axes has
+    ``reduction_axis = (0, ..., k-2)`` and ``output_axis = k-1`` (a flax ``Conv`` kernel
+    HWIO becomes the (H*W*I, O) matrix of a k x k conv followed by 1x1 convs); 1-D and
+    scalar leaves are left unchanged.
+
+    An empty ``output_axis=()`` makes the leaf a single-output row vector, for which the
+    closed form ``||w||^{2-2/N} (g + (N-1) proj_w(g))`` is used: e.g.
+    ``MatrixDimensionNumbers(reduction_axis=0, output_axis=())`` for a 1-D leaf.
+
+    Attributes:
+      reduction_axis: int or sequence of ints; the input side. Negative values count
+        from the end.
+      output_axis: int or sequence of ints; the output side.
+    """
+
+    reduction_axis: Sequence[int] | int = 0
+    output_axis: Sequence[int] | int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixView:
+    """How one leaf is reshaped into a (count, rows, cols) stack of matrices and back.
+
+    ``count`` is the number of matrices the leaf holds: its batch slices times, with
+    blocks, the blocks of each slice. ``rows``/``cols`` are those of one matrix (one
+    block). ``full_rows``/``full_cols`` are the unblocked matrix's.
+    """
+
+    permutation: tuple[int, ...]
+    permuted_shape: tuple[int, ...]
+    batch: int
+    full_rows: int
+    full_cols: int
+    rows: int
+    cols: int
+
+    @property
+    def is_empty(self) -> bool:
+        return self.batch * self.full_rows * self.full_cols == 0
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        if self.is_empty:
+            return 1, 1
+        return -(-self.full_rows // self.rows), -(-self.full_cols // self.cols)
+
+    @property
+    def count(self) -> int:
+        return self.batch * math.prod(self.grid)
+
+    @property
+    def is_vector(self) -> bool:
+        """Single output (or single input): the closed form applies, no factors needed."""
+        return self.rows == 1 or self.cols == 1
+
+    def to_matrices(self, x: jax.Array) -> jax.Array:
+        x = jnp.transpose(x, self.permutation).reshape(self.batch, self.full_rows, self.full_cols)
+        if self.grid == (1, 1):
+            return x
+        # Zero padding to whole blocks is exact: padded rows/cols of W are zero, so they
+        # contribute nothing to W W^T or W^T W, and are cropped off in from_matrices.
+        grid_rows, grid_cols = self.grid
+        pad_rows = grid_rows * self.rows - self.full_rows
+        pad_cols = grid_cols * self.cols - self.full_cols
+        x = jnp.pad(x, ((0, 0), (0, pad_rows), (0, pad_cols)))
+        x = x.reshape(self.batch, grid_rows, self.rows, grid_cols, self.cols)
+        return x.transpose(0, 1, 3, 2, 4).reshape(self.count, self.rows, self.cols)
+
+    def from_matrices(self, x: jax.Array) -> jax.Array:
+        if self.grid != (1, 1):
+            grid_rows, grid_cols = self.grid
+            x = x.reshape(self.batch, grid_rows, grid_cols, self.rows, self.cols)
+            x = x.transpose(0, 1, 3, 2, 4)
+            x = x.reshape(self.batch, grid_rows * self.rows, grid_cols * self.cols)
+            x = x[:, : self.full_rows, : self.full_cols]
+        inverse = np.argsort(self.permutation)
+        return jnp.transpose(x.reshape(self.permuted_shape), inverse)
+
+
+def _as_axes(axes: Sequence[int] | int) -> tuple[int, ...]:
+    return (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _matrix_view(
+    path: str, shape: tuple[int, ...], spec: MatrixDimensionNumbers, block_size: int | None
+) -> MatrixView:
+    """Validates ``spec`` against a leaf's shape and builds its reshape plan."""
+    ndim = len(shape)
+    try:
+        reduction = _as_axes(spec.reduction_axis)
+        output = _as_axes(spec.output_axis)
+    except TypeError:
+        reduction = output = (None,)
+    if not all(_is_int(a) for a in reduction + output):
+        raise ValueError(
+            f"Parameter {path}: dimension numbers must hold ints or sequences of ints, got {spec}."
+        )
+    for axis in reduction + output:
+        if not -ndim <= axis < ndim:
+            raise ValueError(
+                f"Parameter {path} of shape {shape} (rank {ndim}): dimension numbers {spec} "
+                f"name axis {axis}, which is out of range for rank {ndim}."
+            )
+    reduction = tuple(int(a) % ndim for a in reduction)
+    output = tuple(int(a) % ndim for a in output)
+    if len(set(reduction + output)) != len(reduction + output):
+        raise ValueError(
+            f"Parameter {path} of shape {shape}: dimension numbers {spec} must name each axis "
+            "at most once, and not as both a reduction and an output axis."
+        )
+    if not reduction:
+        raise ValueError(
+            f"Parameter {path} of shape {shape}: dimension numbers {spec} need at least one "
+            "reduction (input) axis."
+        )
+    batch_axes = tuple(a for a in range(ndim) if a not in reduction + output)
+    permutation = batch_axes + reduction + output
+    rows = math.prod(shape[a] for a in reduction)
+    cols = math.prod(shape[a] for a in output)
+    # Single-output matrices use the exact closed form and are never blocked.
+    blocked = block_size is not None and rows > 1 and cols > 1
+    return MatrixView(
+        permutation=permutation,
+        permuted_shape=tuple(shape[a] for a in permutation),
+        batch=math.prod(shape[a] for a in batch_axes),
+        full_rows=rows,
+        full_cols=cols,
+        rows=min(rows, block_size) if blocked else rows,
+        cols=min(cols, block_size) if blocked else cols,
+    )
+
+
+def _default_spec(ndim: int) -> MatrixDimensionNumbers | None:
+    if ndim < 2:
+        return None
+    return MatrixDimensionNumbers(reduction_axis=tuple(range(ndim - 1)), output_axis=ndim - 1)
+
+
+def _is_spec_leaf(x: Any) -> bool:
+    return x is None or isinstance(x, MatrixDimensionNumbers)
+
+
+def _flatten_like(tree: Any, treedef, paths: list[str], name: str, is_leaf=None) -> list[Any]:
+    """Flattens ``tree`` and checks it has the structure of the params."""
+    leaves, other = jax.tree_util.tree_flatten(tree, is_leaf=is_leaf)
+    if other != treedef:
+        raise ValueError(
+            f"{name} must have the same tree structure as the params. Params leaves: "
+            f"{paths[:8]}{' ...' if len(paths) > 8 else ''}; {name} structure: {other}."
+        )
+    return leaves
+
+
+def _mask_value(path: str, keep: Any) -> bool:
+    """A mask leaf as a Python bool; only booleans (Python, numpy or 0-d jax) are accepted."""
+    if isinstance(keep, (bool, np.bool_)):
+        return bool(keep)
+    if isinstance(keep, (np.ndarray, jax.Array)) and keep.shape == () and keep.dtype == bool:
+        if isinstance(keep, jax.core.Tracer):
+            raise ValueError(f"mask at {path}: must be known when tracing, got a traced value.")
+        return bool(keep)
+    raise ValueError(
+        f"mask at {path}: expected a bool (True: precondition this leaf, False: pass it "
+        f"through), got {keep!r} of type {type(keep).__name__}. Per-element masks are not "
+        "supported: a leaf is preconditioned as a whole."
+    )
+
+
+def _leaf_shape(path: str, leaf: Any) -> tuple[int, ...]:
+    if isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+        return ()  # a Python scalar leaf, as optax.sgd accepts: passes through
+    if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+        raise ValueError(
+            f"Parameter {path}: expected an array, got {leaf!r} of type {type(leaf).__name__}."
+        )
+    return tuple(leaf.shape)
+
+
+def _check_dtype(path: str, leaf: Any) -> None:
+    dtype = jnp.dtype(leaf.dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise ValueError(
+            f"Parameter {path} has complex dtype {dtype}: the preconditioner is implemented "
+            "for real matrices only (the Hermitian rule would need W W^H). Mask the leaf out "
+            "or split it into real and imaginary parts."
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"Parameter {path} has dtype {dtype}: only floating-point matrices can be "
+            "preconditioned; mask the leaf out (mask=...) or pass None as its dimension numbers."
+        )
+
+
+def resolve_views(
+    params: Any, dimension_numbers: Any, mask: Any, block_size: int | None
+) -> tuple[list[str], list[MatrixView | None], jax.tree_util.PyTreeDef]:
+    """Per leaf of ``params``: its path string and its matrix view (None: pass through).
+
+    A leaf passes through if it has fewer than two axes (under the default dimension
+    numbers), its dimension numbers are None, its mask is False, or its matrices are empty
+    (P of an empty matrix is empty). A selected leaf that is complex or not floating-point
+    raises a ValueError naming it.
+    """
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not leaves_with_path:  # e.g. optax.tree.map_params's placeholder: nothing to check
+        return [], [], treedef
+    paths = [jax.tree_util.keystr(p) for p, _ in leaves_with_path]
+    shapes = [
+        _leaf_shape(path, leaf) for path, (_, leaf) in zip(paths, leaves_with_path, strict=True)
+    ]
+
+    if callable(dimension_numbers) and not isinstance(dimension_numbers, MatrixDimensionNumbers):
+        dimension_numbers = dimension_numbers(params)
+    if dimension_numbers is None:
+        specs = [_default_spec(len(s)) for s in shapes]
+    elif isinstance(dimension_numbers, MatrixDimensionNumbers):
+        specs = [dimension_numbers if len(s) >= 2 else None for s in shapes]
+    else:
+        specs = _flatten_like(dimension_numbers, treedef, paths, "dimension_numbers", _is_spec_leaf)
+        for path, spec in zip(paths, specs, strict=True):
+            if not _is_spec_leaf(spec):
+                raise ValueError(
+                    f"dimension_numbers at {path}: expected a MatrixDimensionNumbers or None, "
+                    f"got {spec!r}."
+                )
+
+    if mask is not None:
+        if callable(mask):
+            mask = mask(params)
+        keep = _flatten_like(mask, treedef, paths, "mask")
+        specs = [
+            s if _mask_value(p, k) else None for p, s, k in zip(paths, specs, keep, strict=True)
+        ]
+
+    views = []
+    for path, shape, spec, (_, leaf) in zip(paths, shapes, specs, leaves_with_path, strict=True):
+        view = None if spec is None else _matrix_view(path, shape, spec, block_size)
+        if view is not None and view.is_empty:
+            view = None  # an empty matrix: nothing to precondition
+        if view is not None:
+            _check_dtype(path, leaf)
+        views.append(view)
+    return paths, views, treedef
+
+
+def check_same_structure(updates: Any, params: Any) -> None:
+    """Raises a ValueError naming the first path where the two trees disagree."""
+    u_leaves, u_def = jax.tree_util.tree_flatten_with_path(updates)
+    p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
+    if u_def == p_def:
+        for (path, u), (_, p) in zip(u_leaves, p_leaves, strict=True):
+            if jnp.shape(u) != jnp.shape(p):
+                raise ValueError(
+                    f"Parameter {jax.tree_util.keystr(path)}: the update has shape "
+                    f"{jnp.shape(u)} but the parameter has shape {jnp.shape(p)}."
+                )
+        return
+    u_paths = {jax.tree_util.keystr(p) for p, _ in u_leaves}
+    p_paths = {jax.tree_util.keystr(p) for p, _ in p_leaves}
+    only_u = sorted(u_paths - p_paths)
+    only_p = sorted(p_paths - u_paths)
+    raise ValueError(
+        "updates and params must have the same tree structure. "
+        f"Only in updates: {only_u[:5] or 'none'}; only in params: {only_p[:5] or 'none'}."
+    )

@@ -1,0 +1,293 @@
+"""The v2 design contract: state shaped like the params, options validated, none ignored."""
+
+import inspect
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import overparam_optax as opx
+from overparam_optax import linalg
+from tests.reference import reference_precondition
+
+
+def _params(rng):
+    return {
+        "dense": {
+            "kernel": jnp.asarray(rng.normal(size=(12, 6)), jnp.float32),
+            "bias": jnp.ones(6),
+        },
+        "same": {"kernel": jnp.asarray(rng.normal(size=(12, 6)), jnp.float32)},
+        "conv": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32),
+        "wide": jnp.asarray(rng.normal(size=(5, 9)), jnp.float32),
+        "head": jnp.asarray(rng.normal(size=(6, 1)), jnp.float32),
+    }
+
+
+def _grads(params, seed=1):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+COMBINATIONS = list(
+    itertools.product(
+        ["svd", "eigh", "newton", "auto"],  # method
+        [None, 3],  # precondition_every
+        [None, 4],  # block_size
+        [None, "callable"],  # mask
+    )
+)
+
+
+@pytest.mark.parametrize("method, every, block_size, mask", COMBINATIONS)
+def test_map_params_and_state_structure_for_every_option_combination(
+    method, every, block_size, mask
+):
+    """optax.tree.map_params works (optax's contract), and the factors mirror the params."""
+    params = _params(np.random.default_rng(0))
+    if mask == "callable":
+        mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2 and x.shape[0] != 5, p)  # noqa: E731
+    tx = opx.overparam_precondition(
+        3, method=method, precondition_every=every, block_size=block_size, mask=mask
+    )
+    state = tx.init(params)
+    # One entry per leaf: the params' structure is a prefix of the factors' structure.
+    entries = jax.tree.structure(params).flatten_up_to(state.factors)
+    assert len(entries) == len(jax.tree.leaves(params))
+    _, state = jax.jit(tx.update)(_grads(params), state, params)
+    mapped = optax.tree.map_params(tx, lambda v: v + 0, state)
+    assert jax.tree.structure(mapped) == jax.tree.structure(state)
+    zeroed = optax.tree.map_params(tx, jnp.zeros_like, state)
+    for leaf in jax.tree.leaves(zeroed.factors):
+        np.testing.assert_array_equal(leaf, 0)
+    assert int(zeroed.count) == 1  # not a parameter-like leaf: left alone
+    cached = isinstance(state.factors["dense"]["kernel"], linalg.SpectralBasis | linalg.PolarRoot)
+    assert cached == (every is not None)
+    assert isinstance(state.factors["head"], optax.MaskedNode)  # closed form: nothing cached
+
+
+def _keyword_options(fn):
+    return {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def test_overparam_sgd_accepts_and_forwards_every_option():
+    precondition = _keyword_options(opx.overparam_precondition)
+    sgd = _keyword_options(opx.overparam_sgd)
+    for name, default in precondition.items():
+        assert name in sgd, name
+        assert sgd[name] == default, name
+    params = {"w": jnp.asarray(np.random.default_rng(2).normal(size=(8, 4)), jnp.float32)}
+    grads = _grads(params)
+    options = dict(method="eigh", precondition_every=2, warmup_steps=1, block_size=4)
+    a, _ = opx.overparam_sgd(0.1, N=3, **options).update(
+        grads, opx.overparam_sgd(0.1, N=3, **options).init(params), params
+    )
+    pre = opx.overparam_precondition(3, **options)
+    b, _ = pre.update(grads, pre.init(params), params)
+    np.testing.assert_allclose(a["w"], -0.1 * b["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(warmup_steps=5), "warmup_steps.*no effect"),
+        (dict(precondition_every=3, warmup_steps="5"), "warmup_steps"),
+        (dict(precondition_every=3, warmup_steps=-1), "warmup_steps"),
+        (dict(precondition_every=10**12), "precondition_every.*2\\*\\*31"),
+        (dict(precondition_every=0), "precondition_every"),
+        (dict(precondition_every=True), "precondition_every"),
+        (dict(precondition_every="5"), "precondition_every"),
+        (dict(precondition_every=2.0), "precondition_every"),
+        (dict(block_size=1), "block_size"),
+        (dict(block_size=True), "block_size"),
+        (dict(block_size=4.0), "block_size"),
+        (dict(method="qr"), "method"),
+        (dict(precision="bogus"), "precision"),
+        (dict(plain_gradient_at_zero="no"), "plain_gradient_at_zero"),
+        (dict(plain_gradient_at_zero=1), "plain_gradient_at_zero"),
+    ],
+)
+def test_invalid_options_are_rejected_at_construction(options, match):
+    with pytest.raises(ValueError, match=match):
+        opx.overparam_precondition(2, **options)
+    with pytest.raises(ValueError, match=match):
+        opx.overparam_sgd(0.1, N=2, **options)
+
+
+def test_removed_v1_options_are_errors_not_silently_ignored():
+    for name in ("max_matrix_size", "refresh_spectrum", "every_step_until"):
+        with pytest.raises(TypeError, match=name):
+            opx.overparam_precondition(2, **{name: 1})
+
+
+@pytest.mark.parametrize(
+    "mask_leaf",
+    ["yes", 1, 0.0, None, np.ones(2, bool), jnp.ones((12, 6), bool), jnp.array(1)],
+)
+def test_mask_leaves_must_be_bools(mask_leaf):
+    params = {"w": jnp.ones((12, 6)), "b": jnp.ones(6)}
+    mask = {"w": mask_leaf, "b": False}
+    if mask_leaf is None:  # None is an empty subtree: a structure error
+        match = "same tree structure"
+    else:
+        match = r"mask at \['w'\].*bool"
+    with pytest.raises(ValueError, match=match):
+        opx.overparam_precondition(2, mask=mask).init(params)
+
+
+def test_mask_accepts_numpy_and_jax_bool_scalars():
+    params = {"w": jnp.eye(3) + 0.5, "v": jnp.eye(3) + 0.5}
+    grads = _grads(params)
+    tx = opx.overparam_precondition(2, mask={"w": np.bool_(True), "v": jnp.array(False)})
+    out, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(out["v"], grads["v"])
+    assert _rel(out["w"], reference_precondition(params["w"], grads["w"], 2)) < 1e-5
+
+
+def test_state_for_other_params_is_a_clear_error():
+    rng = np.random.default_rng(3)
+    params = _params(rng)
+    tx = opx.overparam_precondition(3, precondition_every=2)
+    other = dict(params, wide=jnp.ones((5, 7)))
+    with pytest.raises(ValueError, match="state does not fit"):
+        tx.update(_grads(params), tx.init(other), params)
+    tx_eigh = opx.overparam_precondition(3, method="newton", precondition_every=2)
+    with pytest.raises(ValueError, match="state does not fit"):
+        tx_eigh.update(_grads(params), tx.init(params), params)
+
+
+@pytest.mark.parametrize("every", [None, 3])
+@pytest.mark.parametrize("N", [2, 3])
+def test_zero_initialized_matrix_trains_by_default_and_stays_put_with_the_strict_rule(N, every):
+    target = jnp.array([[3.0, -2.0], [1.0, 4.0], [0.5, 0.0]])
+    params = {"w": jnp.zeros((3, 2))}
+
+    def loss(p):
+        return jnp.sum((p["w"] - target) ** 2)
+
+    def train(tx, steps=300):
+        p, state = params, tx.init(params)
+        for _ in range(steps):
+            updates, state = jax.jit(tx.update)(jax.grad(loss)(p), state, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    trained = train(opx.overparam_sgd(0.02, N=N, precondition_every=every))
+    np.testing.assert_allclose(trained["w"], target, atol=1e-3)
+    strict = train(
+        opx.overparam_sgd(0.02, N=N, precondition_every=every, plain_gradient_at_zero=False), 5
+    )
+    np.testing.assert_array_equal(strict["w"], 0.0)
+
+
+def test_after_a_zero_matrix_the_cached_factors_are_recomputed():
+    """Factors cached from W = 0 would freeze W until the next recompute: they are redone."""
+    params = {"w": jnp.zeros((4, 3))}
+    g = _grads(params)
+    tx = opx.overparam_precondition(2, precondition_every=100)
+    state = tx.init(params)
+    out, state = tx.update(g, state, params)  # W = 0: plain gradient
+    np.testing.assert_array_equal(out["w"], g["w"])
+    params = {"w": params["w"] - 0.1 * out["w"]}
+    out, state = tx.update(g, state, params)
+    assert _rel(out["w"], reference_precondition(params["w"], g["w"], 2)) < 1e-5
+
+
+def test_schedule_keeps_going_when_the_step_count_saturates():
+    params = {"w": jnp.asarray(np.random.default_rng(4).normal(size=(6, 3)), jnp.float32)}
+    tx = opx.overparam_precondition(2, precondition_every=3)
+    update = jax.jit(tx.update)
+    state = tx.init(params)._replace(count=jnp.asarray(np.iinfo(np.int32).max, jnp.int32))
+    recomputed = []
+    for step in range(7):
+        w = {"w": params["w"] * (1.0 + step)}  # a new W every step
+        before = state.factors["w"].s
+        _, state = update(_grads(params), state, w)
+        recomputed.append(not np.allclose(before, state.factors["w"].s))
+        assert int(state.count) == np.iinfo(np.int32).max
+    assert recomputed == [True, False, False, True, False, False, True]
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_block_size_applies_the_method_and_the_cache_to_the_blocks(method):
+    """v1 silently used the exact SVD, every step, for blocked leaves."""
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)
+    params, grads = {"w": w}, _grads({"w": w})
+    tx = opx.overparam_precondition(3, block_size=4, method=method, precondition_every=2)
+    state = tx.init(params)
+    assert state.factors["w"][0].shape[0] == 4  # a 2 x 2 grid of 4 x 4 blocks
+    out, _ = tx.update(grads, state, params)
+    for rows, cols in itertools.product((slice(0, 4), slice(4, 8)), repeat=2):
+        block = opx.precondition_matrix(w[rows, cols], grads["w"][rows, cols], 3, method=method)
+        np.testing.assert_allclose(out["w"][rows, cols], block, rtol=1e-5, atol=1e-6)
+
+
+def test_complex_and_integer_matrices_are_rejected_naming_the_leaf():
+    tx = opx.overparam_precondition(2)
+    with pytest.raises(ValueError, match=r"\['c'\].*complex"):
+        tx.init({"c": jnp.eye(3, dtype=jnp.complex64)})
+    with pytest.raises(ValueError, match=r"\['i'\].*int32"):
+        tx.init({"i": jnp.ones((3, 3), jnp.int32)})
+    masked = opx.overparam_precondition(2, mask={"c": False})  # masked out: fine
+    masked.init({"c": jnp.eye(3, dtype=jnp.complex64)})
+
+
+def test_python_scalars_and_empty_matrices_pass_through():
+    rng = np.random.default_rng(6)
+    params = {
+        "scale": 1.5,
+        "empty_rows": jnp.zeros((0, 5)),
+        "empty_cols": jnp.zeros((5, 0)),
+        "empty_conv": jnp.zeros((3, 3, 0, 4)),
+        "w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+    }
+    grads = {
+        "scale": 0.25,
+        "empty_rows": jnp.zeros((0, 5)),
+        "empty_cols": jnp.zeros((5, 0)),
+        "empty_conv": jnp.zeros((3, 3, 0, 4)),
+        "w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+    }
+    for options in ({}, {"block_size": 2}, {"precondition_every": 2, "method": "eigh"}):
+        tx = opx.overparam_precondition(3, **options)
+        out, _ = tx.update(grads, tx.init(params), params)
+        assert out["scale"] == 0.25
+        for name in ("empty_rows", "empty_cols", "empty_conv"):
+            assert out[name].shape == params[name].shape
+        if not options.get("block_size"):
+            assert _rel(out["w"], reference_precondition(params["w"], grads["w"], 3)) < 1e-5
+    sgd = optax.chain(opx.overparam_precondition(3), optax.sgd(0.1))
+    updates, _ = sgd.update(grads, sgd.init(params), params)
+    assert updates["scale"] == pytest.approx(-0.025)
+
+
+def test_state_shardings_follow_the_params():
+    mesh = jax.make_mesh((1,), ("data",))
+    params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+    param_sh = {"w": NamedSharding(mesh, P("data")), "b": NamedSharding(mesh, P())}
+    replicated = NamedSharding(mesh, P())
+    tx = optax.chain(
+        opx.overparam_precondition(2, precondition_every=2), optax.sgd(0.1, momentum=0.9)
+    )
+    shardings = opx.state_shardings(tx, params, param_sh, replicated)
+    assert shardings[1][0].trace["w"] is param_sh["w"]  # momentum follows its parameter
+    assert all(s is replicated for s in shardings[0].factors["w"])  # cached factors
+    assert jax.tree.structure(shardings) == jax.tree.structure(tx.init(params))
+    assert shardings[0].count is replicated
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    assert state[1][0].trace["w"].sharding == param_sh["w"]
