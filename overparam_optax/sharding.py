@@ -8,14 +8,16 @@ preconditioned leaf first and gives its update the leaf's sharding back.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from overparam_optax import linalg
 
-__all__ = ["explicit_spec", "gathered", "state_shardings"]
+__all__ = ["explicit_spec", "gathered", "spread_over_mesh", "state_shardings"]
 
 
 def _axis_names(entry) -> tuple:
@@ -46,6 +48,40 @@ def gathered(x: jax.Array) -> jax.Array:
     if explicit_spec(x) is None:
         return x
     return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
+def spread_over_mesh(tree: Any, count: int) -> Any:
+    """Shards axis 0 (the stacked matrices) of every array in ``tree`` over the mesh.
+
+    Under a mesh (``jax.set_mesh``) every device would otherwise compute every matrix's
+    decomposition. Sharding the stack of same-shaped matrices along its batch axis makes
+    each device compute its share, as distributed Shampoo and Muon implementations do; the
+    results are gathered where the leaves need them. The stack is zero-padded to a
+    multiple of the device count (a zero matrix is well defined for every method); the
+    caller crops the padding. Only ``Auto`` mesh axes are used (XLA partitions the batched
+    decomposition along them); under ``Explicit`` axes the matrices are gathered and every
+    device computes them all. Without a mesh, on one device, or for a single matrix,
+    ``tree`` is returned unchanged.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or count < 2:
+        return tree
+    axes = tuple(
+        name
+        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+        if kind == jax.sharding.AxisType.Auto
+    )
+    devices = math.prod(mesh.shape[a] for a in axes)
+    if devices == 1:
+        return tree
+    pad = -count % devices
+
+    def place(x):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
+        return jax.lax.with_sharding_constraint(x, spec)
+
+    return jax.tree.map(place, tree)
 
 
 def _is_factors(x: Any) -> bool:

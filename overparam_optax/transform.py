@@ -324,33 +324,36 @@ def overparam_precondition(
                 new_leaves[i] = _vector_update(
                     view, params[i], updates[i], N, plain_gradient_at_zero
                 ).astype(jnp.result_type(updates[i]))
-        groups = _groups(views, params, method)
-        ws = [_stack(group, views, params) for group in groups]
-        gs = [_stack(group, views, updates) for group in groups]
-        factors = [
-            _factors(group, w, [entries[i] for i in group.indices], recompute)
-            for group, w in zip(groups, ws, strict=True)
-        ]
-        for group, w, g, (fresh, current) in zip(groups, ws, gs, factors, strict=True):
+        for group in _groups(views, params, method):
+            count = sum(views[i].count for i in group.indices)
+            # Each device of a mesh computes its share of the group's decompositions.
+            w, g = sharding.spread_over_mesh(
+                (_stack(group, views, params), _stack(group, views, updates)), count
+            )
+            stale = [entries[i] for i in group.indices]
+            fresh, current = _factors(group, w, count, stale, recompute)
             out = linalg.apply_depth_factors(current, g, N, precision=precision)
             if plain_gradient_at_zero:
                 is_zero = _is_zero(w)
                 out = jnp.where(is_zero[:, None, None], g, out)
                 zero_flags.append(jnp.any(is_zero))
             if cached:
+                fresh = jax.tree.map(lambda x, c=count: sharding.gathered(x)[:c], fresh)
                 for i, entry in zip(group.indices, _split(group, views, fresh), strict=True):
                     entries[i] = entry
-            for i, piece in zip(group.indices, _split(group, views, out), strict=True):
+            pieces = _split(group, views, sharding.gathered(out)[:count])
+            for i, piece in zip(group.indices, pieces, strict=True):
                 new_leaves[i] = _to_leaf(group, views[i], piece, updates[i])
         saw_zero = jnp.any(jnp.stack(zero_flags)) if zero_flags and cached else False
         return new_leaves, entries, saw_zero
 
-    def _factors(group, w, group_entries, recompute):
+    def _factors(group, w, count, group_entries, recompute):
         """(factors to cache, factors to apply now) for one group's stacked matrices."""
         if not cached:
             fresh = linalg.depth_factors(w, N, group.method, precision=precision)
             return fresh, fresh
         stale = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *group_entries)
+        stale = sharding.spread_over_mesh(stale, count)
         fresh = jax.lax.cond(
             recompute,
             lambda: linalg.depth_factors(w, N, group.method, precision=precision),

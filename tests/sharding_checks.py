@@ -294,7 +294,54 @@ def check_abstract_init_and_update(env, config, axis_type_name):
     return {}
 
 
+def _flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
+def check_decompositions_spread_over_the_mesh(env, method, axis_type_name):
+    """With 8 same-shaped matrices, each device computes about 1/8 of the decompositions.
+
+    XLA's compiled cost analysis gives the FLOPs of the per-device program; LAPACK calls
+    (svd, eigh) count no FLOPs there, so the matmul-only "newton" method shows the whole
+    saving and "eigh" its matmul part (the Gram matrix and the application to G). The
+    updates must equal the single-device ones to 1e-5 relative.
+    """
+    jax = env["jax"]
+    rng = np.random.default_rng(2)
+    params = {f"w{i}": (rng.normal(size=(64, 48)) * 0.3).astype(np.float32) for i in range(8)}
+    grads = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+    tx = env["opx"].overparam_precondition(3, method=method)
+
+    def update(g, p):
+        return tx.update(g, tx.init(p), p)[0]
+
+    one = jax.devices()[0]
+    single = jax.jit(update).lower(
+        jax.device_put(grads, one), jax.device_put(params, one)
+    ).compile()
+    expected = single(jax.device_put(grads, one), jax.device_put(params, one))
+    axis_type = getattr(env["AxisType"], axis_type_name)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    with jax.set_mesh(mesh):
+        replicated = env["NamedSharding"](mesh, env["P"]())
+        p_sh, g_sh = jax.device_put(params, replicated), jax.device_put(grads, replicated)
+        sharded = jax.jit(update).lower(g_sh, p_sh).compile()
+        got = sharded(g_sh, p_sh)
+    ratio = _flops(sharded) / _flops(single)
+    worst = max(_max_rel_diff(jax, got, expected).values())
+    assert worst <= RTOL, f"max rel diff {worst:.2e} > {RTOL}"
+    assert ratio < 0.2, f"per-device FLOPs are {ratio:.3f} of one device's (want ~1/8)"
+    return {"max_rel_diff": worst, "flops_ratio": ratio}
+
+
 CHECKS = {}
+for _method in ("newton", "eigh"):
+    CHECKS[f"decompositions_spread[{_method}-Auto]"] = (
+        check_decompositions_spread_over_the_mesh, _method, "Auto",
+    )
 for _config in CONFIGS:
     for _mode in ("Auto", "Explicit"):
         CHECKS[f"matches_single_device[{_config}-{_mode}]"] = (
@@ -326,7 +373,9 @@ def run_all(names=None) -> dict:
             results[name] = {"ok": False, "detail": detail}
         status = "ok" if results[name]["ok"] else "FAILED"
         extra = results[name].get("max_rel_diff")
-        print(f"{status:6s} {name}" + (f"  max rel diff {extra:.2e}" if extra is not None else ""),
+        flops = results[name].get("flops_ratio")
+        print(f"{status:6s} {name}" + (f"  max rel diff {extra:.2e}" if extra is not None else "")
+              + (f"  per-device FLOPs ratio {flops:.3f}" if flops is not None else ""),
               flush=True)
     return results
 
