@@ -6,9 +6,13 @@ package applies that preconditioner directly, so the original model trains along
 deep trajectory with no extra parameters:
 
     tx = optax.chain(overparam_optax.overparam_precondition(N=3), optax.sgd(1e-2))
+
+``overparam_optax.factorized`` holds the explicit depth-N baselines. The helpers of the
+examples and benchmarks (data loaders, training loops, trajectory comparison) live in
+:mod:`overparam_optax.experiments`, which this package does not import.
 """
 
-from overparam_optax import data, factorized, training
+from overparam_optax import factorized
 from overparam_optax.factorized import FactorizedConv, FactorizedDense, balancedness, collapse
 from overparam_optax.linalg import depth_kernel, precondition_matrix, precondition_vector
 from overparam_optax.transform import (
@@ -27,12 +31,10 @@ __all__ = [
     "OverparamPreconditionState",
     "balancedness",
     "collapse",
-    "data",
     "depth_kernel",
     "factorized",
     "overparam_precondition",
     "overparam_sgd",
     "precondition_matrix",
     "precondition_vector",
-    "training",
 ]

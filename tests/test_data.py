@@ -1,4 +1,4 @@
-"""Tests of overparam_optax.data: the real shared data (when present) and synthetic files."""
+"""Tests of overparam_optax.experiments.data: the shared data (when present), synthetic files."""
 
 import gzip
 import pathlib
@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from overparam_optax import data
+from overparam_optax.experiments import data
 
 MNIST_DIR = data.default_data_dir("mnist")
 GAS_DIR = data.default_data_dir("gas_sensor_drift")

@@ -11,7 +11,7 @@ from flax.training import train_state
 
 import overparam_optax as opx
 from overparam_optax import MatrixDimensionNumbers
-from tests.reference import reference_precondition
+from overparam_optax.experiments.reference import reference_precondition
 
 
 def _params(dtype=jnp.float32, seed=0):

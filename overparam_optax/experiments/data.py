@@ -68,7 +68,8 @@ def default_data_dir(name: str) -> pathlib.Path | None:
     """Finds a local copy of a data set, for tests and benchmarks (never required).
 
     Looks, in order, at ``$OVERPARAM_DATA_DIR/<name>`` and at ``<repo>/../shared/data/<name>``
-    (the layout of this project's checkout).
+    (the layout of this project's checkout; ``<repo>`` is the folder holding the
+    ``overparam_optax`` package, so the second place only exists for a source checkout).
 
     Args:
       name: the data set's folder name, e.g. ``"mnist"`` or ``"gas_sensor_drift"``.
@@ -80,7 +81,7 @@ def default_data_dir(name: str) -> pathlib.Path | None:
     env_root = os.environ.get("OVERPARAM_DATA_DIR")
     if env_root:
         candidates.append(pathlib.Path(env_root) / name)
-    repo_root = pathlib.Path(__file__).resolve().parents[1]
+    repo_root = pathlib.Path(__file__).resolve().parents[2]  # experiments/ -> package -> repo
     candidates.append(repo_root.parent / "shared" / "data" / name)
     for candidate in candidates:
         if candidate.is_dir():
