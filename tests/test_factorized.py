@@ -6,6 +6,7 @@ Float64 tests use the `x64` fixture of conftest.py (a context manager around the
 
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -119,10 +120,7 @@ def test_factorize_then_collapse_is_the_identity(x64):
         deep["params"]["embed"]["embedding"], tree["params"]["embed"]["embedding"]
     )
     back = jax.jit(fz.collapse)(deep)
-    assert jax.tree.structure(back) == jax.tree.structure(tree)
-    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(tree), strict=True):
-        assert got.shape == want.shape
-        np.testing.assert_allclose(got, want, atol=1e-12)
+    chex.assert_trees_all_close(back, tree, atol=1e-12)  # same structure, shapes and values
     assert float(fz.balancedness(deep)) < 1e-12
     # Collapse is exact matrix multiplication, not just a round trip of the SVD.
     np.testing.assert_allclose(

@@ -1,5 +1,6 @@
 """Tests of overparam_optax.experiments.training."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,10 +54,10 @@ def test_run_full_batch_matches_python_loop(make_tx):
     final, losses, records = training.run_full_batch(loss_fn, params, make_tx(), 25)
     expected_final, expected_losses = _python_loop(loss_fn, params, make_tx(), 25)
     assert records is None
-    assert losses.shape == (25,)
+    chex.assert_shape(losses, (25,))
     np.testing.assert_allclose(losses[0], loss_fn(params), rtol=1e-6)  # loss before step 0
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
-    np.testing.assert_allclose(final["w"], expected_final["w"], rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(final, expected_final, rtol=1e-5, atol=1e-7)
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -67,7 +68,8 @@ def test_run_full_batch_records_params_before_each_step():
     final, losses, records = training.run_full_batch(
         loss_fn, w0, optax.sgd(0.1), 5, record_fn=lambda w: {"w": w, "norm": jnp.sum(w * w)}
     )
-    assert records["w"].shape == (5, 3) and records["norm"].shape == (5,)
+    chex.assert_shape(records["w"], (5, 3))
+    chex.assert_shape(records["norm"], (5,))
     np.testing.assert_allclose(records["w"][0], w0)
     recomputed = [loss_fn(w) for w in records["w"]]
     np.testing.assert_allclose(losses, recomputed, rtol=1e-6)
@@ -93,7 +95,8 @@ def test_run_full_batch_grid_matches_individual_runs():
     w0 = jnp.zeros(3)
     learning_rates = [0.001, 0.01, 30.0]  # the last one diverges
     finals, losses, _ = training.run_full_batch_grid(loss_fn, w0, optax.sgd, learning_rates, 40)
-    assert losses.shape == (3, 40) and finals.shape == (3, 3)
+    chex.assert_shape(losses, (3, 40))
+    chex.assert_shape(finals, (3, 3))
     for k in range(2):
         final, expected, _ = training.run_full_batch(loss_fn, w0, optax.sgd(learning_rates[k]), 40)
         np.testing.assert_allclose(losses[k], expected, rtol=1e-5)
