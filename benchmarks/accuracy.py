@@ -1,8 +1,9 @@
 """Accuracy and cost of the exact preconditioner, for the record.
 
 Prints the maximum error relative to the largest entry, against the float64 textbook
-reference in tests/reference.py, per dtype over the test families, and the time of one
-exact call (jitted, compile excluded, median of repeats) for the sizes of issue 2.
+reference (``overparam_optax.experiments.reference``), per dtype over the matrix families of
+the tests, and the time of one exact call (jitted, compile excluded, median of repeats) for
+the sizes of issue 2. The float64 half runs in jax's x64 mode, switched on for it only.
 
     python benchmarks/accuracy.py --out benchmarks/results/accuracy_cpu.json
 """
@@ -14,50 +15,80 @@ import pathlib
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import overparam_optax as opx
+from overparam_optax.experiments import cli
+from overparam_optax.experiments.reference import MATRIX_CASES, make_matrix, reference_precondition
 
 
-def main() -> None:
+def _matrix_size(text: str) -> tuple[int, int]:
+    """'MxN' with positive M and N, for --sizes."""
+    rows, sep, cols = text.partition("x")
+    try:
+        if not sep:
+            raise argparse.ArgumentTypeError("")
+        return cli.positive_int(rows), cli.positive_int(cols)
+    except argparse.ArgumentTypeError:
+        message = f"must be MxN with positive M and N, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--platform", default=None, help="cpu, gpu or tpu (default: jax's choice)")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--sizes", default="256x256,1024x1024,3136x512")
-    parser.add_argument("--out", default=None, help="JSON path (default: print only)")
-    args = parser.parse_args()
-    if args.platform:
-        os.environ["JAX_PLATFORMS"] = args.platform
+    parser.add_argument(
+        "--platform", choices=("cpu", "gpu", "cuda", "rocm", "tpu"), default=None,
+        help="the jax platform (default: jax's own choice)",
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=cli.positive_int, default=7)
+    parser.add_argument(
+        "--sizes", type=cli.comma_list(_matrix_size), default="256x256,1024x1024,3136x512"
+    )
+    parser.add_argument(
+        "--out", type=cli.output_file, default=None, help="JSON path (default: print only)"
+    )
+    return parser.parse_args(argv)
 
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    sys.path.insert(0, str(ROOT))
-    import overparam_optax as opx
-    from tests.reference import reference_precondition
-    from tests.test_linalg import CASES, make_matrix
-
+def max_relative_errors() -> dict:
+    """The worst error relative to the largest entry, per dtype, over the matrix families."""
     errors = {}
     for dtype_name in ["float32", "float64"]:
-        jax.config.update("jax_enable_x64", dtype_name == "float64")
-        worst = 0.0
-        for case_index, case in enumerate(CASES):
-            for N in range(1, 9):
-                rng = np.random.default_rng(100 * case_index + N)
-                w = make_matrix(case, rng)
-                g = rng.normal(size=w.shape)
-                expected = reference_precondition(w, g, N)
-                actual = opx.precondition_matrix(
-                    jnp.asarray(w, dtype_name), jnp.asarray(g, dtype_name), N
-                )
-                scale = max(np.abs(expected).max(), 1e-30)
-                worst = max(worst, float(np.abs(np.asarray(actual) - expected).max() / scale))
-        errors[dtype_name] = worst
-        print(f"max relative error, {dtype_name}: {worst:.2e}")
-    jax.config.update("jax_enable_x64", False)
+        with jax.enable_x64(dtype_name == "float64"):
+            errors[dtype_name] = _worst_error(dtype_name)
+        print(f"max relative error, {dtype_name}: {errors[dtype_name]:.2e}")
+    return errors
+
+
+def _worst_error(dtype_name: str) -> float:
+    worst = 0.0
+    for case_index, case in enumerate(MATRIX_CASES):
+        for N in range(1, 9):
+            rng = np.random.default_rng(100 * case_index + N)
+            w = make_matrix(case, rng)
+            g = rng.normal(size=w.shape)
+            expected = reference_precondition(w, g, N)
+            actual = opx.precondition_matrix(
+                jnp.asarray(w, dtype_name), jnp.asarray(g, dtype_name), N
+            )
+            scale = max(np.abs(expected).max(), 1e-30)
+            worst = max(worst, float(np.abs(np.asarray(actual) - expected).max() / scale))
+    return worst
+
+
+def main(argv=None) -> dict:
+    """Measures the errors and the call times; prints them and writes --out if given."""
+    args = parse_args(argv)
+    if args.platform:
+        jax.config.update("jax_platforms", args.platform)
+    errors = max_relative_errors()
 
     timings = {}
-    for size in args.sizes.split(","):
-        m, n = (int(v) for v in size.split("x"))
+    for m, n in args.sizes:
+        size = f"{m}x{n}"
         key = jax.random.key(0)
         w = jax.random.normal(key, (m, n), jnp.float32)
         g = jax.random.normal(jax.random.fold_in(key, 1), (m, n), jnp.float32)
@@ -82,6 +113,7 @@ def main() -> None:
     }
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ at the initialization and at the end of the exact run (G: the gradient on 2,000 
 digits).
 
 Usage (from the repository root; needs the MNIST IDX files, found through
-``overparam_optax.data.default_data_dir("mnist")`` or ``--data-dir``):
+``overparam_optax.experiments.data.default_data_dir("mnist")`` or ``--data-dir``):
 
     python benchmarks/blocks.py                 # 200 steps: ~30-60 min on 2 busy CPU cores
     python benchmarks/blocks.py --steps 20      # smoke run
@@ -41,23 +41,38 @@ import sys
 
 import numpy as np
 
+from overparam_optax.experiments import cli
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOOTH = 25
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line; every value is checked here, before any work."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--platform", default=None, help="sets JAX_PLATFORMS (e.g. cpu, gpu)")
+    parser.add_argument(
+        "--platform", choices=("cpu", "gpu", "cuda", "rocm", "tpu"), default=None,
+        help="the jax platform (default: jax's own choice)",
+    )  # fmt: skip
     parser.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--depth", type=int, default=3, help="N")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-json", default=None)
-    parser.add_argument("--out-png", default=None)
-    return parser.parse_args(argv)
+    parser.add_argument("--steps", type=cli.positive_int, default=200)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=128)
+    parser.add_argument("--lr", type=cli.positive_float, default=0.02)
+    parser.add_argument("--momentum", type=cli.nonnegative_float, default=0.9)
+    parser.add_argument("--depth", type=cli.positive_int, default=3, help="N")
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    parser.add_argument("--out-json", type=cli.output_file, default=None)
+    parser.add_argument("--out-png", type=cli.output_file, default=None)
+    return parser
+
+
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
+    parser = parser or make_parser()
+    args = parser.parse_args(argv)
+    if args.steps < SMOOTH:
+        parser.error(f"--steps must be at least {SMOOTH}, the smoothing window")
+    return args
 
 
 def init_mlp(jax, sizes, seed):
@@ -109,22 +124,27 @@ def direction_gap(jax, opx, params, grads, depth, block_size):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.platform:
-        import os
-
-        os.environ["JAX_PLATFORMS"] = args.platform
+    """Trains the four runs, compares their curves and directions; returns the report."""
+    parser = make_parser()
+    args = parse_args(argv, parser)
     import jax
     import optax
 
     import overparam_optax as opx
-    from overparam_optax import data, training
+    from overparam_optax.experiments import data, training
 
+    if args.platform:
+        jax.config.update("jax_platforms", args.platform)
     data_dir = args.data_dir or data.default_data_dir("mnist")
     if data_dir is None:
-        sys.exit("MNIST not found: pass --data-dir (a folder with the four IDX files).")
-    train = data.load_mnist(data_dir, split="train")
-    test = data.load_mnist(data_dir, split="test")
+        parser.error("MNIST not found: pass --data-dir (a folder with the four IDX files)")
+    try:
+        train = data.load_mnist(data_dir, split="train")
+        test = data.load_mnist(data_dir, split="test")
+    except data.DataError as error:
+        parser.error(f"--data-dir: {error}")
+    if args.batch_size > len(train[1]):
+        parser.error(f"--batch-size {args.batch_size} exceeds the {len(train[1])} digits")
     params0 = init_mlp(jax, [784, 512, 512, 10], args.seed)
 
     def make_tx(block_size, depth):

@@ -1,7 +1,8 @@
 """Explicit depth-N factorization vs the depth-1 model with overparam_precondition(N).
 
 From the same end-to-end initialization, trains (1) the explicit factorized model with plain
-full-batch gradient descent on every factor (balanced init, ``overparam_optax.factorized``)
+full-batch gradient descent on every factor (balanced init, ``overparam_optax.factorized``;
+the runs are ``overparam_optax.experiments.trajectories.compare_trajectories``)
 and (2) the ordinary model with ``optax.chain(overparam_precondition(N), optax.sgd(lr))``,
 and reports per step the relative distance of the end-to-end matrices
 ``||W_e^explicit - W_e^implicit||_F / ||W_e^implicit||_F`` and both losses.
@@ -39,19 +40,29 @@ import shlex
 import sys
 import time
 
-import numpy as np  # safe before JAX_PLATFORMS is set: only jax reads it
+import numpy as np
+
+from overparam_optax.experiments import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_CURVE_POINTS = 400
+TASKS = ("ethanol_l2", "ethanol_l4", "mnist_softmax", "mnist_mlp")
+
+
+def _task(text: str) -> str:
+    if text not in TASKS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(TASKS)}, got {text!r}")
+    return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--platform",
         choices=["cpu", "gpu", "cuda", "rocm", "tpu"],
         default=None,
-        help="sets JAX_PLATFORMS before jax is imported (default: jax's own choice)",
+        help="the jax platform (default: jax's own choice)",
     )
     parser.add_argument(
         "--float32", action="store_true", help="run in float32 (default: float64 via x64)"
@@ -72,17 +83,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--tasks",
-        default="ethanol_l2,ethanol_l4,mnist_softmax,mnist_mlp",
+        type=cli.comma_list(_task),
+        default=",".join(TASKS),
         help="comma-separated subset of the tasks",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-json", default=None, help="JSON path (default: see module doc)")
-    parser.add_argument("--out-png", default=None, help="plot path (default: see module doc)")
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    parser.add_argument(
+        "--out-json", type=cli.output_file, default=None, help="JSON path (default: see module doc)"
+    )
+    parser.add_argument(
+        "--out-png", type=cli.output_file, default=None, help="plot path (default: see module doc)"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument(
         "--replot", default=None, metavar="JSON", help="only redraw the PNG from a results JSON"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.replot is not None and not pathlib.Path(args.replot).is_file():
+        parser.error(f"--replot: no such file {args.replot!r}")
+    return args
 
 
 # --------------------------------------------------------------------------------------
@@ -127,7 +146,7 @@ def _load_ethanol(args):
         X = rng.standard_normal((200 if args.quick else 1316, 128))
         y = X @ rng.standard_normal(128) / math.sqrt(128) + 0.1 * rng.standard_normal(len(X))
         return X, (y - y.mean()) / y.std(), "synthetic"
-    from overparam_optax.data import default_data_dir, ethanol_regression
+    from overparam_optax.experiments.data import default_data_dir, ethanol_regression
 
     data_dir = args.data_dir or default_data_dir("gas_sensor_drift")
     if data_dir is None:
@@ -143,7 +162,7 @@ def _load_mnist(args, n_train: int):
         images = rng.uniform(size=(n_train, 784)) * (rng.uniform(size=(n_train, 784)) < 0.2)
         labels = np.argmax(images @ rng.standard_normal((784, 10)), axis=1)
         return images, labels, "synthetic"
-    from overparam_optax.data import default_data_dir, load_mnist
+    from overparam_optax.experiments.data import default_data_dir, load_mnist
 
     mnist_dir = args.mnist_dir or default_data_dir("mnist")
     images, labels = load_mnist(mnist_dir, split="train")
@@ -153,9 +172,9 @@ def _load_mnist(args, n_train: int):
 
 def _tasks(args, jax, jnp, optax, dtype) -> list[dict]:
     """Builds the enabled tasks: name, loss of ordinary params, init params, notes."""
-    from overparam_optax.training import lp_regression_loss
+    from overparam_optax.experiments.training import lp_regression_loss
 
-    wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    wanted = args.tasks
     key = jax.random.PRNGKey(args.seed)
     tasks = []
     if any(t.startswith("ethanol") for t in wanted):
@@ -245,7 +264,7 @@ def _dump(report: dict) -> str:
 
 
 def _run_one(task, depth, lr, steps, hidden, seed, jax):
-    from overparam_optax.factorized import compare_trajectories
+    from overparam_optax.experiments.trajectories import compare_trajectories
 
     start = time.perf_counter()
     result = compare_trajectories(
@@ -380,6 +399,7 @@ def _title(report: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    """Runs the grid (float64 unless --float32); writes and returns the report."""
     args = parse_args(argv)
     if args.replot:
         report = json.loads(pathlib.Path(args.replot).read_text())
@@ -387,14 +407,19 @@ def main(argv=None) -> dict:
         _plot(report["runs"], out_png, _title(report))
         print(f"wrote {out_png}")
         return report
+    import jax
+
     if args.platform is not None:
-        os.environ["JAX_PLATFORMS"] = args.platform  # must precede the jax import
+        jax.config.update("jax_platforms", args.platform)
+    with jax.enable_x64(not args.float32):
+        return _run_all(args, argv)
+
+
+def _run_all(args, argv) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
 
-    if not args.float32:
-        jax.config.update("jax_enable_x64", True)
     dtype = jnp.float32 if args.float32 else jnp.float64
     platform_name = jax.devices()[0].platform
     suffix = platform_name + ("_float32" if args.float32 else "") + ("_quick" if args.quick else "")
@@ -431,8 +456,8 @@ def main(argv=None) -> dict:
     # one whose predictions hit the heavy-tailed rows (initial loss ~157).
     stress = None
     if not args.quick and "ethanol_l4" in args.tasks:
-        from overparam_optax.factorized import compare_trajectories
-        from overparam_optax.training import lp_regression_loss
+        from overparam_optax.experiments.training import lp_regression_loss
+        from overparam_optax.experiments.trajectories import compare_trajectories
 
         X, y, _ = _load_ethanol(args)
         X, y = jnp.asarray(X, dtype), jnp.asarray(y, dtype)

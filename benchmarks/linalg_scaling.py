@@ -27,29 +27,43 @@ from __future__ import annotations
 import argparse
 import math
 import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _perf_common as common  # noqa: E402
+import jax
+import jax.numpy as jnp
+
+from overparam_optax import linalg
+from overparam_optax.experiments import cli, timing
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+FIGURES_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "figures"
 
 METHODS = ("svd", "eigh", "newton", "apply")
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(parser)
-    parser.add_argument("--N", type=int, default=3)
-    parser.add_argument("--sizes", default=None, help="comma-separated n (default per platform)")
-    parser.add_argument("--tall-max", type=int, default=1024, help="largest n of the 4n x n runs")
-    parser.add_argument("--newton-max", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--fit-from", type=int, default=512)
-    parser.add_argument("--plot", default=None, help="PNG path (default docs/figures/)")
+    timing.add_common_args(parser)
+    parser.add_argument("--N", type=cli.positive_int, default=3)
+    parser.add_argument(
+        "--sizes", type=cli.comma_list(cli.positive_int), default=None,
+        help="comma-separated n (default per platform)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tall-max", type=cli.positive_int, default=1024, help="largest n of the 4n x n runs"
+    )
+    parser.add_argument("--newton-max", type=cli.positive_int, default=None)
+    parser.add_argument("--repeats", type=cli.positive_int, default=3)
+    parser.add_argument("--fit-from", type=cli.positive_int, default=512)
+    parser.add_argument(
+        "--plot", type=cli.output_file, default=None, help="PNG path (default docs/figures/)"
+    )
     return parser.parse_args(argv)
 
 
 def fit_exponent(ns, ts, fit_from):
+    """The least-squares slope b of log t = log a + b log n over the sizes n >= fit_from."""
     points = [(math.log(n), math.log(t)) for n, t in zip(ns, ts, strict=True) if n >= fit_from]
     if len(points) < 2:
         return None
@@ -60,16 +74,12 @@ def fit_exponent(ns, ts, fit_from):
 
 
 def main(argv=None) -> dict:
+    """Times every method at every size; writes and returns the JSON record."""
     args = parse_args(argv)
-    common.setup_platform(args)
-    import jax
-    import jax.numpy as jnp
-
-    from overparam_optax import linalg
-
+    timing.setup_platform(args)
     backend = jax.default_backend()
     if args.sizes:
-        sizes = [int(s) for s in args.sizes.split(",")]
+        sizes = args.sizes
     elif args.quick:
         sizes = [32, 64]
     else:
@@ -117,7 +127,7 @@ def main(argv=None) -> dict:
                 "shape": shape_kind,
                 "m": m,
                 "n": n,
-                "seconds": {x: common.median(times[x]) for x in methods},
+                "seconds": {x: timing.median(times[x]) for x in methods},
                 "relative_error_vs_svd": errors,
                 "repeats": repeats,
             }
@@ -142,7 +152,7 @@ def main(argv=None) -> dict:
     if not args.quick:
         _plot(rows, args, backend)
     payload = {"args": vars(args), "N": N, "rows": rows, "fitted_exponents": exponents}
-    common.write_json(args, "linalg_scaling", payload)
+    timing.write_json(args, "linalg_scaling", payload, RESULTS_DIR)
     return payload
 
 
@@ -182,7 +192,7 @@ def _plot(rows, args, backend) -> None:
     path = (
         pathlib.Path(args.plot)
         if args.plot
-        else common.FIGURES_DIR / f"linalg_scaling_{backend}.png"
+        else FIGURES_DIR / f"linalg_scaling_{backend}.png"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

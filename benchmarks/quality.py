@@ -5,7 +5,7 @@ transform (method="svd", every step) and once per fast configuration, and compar
 training curves:
 
 * Ethanol-l4: the paper's l4 linear regression on the Ethanol rows of the gas-sensor drift
-  data (``overparam_optax.data.ethanol_regression``), w of shape (128, 1), full batch,
+  data (``overparam_optax.experiments.data.ethanol_regression``), w of shape (128, 1), full batch,
   ``run_full_batch``. A single-output matrix always takes the closed form (no
   decomposition), so every configuration must give the same curve: a check of the wiring.
 * MNIST: an MLP 784-512-512-10 (ReLU), minibatch SGD with ``run_minibatch`` (batch 128, the
@@ -31,35 +31,52 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _perf_common as common  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import overparam_optax as opx
+from overparam_optax.experiments import cli, data, timing, training
+from overparam_optax.experiments.models import MLP, logits_fn_for
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+FIGURES_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "figures"
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(parser)
-    parser.add_argument("--N", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--ethanol-steps", type=int, default=3000)
-    parser.add_argument("--ethanol-lr", type=float, default=1e-3)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--everies", default="5,10,25,100", help="k values of the sweep")
-    parser.add_argument("--fast-every", type=int, default=10, help="k of the fast config")
+    timing.add_common_args(parser)
+    parser.add_argument("--N", type=cli.positive_int, default=3)
+    parser.add_argument("--steps", type=cli.positive_int, default=400)
+    parser.add_argument("--ethanol-steps", type=cli.positive_int, default=3000)
+    parser.add_argument("--ethanol-lr", type=cli.positive_float, default=1e-3)
+    parser.add_argument("--lr", type=cli.positive_float, default=0.05)
     parser.add_argument(
-        "--warmup", type=int, default=100, help="every_step_until of the fast config"
+        "--everies", type=cli.comma_list(cli.positive_int), default="5,10,25,100",
+        help="k values of the sweep",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fast-every", type=cli.positive_int, default=10, help="k of the fast config"
     )
-    parser.add_argument("--window", type=int, default=25)
+    parser.add_argument(
+        "--warmup", type=cli.nonnegative_int, default=100,
+        help="every_step_until of the fast config",
+    )  # fmt: skip
+    parser.add_argument("--window", type=cli.positive_int, default=25)
     parser.add_argument("--mnist-dir", default=None)
     parser.add_argument("--gas-dir", default=None)
-    parser.add_argument("--plot", default=None)
-    return parser.parse_args(argv)
+    parser.add_argument("--plot", type=cli.output_file, default=None)
+    args = parser.parse_args(argv)
+    if not args.quick and args.window > args.steps:
+        parser.error(f"--window {args.window} exceeds --steps {args.steps}")
+    return args
 
 
 def smooth(values, window):
-    import numpy as np
-
+    """Means over ``window`` consecutive values (the values themselves if fewer)."""
     values = np.asarray(values, np.float64)
     if len(values) < window:
         return values
@@ -68,29 +85,20 @@ def smooth(values, window):
 
 
 def gaps(curve, reference, window):
-    import numpy as np
-
+    """Largest and final relative gap between two curves smoothed over ``window`` steps."""
     a, b = smooth(curve, window), smooth(reference, window)
     rel = np.abs(a - b) / np.maximum(np.abs(b), 1e-12)
     return float(rel.max()), float(rel[-1])
 
 
 def main(argv=None) -> dict:
+    """Trains every configuration; writes and returns the JSON record."""
     args = parse_args(argv)
-    common.setup_platform(args)
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-
-    import overparam_optax as opx
-    from overparam_optax import data, training
-
+    timing.setup_platform(args)
     N = args.N
     steps = 20 if args.quick else args.steps
     window = 5 if args.quick else args.window
-    everies = [2] if args.quick else [int(k) for k in args.everies.split(",")]
+    everies = [2] if args.quick else args.everies
     fast_every = 2 if args.quick else args.fast_every
     configs = {"exact": dict(method="svd"), "eigh": dict(method="eigh")}
     for k in everies:
@@ -144,20 +152,9 @@ def main(argv=None) -> dict:
         test = (test[0][:256], test[1][:256])
     width = 64 if args.quick else 512
 
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = x.reshape((x.shape[0], -1))
-            x = nn.relu(nn.Dense(width)(x))
-            x = nn.relu(nn.Dense(width)(x))
-            return nn.Dense(10)(x)
-
-    model = MLP()
+    model = MLP(hidden=(width, width))
     params0 = model.init(jax.random.PRNGKey(0), train[0][:2])["params"]
-
-    def logits_fn(params, images, train_mode, rng):
-        del train_mode, rng
-        return model.apply({"params": params}, images)
+    logits_fn = logits_fn_for(model)
 
     def kernels(p):
         return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", p)
@@ -210,7 +207,7 @@ def main(argv=None) -> dict:
     }
     if not args.quick:
         _plot(results, args, jax.default_backend())
-    common.write_json(args, "quality", results)
+    timing.write_json(args, "quality", results, RESULTS_DIR)
     return results
 
 
@@ -219,7 +216,6 @@ def _plot(results, args, backend) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     panels = [k for k in ("ethanol_l4", "mnist") if k in results]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.5 * (len(panels) + 1), 4))
@@ -250,7 +246,7 @@ def _plot(results, args, backend) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"exact vs fast configurations, N={results['N']} ({backend})")
     fig.tight_layout()
-    path = pathlib.Path(args.plot) if args.plot else common.FIGURES_DIR / f"quality_{backend}.png"
+    path = pathlib.Path(args.plot) if args.plot else FIGURES_DIR / f"quality_{backend}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

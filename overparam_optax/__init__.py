@@ -6,9 +6,13 @@ package applies that preconditioner directly, so the original model trains along
 deep trajectory with no extra parameters:
 
     tx = optax.chain(overparam_optax.overparam_precondition(N=3), optax.sgd(1e-2))
+
+``overparam_optax.factorized`` holds the explicit depth-N baselines. The helpers of the
+examples and benchmarks (data loaders, training loops, trajectory comparison) live in
+:mod:`overparam_optax.experiments`, which this package does not import.
 """
 
-from overparam_optax import data, factorized, training
+from overparam_optax import factorized
 from overparam_optax.factorized import FactorizedConv, FactorizedDense, balancedness, collapse
 from overparam_optax.linalg import depth_kernel, precondition_matrix, precondition_vector
 from overparam_optax.sharding import state_shardings
@@ -28,7 +32,6 @@ __all__ = [
     "OverparamPreconditionState",
     "balancedness",
     "collapse",
-    "data",
     "depth_kernel",
     "factorized",
     "overparam_precondition",
@@ -36,5 +39,4 @@ __all__ = [
     "precondition_matrix",
     "precondition_vector",
     "state_shardings",
-    "training",
 ]

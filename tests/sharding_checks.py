@@ -4,8 +4,8 @@ A process gets its CPU devices once, when jax starts its CPU backend, and the re
 test session has started it with one device long before this file's tests run. So
 ``tests/test_sharding.py`` runs this module in a subprocess as
 ``python -m tests.sharding_checks --json F``; it makes its 8 devices with
-:func:`overparam_optax.training.use_host_cpu_devices`. Each check is a function that raises
-AssertionError on failure; the results (ok, a message, and the measured differences) are
+:func:`overparam_optax.experiments.devices.use_host_cpu_devices`. Each check is a function
+that raises AssertionError on failure; the results (ok, a message, and the measured differences) are
 written as JSON, and every check becomes one pytest test that fails with the check's
 message. Run it by hand with
 
@@ -54,12 +54,12 @@ def _setup():
     from jax.sharding import PartitionSpec as P
 
     import overparam_optax as opx
-    from overparam_optax import training
+    from overparam_optax.experiments.devices import use_host_cpu_devices
 
     if jax.config.jax_platforms in (None, "", "cpu"):
         # 8 CPU devices, and a thread pool large enough that their collectives cannot
-        # deadlock (training.use_host_cpu_devices says why).
-        training.use_host_cpu_devices(DEVICES_NEEDED)
+        # deadlock (use_host_cpu_devices says why).
+        use_host_cpu_devices(DEVICES_NEEDED)
     if jax.device_count() < DEVICES_NEEDED:
         raise AssertionError(f"needs {DEVICES_NEEDED} devices, got {jax.device_count()}")
     rng = np.random.default_rng(0)

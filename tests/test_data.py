@@ -1,4 +1,4 @@
-"""Tests of overparam_optax.data: the real shared data (when present) and synthetic files."""
+"""Tests of overparam_optax.experiments.data: the shared data (when present), synthetic files."""
 
 import gzip
 import pathlib
@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from overparam_optax import data
+from overparam_optax.experiments import data
 
 MNIST_DIR = data.default_data_dir("mnist")
 GAS_DIR = data.default_data_dir("gas_sensor_drift")
@@ -275,3 +275,44 @@ def test_default_data_dir_env(tmp_path, monkeypatch):
     monkeypatch.setenv("OVERPARAM_DATA_DIR", str(tmp_path))
     assert data.default_data_dir("mnist") == tmp_path / "mnist"
     assert data.default_data_dir("no_such_data_set") is None
+
+
+# ------------------------------------------------------------------ non-finite values
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_gas_sensor_non_finite_feature_names_file_and_line(tmp_path, value):
+    good = _gas_line(1, 10.0, np.zeros(128))
+    bad = good.replace(" 5:0.000000 ", f" 5:{value} ")
+    assert bad != good
+    (tmp_path / "batch4.dat").write_text(good + bad + good)
+    with pytest.raises(data.DataError, match="batch4.dat") as info:
+        data.load_gas_sensor_drift(tmp_path)
+    assert "line 2" in str(info.value)
+    assert f"feature 5 is '5:{value}'" in str(info.value)
+
+
+def test_gas_sensor_non_finite_concentration(tmp_path):
+    good = _gas_line(1, 10.0, np.zeros(128))
+    bad = good.replace("1;10.000000", "1;nan")
+    (tmp_path / "batch1.dat").write_text(bad + good)
+    with pytest.raises(data.DataError, match=r"batch1\.dat', line 1: bad 'GAS;CONCENTRATION'"):
+        data.ethanol_regression(tmp_path)
+
+
+def test_mnist_npz_non_finite_pixels_name_the_image(tmp_path):
+    images = _random_digits(4)[0].astype(np.float32)
+    images[2, 3, 4] = np.nan
+    labels = np.arange(4)
+    np.savez(tmp_path / "mnist.npz", x_train=images, y_train=labels, x_test=images, y_test=labels)
+    with pytest.raises(data.DataError, match=r"mnist\.npz.*image 2 holds NaN"):
+        data.load_mnist(tmp_path)
+    np.savez(
+        tmp_path / "mnist.npz",
+        x_train=images.astype(str),
+        y_train=labels,
+        x_test=images,
+        y_test=labels,
+    )
+    with pytest.raises(data.DataError, match="dtype <U"):
+        data.load_mnist(tmp_path)

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 import overparam_optax as opx
 from overparam_optax import linalg
-from tests.reference import reference_precondition
+from overparam_optax.experiments.reference import reference_precondition
 
 
 def _params(rng):

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+import overparam_optax.experiments.training
 import overparam_optax.linalg
 import overparam_optax.transform
 
@@ -20,7 +21,10 @@ def test_api_md_examples_run():
         exec(compile(block, "docs/api.md", "exec"), namespace)
 
 
-@pytest.mark.parametrize("module", [overparam_optax.linalg, overparam_optax.transform])
+@pytest.mark.parametrize(
+    "module",
+    [overparam_optax.linalg, overparam_optax.transform, overparam_optax.experiments.training],
+)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0

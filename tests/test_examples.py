@@ -1,12 +1,12 @@
-"""Smoke runs of the examples and of the paper reproduction, on tiny synthetic data.
+"""Smoke runs of the examples and benchmarks on tiny synthetic data, and their bad input.
 
-Each script runs in a subprocess (as a user would run it; the regression scripts switch
-jax to float64, which must not leak into the other tests), with a handful of steps and
-data written into tmp_path, so nothing is downloaded and the shared data are not needed.
+Each script runs in a subprocess, as a user would run it, with a handful of steps and data
+written into tmp_path, so nothing is downloaded and the shared data are not needed. Every
+script checks its arguments before any work: a bad value exits with status 2 and an
+argparse message, and writes nothing.
 """
 
 import gzip
-import importlib.util
 import json
 import os
 import pathlib
@@ -54,17 +54,17 @@ def gas_dir(tmp_path_factory):
     return directory
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, status: int = 0, cwd=REPO) -> subprocess.CompletedProcess:
     env = dict(os.environ, MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
     result = subprocess.run(
         [sys.executable, str(REPO / script), *args],
-        cwd=REPO,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == status, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -196,32 +196,71 @@ def test_sharded_mlp_matches_one_device():
     assert relative < 1e-5 and loss_gap < 1e-5, result.stdout
 
 
-def test_reproduce_paper_mnist_speed_metric():
-    """Steps to the plain run's smoothed losses: a run twice as fast needs half the steps."""
-    spec = importlib.util.spec_from_file_location(
-        "reproduce_paper", REPO / "benchmarks" / "reproduce_paper.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    x64 = jax.config.jax_enable_x64
-    try:
-        spec.loader.exec_module(module)
-    finally:  # the script turns on float64 for its regressions; keep it out of other tests
-        jax.config.update("jax_enable_x64", x64)
-    steps = np.arange(400)
-    log = {
-        "config": {"lr": 0.1},
-        "runs": {
-            name: {"train_loss": list(np.exp(-rate * steps)), "final_train_loss": 0.0}
-            for name, rate in (("none", 0.01), ("fast", 0.02), ("slow", 0.001))
-        },
-    }
-    summary = module._mnist_summary(log, window=10)
-    plain = np.exp(-0.01 * steps)
-    # the window ending after 200 steps covers steps 190..199
-    np.testing.assert_allclose(summary["targets"]["200"], plain[190:200].mean())
-    np.testing.assert_allclose(summary["targets"]["400"], plain[390:400].mean())
-    assert summary["runs"]["none"]["steps_to_plain_loss_at"] == {"200": 200, "400": 400}
-    # a trailing mean lags the curve by about half a window, the more so the steeper it is
-    fast = summary["runs"]["fast"]["steps_to_plain_loss_at"]
-    assert 100 <= fast["200"] <= 105 and 200 <= fast["400"] <= 205, fast
-    assert summary["runs"]["slow"]["steps_to_plain_loss_at"] == {"200": None, "400": None}
+def test_equivalence_benchmark_quick(tmp_path):
+    out_json, out_png = tmp_path / "eq.json", tmp_path / "eq.png"
+    _run(
+        "benchmarks/equivalence.py",
+        "--quick", "--synthetic", "--platform", "cpu",
+        "--out-json", str(out_json), "--out-png", str(out_png),
+    )  # fmt: skip
+    report = json.loads(out_json.read_text())
+    assert report["dtype"] == "float64" and report["device"]["platform"] == "cpu"
+    assert "--quick" in report["command"] and report["versions"]["jax"] == jax.__version__
+    tasks = {r["task"] for r in report["runs"]}
+    assert tasks == {"ethanol_l2", "ethanol_l4", "mnist_softmax", "mnist_mlp"}
+    for r in report["runs"]:
+        assert r["finite"] and r["initial_gap"] < 1e-12
+        assert 0 < r["final_gap"] < 0.05
+        assert len(r["curves"]["gap"]) == len(r["curves"]["step"]) > 1
+    widths = [r for r in report["runs"] if r["task"] == "ethanol_l2"]
+    assert len(widths) == 2
+    assert widths[0]["final_gap"] == pytest.approx(widths[1]["final_gap"], rel=1e-6)
+    assert out_png.stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------------------
+# Bad arguments: exit status 2, an argparse message, no traceback, nothing written.
+# --------------------------------------------------------------------------------------
+
+BAD_ARGUMENTS = [
+    ("examples/mnist_cnn.py", ["--steps", "0"], "argument --steps: must be a positive integer"),
+    ("examples/mnist_cnn.py", ["--train-size", "-5"], "argument --train-size: must be a positive"),
+    ("examples/mnist_cnn.py", ["--depth", "2.5"], "argument --depth: must be a positive integer"),
+    ("examples/lp_regression.py", ["--lr-min", "0", "--lr-max", "-2"], "must not exceed --lr-max"),
+    ("examples/sharded_mlp.py", ["--hidden", "0"], "argument --hidden: must be a positive"),
+    ("benchmarks/reproduce_paper.py", ["--depths", "1,2"], "--depths takes depths >= 2"),
+    ("benchmarks/equivalence.py", ["--tasks", "ethanol_l2,foo"], "item 'foo' of"),
+    ("benchmarks/step_time.py", ["--targets", "3"], "argument --targets: must be 1 or 2"),
+    ("benchmarks/linalg_scaling.py", ["--sizes", "0,64"], "item '0' of '0,64' must be a positive"),
+    ("benchmarks/quality.py", ["--lr", "-1"], "argument --lr: must be a positive number"),
+    ("benchmarks/blocks.py", ["--steps", "0"], "argument --steps: must be a positive integer"),
+    ("benchmarks/accuracy.py", ["--sizes", "3x"], "must be MxN with positive M and N, got '3x'"),
+]
+
+
+@pytest.mark.parametrize("script, args, message", BAD_ARGUMENTS)
+def test_bad_arguments_exit_2_with_a_message(tmp_path, script, args, message):
+    # Run from an empty folder: the examples' default output folders are relative to it.
+    result = _run(script, *args, status=2, cwd=tmp_path)
+    assert message in result.stderr and "usage:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mnist_cnn_output_dir_that_is_a_file_fails_before_training(tmp_path):
+    existing = tmp_path / "results"
+    existing.write_text("not a folder")
+    result = _run("examples/mnist_cnn.py", "--output-dir", str(existing), status=2)
+    assert "is an existing file, not a folder" in result.stderr
+    assert "MNIST from" not in result.stdout  # stopped before loading the data
+    assert existing.read_text() == "not a folder"
+
+
+def test_mnist_cnn_sizes_beyond_the_data(mnist_dir, tmp_path):
+    out = tmp_path / "out"
+    common = ["--data-dir", str(mnist_dir), "--output-dir", str(out)]
+    result = _run("examples/mnist_cnn.py", *common, "--batch-size", "49", status=2)
+    assert "--batch-size 49 exceeds the 48 training digits" in result.stderr
+    result = _run("examples/mnist_cnn.py", *common, "--test-size", "21", status=2)
+    assert "--test-size 21 exceeds the 20 digits" in result.stderr
+    assert not out.exists()

@@ -6,57 +6,10 @@ import numpy as np
 import pytest
 
 import overparam_optax as opx
-from tests.reference import reference_precondition
+from overparam_optax.experiments.reference import MATRIX_CASES as CASES
+from overparam_optax.experiments.reference import make_matrix, reference_precondition
 
 DEPTHS = range(1, 9)
-
-
-def _with_singular_values(rng, m, n, singular_values):
-    u, _ = np.linalg.qr(rng.normal(size=(m, m)))
-    v, _ = np.linalg.qr(rng.normal(size=(n, n)))
-    k = len(singular_values)
-    return (u[:, :k] * np.asarray(singular_values)) @ v[:, :k].T
-
-
-def make_matrix(case: str, rng: np.random.Generator) -> np.ndarray:
-    if case == "square":
-        return rng.normal(size=(6, 6))
-    if case == "tall":
-        return rng.normal(size=(9, 4))
-    if case == "wide":
-        return rng.normal(size=(3, 8))
-    if case == "rank_deficient_tall":
-        return rng.normal(size=(8, 2)) @ rng.normal(size=(2, 6))
-    if case == "rank_deficient_wide":
-        return rng.normal(size=(4, 3)) @ rng.normal(size=(3, 9))
-    if case == "zero":
-        return np.zeros((5, 3))
-    if case == "scaled_identity":
-        return 2.5 * np.eye(4)
-    if case == "repeated_singular_values":
-        return _with_singular_values(rng, 7, 5, [2.0, 2.0, 2.0, 0.5, 0.5])
-    if case == "repeated_and_zero":
-        return _with_singular_values(rng, 6, 6, [1.5, 1.5, 0.0, 0.0])
-    if case == "row_vector":
-        return rng.normal(size=(1, 7))
-    if case == "column_vector":
-        return rng.normal(size=(6, 1))
-    raise ValueError(case)
-
-
-CASES = [
-    "square",
-    "tall",
-    "wide",
-    "rank_deficient_tall",
-    "rank_deficient_wide",
-    "zero",
-    "scaled_identity",
-    "repeated_singular_values",
-    "repeated_and_zero",
-    "row_vector",
-    "column_vector",
-]
 
 
 def _max_relative_error(actual, expected) -> float:

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,8 +127,8 @@ def test_transform_methods_match_exact(method):
     exact, _ = exact_tx.update(grads, exact_tx.init(params), params)
     fast, _ = jax.jit(fast_tx.update)(grads, fast_tx.init(params), params)
     tol = 1e-3 if method == "newton" else 5e-5
+    chex.assert_trees_all_equal_shapes_and_dtypes(exact, fast)
     for e, f in zip(jax.tree.leaves(exact), jax.tree.leaves(fast), strict=True):
-        assert e.shape == f.shape and e.dtype == f.dtype
         assert _rel(f, e) < tol or float(jnp.linalg.norm(e)) == 0
 
 
@@ -222,9 +223,7 @@ def test_precondition_every_init_on_shape_dtype_struct_and_cond():
     abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
     from_abstract = tx.init(abstract)
     concrete = tx.init(params)
-    assert jax.tree.structure(from_abstract) == jax.tree.structure(concrete)
-    for a, b in zip(jax.tree.leaves(from_abstract), jax.tree.leaves(concrete), strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype
+    chex.assert_trees_all_equal_shapes_and_dtypes(from_abstract, concrete)
     for b in jax.tree.leaves(concrete.factors):
         np.testing.assert_array_equal(b, 0)  # init does no linear algebra
     assert int(concrete.factors_age) == 4  # stale from the start: update 0 computes

@@ -1,14 +1,13 @@
-"""Tests of overparam_optax.training."""
+"""Tests of overparam_optax.experiments.training."""
 
-import os
-
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from overparam_optax import training
+from overparam_optax.experiments import training
 
 
 def _regression_problem(seed=0, n=12, d=3):
@@ -55,10 +54,10 @@ def test_run_full_batch_matches_python_loop(make_tx):
     final, losses, records = training.run_full_batch(loss_fn, params, make_tx(), 25)
     expected_final, expected_losses = _python_loop(loss_fn, params, make_tx(), 25)
     assert records is None
-    assert losses.shape == (25,)
+    chex.assert_shape(losses, (25,))
     np.testing.assert_allclose(losses[0], loss_fn(params), rtol=1e-6)  # loss before step 0
     np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
-    np.testing.assert_allclose(final["w"], expected_final["w"], rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(final, expected_final, rtol=1e-5, atol=1e-7)
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -69,7 +68,8 @@ def test_run_full_batch_records_params_before_each_step():
     final, losses, records = training.run_full_batch(
         loss_fn, w0, optax.sgd(0.1), 5, record_fn=lambda w: {"w": w, "norm": jnp.sum(w * w)}
     )
-    assert records["w"].shape == (5, 3) and records["norm"].shape == (5,)
+    chex.assert_shape(records["w"], (5, 3))
+    chex.assert_shape(records["norm"], (5,))
     np.testing.assert_allclose(records["w"][0], w0)
     recomputed = [loss_fn(w) for w in records["w"]]
     np.testing.assert_allclose(losses, recomputed, rtol=1e-6)
@@ -95,7 +95,8 @@ def test_run_full_batch_grid_matches_individual_runs():
     w0 = jnp.zeros(3)
     learning_rates = [0.001, 0.01, 30.0]  # the last one diverges
     finals, losses, _ = training.run_full_batch_grid(loss_fn, w0, optax.sgd, learning_rates, 40)
-    assert losses.shape == (3, 40) and finals.shape == (3, 3)
+    chex.assert_shape(losses, (3, 40))
+    chex.assert_shape(finals, (3, 3))
     for k in range(2):
         final, expected, _ = training.run_full_batch(loss_fn, w0, optax.sgd(learning_rates[k]), 40)
         np.testing.assert_allclose(losses[k], expected, rtol=1e-5)
@@ -112,6 +113,32 @@ def test_steps_to_reach():
     assert training.steps_to_reach(losses, 5.0) == 0
     assert training.steps_to_reach(losses, 0.5) is None
     assert training.steps_to_reach(np.array([np.nan, 1.0]), 1.0) == 1
+
+
+def test_trailing_mean():
+    np.testing.assert_allclose(training.trailing_mean([1, 2, 3, 4], 2), [1.5, 2.5, 3.5])
+    np.testing.assert_allclose(training.trailing_mean([1, 2, 3], 3), [2.0])
+    with pytest.raises(ValueError, match="window"):
+        training.trailing_mean([1, 2, 3], 4)
+    with pytest.raises(ValueError, match="window"):
+        training.trailing_mean([1, 2, 3], 0)
+
+
+def test_smoothed_steps_to_reach_a_run_twice_as_fast_needs_half_the_steps():
+    steps = np.arange(400)
+    plain, fast, slow = (np.exp(-rate * steps) for rate in (0.01, 0.02, 0.001))
+    window = 10
+    smooth = training.trailing_mean(plain, window)
+    # The target "plain after 200 steps": the mean over the window ending there, 190..199.
+    target_200, target_400 = smooth[200 - window], smooth[-1]
+    np.testing.assert_allclose(target_200, plain[190:200].mean())
+    reach = training.smoothed_steps_to_reach
+    assert reach(plain, target_200, window) == 200
+    assert reach(plain, target_400, window) == 400
+    # A trailing mean lags the curve by about half a window, the more so the steeper it is.
+    assert 100 <= reach(fast, target_200, window) <= 105
+    assert 200 <= reach(fast, target_400, window) <= 205
+    assert reach(slow, target_200, window) is None
 
 
 def _toy_classification(n=120, seed=0):
@@ -193,57 +220,3 @@ def test_log_grid_and_grid_search_pick_lowest_final_loss():
     assert search.best_learning_rate == [1e-3, 1e-2][search.best_index]
     np.testing.assert_array_equal(search.best_losses, search.losses[search.best_index])
     assert search.best_final_loss == final[search.best_index]
-
-
-# --------------------------------------------------------------------------------------
-# use_host_cpu_devices (its end-to-end test is tests/test_sharding.py, 8 devices).
-# --------------------------------------------------------------------------------------
-
-
-def test_use_host_cpu_devices_refuses_after_jax_started():
-    jax.devices()  # the backend exists from here on
-    with pytest.raises(RuntimeError, match="before jax starts"):
-        training.use_host_cpu_devices(8)
-
-
-@pytest.fixture
-def backend_not_started(monkeypatch):
-    from jax._src import xla_bridge
-
-    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
-    monkeypatch.setenv("PJRT_NPROC", "unset")
-    monkeypatch.delenv("PJRT_NPROC")
-    return monkeypatch
-
-
-def test_use_host_cpu_devices_reads_xla_flags_and_sizes_the_pool(backend_not_started):
-    backend_not_started.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    assert training.use_host_cpu_devices() == 8
-    assert int(os.environ["PJRT_NPROC"]) >= 16  # two threads per device
-
-
-def test_use_host_cpu_devices_keeps_a_given_pool_size(backend_not_started):
-    backend_not_started.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-    backend_not_started.setenv("PJRT_NPROC", "5")
-    assert training.use_host_cpu_devices(4) == 4
-    assert os.environ["PJRT_NPROC"] == "5"
-
-
-def test_use_host_cpu_devices_warns_of_a_pool_too_small(backend_not_started):
-    backend_not_started.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    backend_not_started.setenv("PJRT_NPROC", "2")
-    with pytest.warns(UserWarning, match="PJRT_NPROC=2 .* can deadlock"):
-        training.use_host_cpu_devices()
-
-
-@pytest.mark.parametrize(
-    "flags, count, message",
-    [
-        ("--xla_force_host_platform_device_count=4", 8, "disagrees with XLA_FLAGS"),
-        ("", 0, "count must be >= 1"),
-    ],
-)
-def test_use_host_cpu_devices_rejects_bad_counts(backend_not_started, flags, count, message):
-    backend_not_started.setenv("XLA_FLAGS", flags)
-    with pytest.raises(ValueError, match=message):
-        training.use_host_cpu_devices(count)

@@ -1,5 +1,6 @@
 """The optax contract of overparam_precondition / overparam_sgd, leaf handling and errors."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from flax.training import train_state
 
 import overparam_optax as opx
 from overparam_optax import MatrixDimensionNumbers
-from tests.reference import reference_precondition
+from overparam_optax.experiments.reference import reference_precondition
 
 
 def _params(dtype=jnp.float32, seed=0):
@@ -216,9 +217,8 @@ def test_updates_keep_the_dtype(dtype):
     grads = _grads_like(params)
     tx = optax.chain(opx.overparam_precondition(3), optax.sgd(0.1))
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True):
-        assert u.dtype == p.dtype
-        assert np.all(np.isfinite(np.asarray(u, np.float32)))
+    chex.assert_trees_all_equal_dtypes(updates, params)
+    chex.assert_tree_all_finite(updates)
     # Low precision is computed in float32: compare with the float32 result.
     if dtype != jnp.float32:
         p32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)

