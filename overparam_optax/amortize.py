@@ -41,10 +41,22 @@ def _static_int(value, name: str, minimum: int, hint: str) -> int:
     return int(value)
 
 
-def check_every(every) -> int:
-    """``precondition_every`` as a Python int in [1, 2**31 - 1]; None means 1."""
-    # None, not 1, is the default so that optax.inject_hyperparams does not inject it.
-    return 1 if every is None else _static_int(every, "precondition_every", 1, "a positive int")
+#: ``precondition_every`` when it is None and ``method="auto"`` (the defaults): measured as
+#: the fast and robust setting on CPU (docs/performance.md).
+AUTO_EVERY = 10
+
+
+def check_every(every, method: str) -> int:
+    """``precondition_every`` as a Python int in [1, 2**31 - 1].
+
+    None (the default) means :data:`AUTO_EVERY` with ``method="auto"`` and 1 (the factors
+    of the current W every update) with a method named explicitly, so that
+    ``method="svd"`` alone is the exact rule.
+    """
+    # None, not an int, is the default so that optax.inject_hyperparams does not inject it.
+    if every is None:
+        return AUTO_EVERY if method == "auto" else 1
+    return _static_int(every, "precondition_every", 1, "a positive int")
 
 
 def check_warmup(warmup, every: int) -> int:
@@ -54,8 +66,9 @@ def check_warmup(warmup, every: int) -> int:
     warmup = _static_int(warmup, "warmup_steps", 0, "a non-negative int")
     if warmup and every == 1:
         raise ValueError(
-            f"warmup_steps={warmup} has no effect with precondition_every=1 (the factors are "
-            "recomputed on every update anyway); set precondition_every > 1 or drop it."
+            f"warmup_steps={warmup} has no effect when the factors are recomputed on every "
+            "update (precondition_every=1, the default with a method named explicitly); set "
+            "precondition_every > 1 or drop it."
         )
     return warmup
 

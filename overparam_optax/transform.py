@@ -8,6 +8,7 @@ leaves, with the leaves' shardings (``sharding.py``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -145,23 +146,50 @@ def _check_options(method, block_size, precision, plain_gradient_at_zero) -> Non
         raise ValueError(f"plain_gradient_at_zero must be a bool, got {plain_gradient_at_zero!r}.")
 
 
-def _check_state_fits(factors: Any, expected: Any) -> None:
-    """The cached factors must be those ``init`` makes for these params and options."""
-    shapes = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), factors)
-    wanted = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), expected)
-    if shapes != wanted:
-        raise ValueError(
-            "the optimizer state does not fit these params (or was made with other options): "
-            "re-run tx.init(params). Cached factors in the state: "
-            f"{jax.tree_util.tree_structure(factors)}; expected: "
-            f"{jax.tree_util.tree_structure(expected)}."
-        )
+def _state_misfit(factors: Any, expected: Any) -> ValueError:
+    return ValueError(
+        "the optimizer state does not fit these params (or was made with other options): "
+        "re-run tx.init(params). Cached factors in the state: "
+        f"{jax.tree_util.tree_structure(factors)}; expected: "
+        f"{jax.tree_util.tree_structure(expected)}."
+    )
+
+
+def _restore_entries(factors: Any, expected: Any, treedef) -> list[Any]:
+    """Per leaf, the state's cached factors, checked against and rebuilt as ``init`` makes them.
+
+    Wrappers may hand the state back in other containers (flax's ``nnx.Optimizer`` turns
+    NamedTuples into its own State mappings, with sorted keys): an entry must hold the
+    fields, shapes and dtypes that ``init`` gives it for these params and options.
+    """
+    try:
+        entries = treedef.flatten_up_to(factors)
+    except (TypeError, ValueError):
+        raise _state_misfit(factors, expected) from None
+    restored = []
+    for entry, want in zip(entries, treedef.flatten_up_to(expected), strict=True):
+        if isinstance(want, optax.MaskedNode):
+            if jax.tree.leaves(entry):
+                raise _state_misfit(factors, expected)
+            restored.append(want)
+            continue
+        try:
+            if isinstance(entry, Mapping):
+                entry = type(want)(**{name: entry[name] for name in want._fields})
+            entry = type(want)(*entry)
+        except (KeyError, TypeError):
+            raise _state_misfit(factors, expected) from None
+        for got, shape in zip(entry, want, strict=True):
+            if (jnp.shape(got), jnp.result_type(got)) != (shape.shape, shape.dtype):
+                raise _state_misfit(factors, expected)
+        restored.append(entry)
+    return restored
 
 
 def overparam_precondition(
     N: int,
     *,
-    method: str = "svd",
+    method: str = "auto",
     precondition_every: int | None = None,
     warmup_steps: int | None = None,
     dimension_numbers: Any = None,
@@ -195,7 +223,12 @@ def overparam_precondition(
     ||w||^{2-2/N} (g + (N-1) proj_w(g)). Everything is computed in float32 or wider
     whatever the parameter dtype; zero and repeated singular values give no NaN; updates
     keep their dtype. Matrices of equal shape (across leaves, and the batch axes of a
-    leaf) are preconditioned in one batched call.
+    leaf) are preconditioned in one batched call, spread over the devices of a mesh.
+
+    The defaults are the fast configuration: factors of each matrix recomputed every 10
+    updates by the method measured fastest for the platform and shape, and applied in
+    between with the current singular values (docs/performance.md has its speed and its
+    error against the exact rule). ``method="svd"`` is the exact rule, every update.
 
     P_W scales like ||W||^{2-2/N}, so P_0(G) = 0 for N >= 2: a matrix that is exactly
     zero would never move (the saddle that explicit factors share). By default such a
@@ -205,23 +238,23 @@ def overparam_precondition(
     Args:
       N: the depth, a positive Python int. N = 1 is the identity (the updates pass
         through unchanged, whatever the other options).
-      method: how the factors of each matrix are computed: "svd" (default; exact
-        reference), "eigh" (eigendecomposition of the smaller Gram matrix W^T W),
-        "newton" (matmul-only iteration, for GPU/TPU) or "auto" (per platform and shape,
-        :func:`overparam_optax.linalg.resolve_method`). docs/performance.md has the
+      method: how the factors of each matrix are computed: "auto" (the default: per
+        platform and shape, :func:`overparam_optax.linalg.resolve_method`), "svd" (the
+        exact reference), "eigh" (eigendecomposition of the smaller Gram matrix W^T W) or
+        "newton" (matmul-only iteration, for GPU/TPU). docs/performance.md has the
         measured speed and error of each.
-      precondition_every: k >= 1, or None (the default) for 1. With k > 1 the factors
-        are computed only on updates 0, k, 2k, ... (and before ``warmup_steps``) and
-        cached in the state; in between they are applied to the new gradient with matmuls
-        only. Cached singular bases ("svd", "eigh") keep their singular vectors and
-        re-estimate the singular values from the current W each update (one extra
-        matmul); matmul-only factors ("newton") are used as cached. It decides the
-        state's structure: under ``optax.inject_hyperparams`` list it in ``static_args``
-        (its default, None, needs no listing).
-      warmup_steps: None (the default: no warm-up) or an int: with
-        ``precondition_every > 1``, also recompute on every update while fewer than this
-        many updates have been applied (the singular vectors rotate fastest early in
-        training). Rejected with ``precondition_every == 1``.
+      precondition_every: k >= 1, or None (the default): 10 with ``method="auto"``, 1 with
+        a method named explicitly (so ``method="svd"`` alone is the exact rule, every
+        update). With k > 1 the factors are computed only on updates 0, k, 2k, ... (and
+        before ``warmup_steps``) and cached in the state; in between they are applied to
+        the new gradient with matmuls only. Cached singular bases ("svd", "eigh") keep
+        their singular vectors and re-estimate the singular values from the current W
+        each update (one extra matmul); matmul-only factors ("newton") are used as cached.
+        It decides the state's structure: under ``optax.inject_hyperparams`` list it in
+        ``static_args`` (its default, None, needs no listing).
+      warmup_steps: None (the default: no warm-up) or an int: with a cache (k > 1), also
+        recompute on every update while fewer than this many updates have been applied
+        (the singular vectors rotate fastest early in training). Rejected when k = 1.
       dimension_numbers: None (the defaults in :class:`MatrixDimensionNumbers`), one
         ``MatrixDimensionNumbers`` for every leaf of rank >= 2, a pytree like the params
         with a ``MatrixDimensionNumbers`` or None (pass through) per leaf, or a callable
@@ -262,7 +295,7 @@ def overparam_precondition(
     """
     N = linalg.check_depth(N)
     _check_options(method, block_size, precision, plain_gradient_at_zero)
-    every = amortize.check_every(precondition_every)
+    every = amortize.check_every(precondition_every, method)
     warmup = amortize.check_warmup(warmup_steps, every)
     cached = every > 1 and N > 1
 
@@ -294,14 +327,15 @@ def overparam_precondition(
         if N == 1:
             return updates, state._replace(count=count)
         _, views, treedef = views_of(params)
-        _check_state_fits(state.factors, jax.eval_shape(init_fn, params).factors)
+        expected = jax.eval_shape(init_fn, params).factors
+        entries = _restore_entries(state.factors, expected, treedef)
         recompute = amortize.recompute_now(state.count, state.factors_age, every, warmup)
         update_leaves = treedef.flatten_up_to(updates)
         new_leaves, entries, saw_zero = _precondition_leaves(
             views,
             _gathered(views, treedef.flatten_up_to(params)),
             _gathered(views, update_leaves),
-            treedef.flatten_up_to(state.factors),
+            entries,
             recompute,
         )
         new_leaves = [  # each update gets back the sharding it came with
@@ -401,7 +435,7 @@ def overparam_sgd(
     *,
     momentum: float | None = None,
     nesterov: bool = False,
-    method: str = "svd",
+    method: str = "auto",
     precondition_every: int | None = None,
     warmup_steps: int | None = None,
     dimension_numbers: Any = None,

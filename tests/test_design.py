@@ -72,8 +72,26 @@ def test_map_params_and_state_structure_for_every_option_combination(
         np.testing.assert_array_equal(leaf, 0)
     assert int(zeroed.count) == 1  # not a parameter-like leaf: left alone
     cached = isinstance(state.factors["dense"]["kernel"], linalg.SpectralBasis | linalg.PolarRoot)
-    assert cached == (every is not None)
+    assert cached == (every is not None or method == "auto")  # auto caches by default
     assert isinstance(state.factors["head"], optax.MaskedNode)  # closed form: nothing cached
+
+
+def test_defaults_are_the_fast_configuration_and_svd_alone_is_exact():
+    """The default: method="auto", factors every 10 updates; method="svd": every update."""
+    rng = np.random.default_rng(7)
+    params = {"w": jnp.asarray(rng.normal(size=(9, 5)), jnp.float32)}
+    default = opx.overparam_precondition(3)
+    state = default.init(params)
+    assert int(state.factors_age) == 10
+    exact = opx.overparam_precondition(3, method="svd")
+    assert isinstance(exact.init(params).factors["w"], optax.MaskedNode)
+    update = jax.jit(exact.update)
+    exact_state = exact.init(params)
+    for step in range(3):
+        w = {"w": params["w"] * (1 + step)}
+        grads = _grads(params, seed=step)
+        out, exact_state = update(grads, exact_state, w)
+        assert _rel(out["w"], reference_precondition(w["w"], grads["w"], 3)) < 1e-5
 
 
 def _keyword_options(fn):
@@ -104,7 +122,8 @@ def test_overparam_sgd_accepts_and_forwards_every_option():
 @pytest.mark.parametrize(
     "options, match",
     [
-        (dict(warmup_steps=5), "warmup_steps.*no effect"),
+        (dict(method="svd", warmup_steps=5), "warmup_steps.*no effect"),
+        (dict(precondition_every=1, warmup_steps=5), "warmup_steps.*no effect"),
         (dict(precondition_every=3, warmup_steps="5"), "warmup_steps"),
         (dict(precondition_every=3, warmup_steps=-1), "warmup_steps"),
         (dict(precondition_every=10**12), "precondition_every.*2\\*\\*31"),

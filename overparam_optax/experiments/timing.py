@@ -16,11 +16,13 @@ Nothing here knows where the repository is: a benchmark passes its own results f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
 import platform as _platform
 import shlex
+import subprocess
 import sys
 import time
 import warnings
@@ -32,6 +34,7 @@ from overparam_optax.experiments import cli
 
 __all__ = [
     "add_common_args",
+    "background_load",
     "environment",
     "median",
     "setup_platform",
@@ -53,13 +56,34 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--blas-threads",
         type=cli.nonnegative_int,
-        default=1,
-        help="OPENBLAS_NUM_THREADS for jax's CPU LAPACK calls (0: leave the environment).",
+        default=0,
+        help="OPENBLAS_NUM_THREADS for jax's CPU LAPACK calls (default 0: leave the "
+        "environment as users have it).",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI smoke runs")
     parser.add_argument(
         "--out", type=cli.output_file, default=None, help="JSON output path (default: results/)"
     )
+
+
+@contextlib.contextmanager
+def background_load(processes: int):
+    """Runs ``processes`` CPU-bound busy loops beside the block (a shared, busy machine).
+
+    Each is a separate Python process spinning in a loop (one core's worth of load). They
+    are killed when the block ends, also on an exception. ``processes=0`` does nothing.
+    """
+    busy = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(processes)
+    ]
+    try:
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+        for process in busy:
+            process.wait()
 
 
 def setup_platform(args: argparse.Namespace) -> None:

@@ -137,11 +137,13 @@ def compare_trajectories(
     mask = _kernel_mask(params, paths)
     if weight_decay:
         explicit_tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate))
-        implicit_tx = overparam_sgd(learning_rate, depth, weight_decay=weight_decay, mask=mask)
+        implicit_tx = overparam_sgd(
+            learning_rate, depth, weight_decay=weight_decay, mask=mask, method="svd"
+        )
     else:
         explicit_tx = optax.sgd(learning_rate)
         implicit_tx = optax.chain(
-            overparam_precondition(depth, mask=mask), optax.sgd(learning_rate)
+            overparam_precondition(depth, mask=mask, method="svd"), optax.sgd(learning_rate)
         )
 
     def init(p):
