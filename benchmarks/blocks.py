@@ -86,6 +86,7 @@ def init_mlp(jax, sizes, seed):
 
 
 def mlp_logits(params, images, train=False, rng=None):
+    """The ReLU MLP of :func:`init_mlp` on flattened images (``train``/``rng`` unused)."""
     del train, rng
     import jax.numpy as jnp
 
@@ -99,6 +100,7 @@ def mlp_logits(params, images, train=False, rng=None):
 
 
 def moving_average(x, window=SMOOTH):
+    """Means over every ``window`` consecutive values."""
     x = np.asarray(x, np.float64)
     cumsum = np.cumsum(np.insert(x, 0, 0.0))
     return (cumsum[window:] - cumsum[:-window]) / window
