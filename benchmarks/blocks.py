@@ -99,13 +99,6 @@ def mlp_logits(params, images, train=False, rng=None):
     return x
 
 
-def moving_average(x, window=SMOOTH):
-    """Means over every ``window`` consecutive values."""
-    x = np.asarray(x, np.float64)
-    cumsum = np.cumsum(np.insert(x, 0, 0.0))
-    return (cumsum[window:] - cumsum[:-window]) / window
-
-
 def direction_gap(jax, opx, params, grads, depth, block_size):
     """Per layer: relative distance and cosine of the block vs the exact P_W(G)."""
     exact = opx.overparam_precondition(depth)
@@ -182,7 +175,7 @@ def main(argv=None) -> dict:
             flush=True,
         )
 
-    smooth = {name: moving_average(r.losses) for name, r in results.items()}
+    smooth = {name: training.trailing_mean(r.losses, SMOOTH) for name, r in results.items()}
     summary = {}
     for name, r in results.items():
         diff = smooth[name] - smooth["exact"]
