@@ -86,6 +86,7 @@ def init_mlp(jax, sizes, seed):
 
 
 def mlp_logits(params, images, train=False, rng=None):
+    """The ReLU MLP of :func:`init_mlp` on flattened images (``train``/``rng`` unused)."""
     del train, rng
     import jax.numpy as jnp
 
@@ -96,12 +97,6 @@ def mlp_logits(params, images, train=False, rng=None):
         if i < num_layers - 1:
             x = jnp.maximum(x, 0)
     return x
-
-
-def moving_average(x, window=SMOOTH):
-    x = np.asarray(x, np.float64)
-    cumsum = np.cumsum(np.insert(x, 0, 0.0))
-    return (cumsum[window:] - cumsum[:-window]) / window
 
 
 def direction_gap(jax, opx, params, grads, depth, block_size):
@@ -180,7 +175,7 @@ def main(argv=None) -> dict:
             flush=True,
         )
 
-    smooth = {name: moving_average(r.losses) for name, r in results.items()}
+    smooth = {name: training.trailing_mean(r.losses, SMOOTH) for name, r in results.items()}
     summary = {}
     for name, r in results.items():
         diff = smooth[name] - smooth["exact"]

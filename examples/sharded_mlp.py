@@ -72,6 +72,7 @@ def make_data(num_examples=NUM_EXAMPLES, dim=64, classes=10, seed=0):
 
 
 def init_params(dim, hidden, classes, seed=0):
+    """A dim-hidden-classes tanh MLP: Gaussian kernels scaled by 1/sqrt(fan_in), zero bias."""
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
     return {
         "w1": jax.random.normal(k1, (dim, hidden)) / np.sqrt(dim),
@@ -81,11 +82,13 @@ def init_params(dim, hidden, classes, seed=0):
 
 
 def loss_fn(params, x, y):
+    """Mean softmax cross-entropy of the MLP on a batch."""
     logits = jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 def param_specs():
+    """The PartitionSpec of every parameter on the ("data", "model") mesh."""
     return {
         "w1": P("data", "model"),  # columns over "model" (TP), rows over "data" (FSDP)
         "b1": P("model"),
@@ -94,6 +97,7 @@ def param_specs():
 
 
 def train(params, tx, batches, step_fn):
+    """Runs ``step_fn`` over the batches; returns the final params and the losses."""
     state = tx.init(params) if step_fn.init is None else step_fn.init(params)
     losses = []
     for x, y in batches:

@@ -272,14 +272,17 @@ class GridSearchResult(NamedTuple):
 
     @property
     def best_learning_rate(self) -> float:
+        """The learning rate of the best run."""
         return float(self.learning_rates[self.best_index])
 
     @property
     def best_losses(self) -> np.ndarray:
+        """The loss curve of the best run, shape ``(num_steps,)``."""
         return self.losses[self.best_index]
 
     @property
     def best_final_loss(self) -> float:
+        """The last loss of the best run."""
         return float(self.losses[self.best_index, -1])
 
 

@@ -1,0 +1,38 @@
+"""The package's shape: what `import overparam_optax` loads, and imports without side effects.
+
+Run in a fresh interpreter, since this test session has imported everything already.
+"""
+
+import os
+import subprocess
+import sys
+
+CHECK = """
+import sys
+
+import jax
+from jax._src import xla_bridge
+
+import overparam_optax
+
+loaded = sorted(m for m in sys.modules if m.startswith("overparam_optax.experiments"))
+assert not loaded, f"import overparam_optax loaded {loaded}"
+assert "mlxtend" not in sys.modules and "matplotlib" not in sys.modules
+
+from overparam_optax.experiments import (  # noqa: F401
+    cli, data, devices, models, reference, timing, training, trajectories,
+)
+
+assert not jax.config.jax_enable_x64, "an import turned on float64"
+assert not xla_bridge.backends_are_initialized(), "an import started jax's backends"
+print("clean")
+"""
+
+
+def test_import_loads_the_optimizer_only_and_changes_no_global_state():
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "clean"
