@@ -193,6 +193,11 @@ def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argp
     unknown = sorted(set(args.modes) - set(MODES))
     if unknown or not args.modes:
         parser.error(f"--modes takes a comma list of {', '.join(MODES)}; got {unknown or 'none'}")
+    if args.depth == 1 and "explicit" in args.modes:
+        parser.error(
+            "--depth 1 has no explicit factorization: use --depth >= 2, or --modes "
+            "without 'explicit'"
+        )
     if args.lr is None:
         args.lr = DEFAULT_LEARNING_RATES[args.optimizer]
     return args

@@ -225,7 +225,7 @@ def test_equivalence_benchmark_quick(tmp_path):
 BAD_ARGUMENTS = [
     ("examples/mnist_cnn.py", ["--steps", "0"], "argument --steps: must be a positive integer"),
     ("examples/mnist_cnn.py", ["--train-size", "-5"], "argument --train-size: must be a positive"),
-    ("examples/mnist_cnn.py", ["--depth", "2.5"], "argument --depth: must be a positive integer"),
+    ("examples/mnist_cnn.py", ["--depth", "1"], "--depth 1 has no explicit factorization"),
     ("examples/lp_regression.py", ["--lr-min", "0", "--lr-max", "-2"], "must not exceed --lr-max"),
     ("examples/sharded_mlp.py", ["--hidden", "0"], "argument --hidden: must be a positive"),
     ("benchmarks/reproduce_paper.py", ["--depths", "1,2"], "--depths takes depths >= 2"),

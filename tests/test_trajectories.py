@@ -23,7 +23,6 @@ def _random(seed, shape, scale=1.0):
     return scale * jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float64)
 
 
-
 def _least_squares(seed=0, n=40, d=6, outputs=1):
     """A small least-squares problem whose minimizer is W0 plus a perturbation of half its
     size, so the trajectory stays away from W_e = 0 (where P_W vanishes and the flow is

@@ -25,7 +25,6 @@ from overparam_optax.transform import overparam_precondition, overparam_sgd
 __all__ = ["TrajectoryComparison", "compare_trajectories"]
 
 
-
 class TrajectoryComparison(NamedTuple):
     """What :func:`compare_trajectories` returns (numpy arrays of shape (num_steps,)).
 
