@@ -27,7 +27,7 @@ setup(
         "jaxlib>=0.10.2",
         "optax>=0.2.8",
         "flax>=0.12.8",
-        "numpy>=1.24",
+        "numpy>=2.0",
     ],
     extras_require={
         # chex: the tree and shape assertions of the tests.

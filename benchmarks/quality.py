@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--warmup", type=cli.nonnegative_int, default=100,
-        help="every_step_until of the fast config",
+        help="warmup_steps of the fast config",
     )  # fmt: skip
     parser.add_argument("--window", type=cli.positive_int, default=25)
     parser.add_argument("--mnist-dir", default=None)
