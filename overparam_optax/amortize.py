@@ -14,13 +14,21 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from overparam_optax import linalg
 from overparam_optax.views import MatrixView
 
-__all__ = ["check_every", "check_warmup", "empty_entry", "init_entry", "recompute_now"]
+__all__ = [
+    "check_every",
+    "check_warmup",
+    "empty_entry",
+    "init_entry",
+    "next_age",
+    "recompute_now",
+]
 
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
@@ -99,3 +107,13 @@ def recompute_now(count: jax.Array, age: jax.Array, every: int, warmup: int) -> 
     after ``count`` saturates at the int32 maximum.
     """
     return (age >= every) | (count < warmup)
+
+
+def next_age(age: jax.Array, recompute: jax.Array, saw_zero, every: int) -> jax.Array:
+    """The age of the cached factors after this update.
+
+    Factors computed from an exactly zero matrix would keep it frozen (P_0 = 0) until the
+    next recomputation, so an update that saw one makes the next update recompute.
+    """
+    age = jnp.where(recompute, 1, jnp.minimum(age + 1, every))
+    return jnp.where(saw_zero, every, age).astype(jnp.int32)

@@ -8,6 +8,7 @@ leaves, with the leaves' shardings (``sharding.py``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -118,6 +119,71 @@ def _vector_update(view: MatrixView, param, update, N: int, at_zero: bool) -> ja
 # --------------------------------------------------------------------------------------
 # The transform.
 # --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """The validated options that decide how matrices are preconditioned."""
+
+    N: int
+    method: str
+    every: int
+    warmup: int
+    precision: Any
+    at_zero: bool  # plain_gradient_at_zero
+
+    @property
+    def cached(self) -> bool:
+        return self.every > 1 and self.N > 1
+
+
+def _precondition_leaves(rule: _Rule, views, params, updates, entries, recompute):
+    """New update leaves, new cache entries, and whether a zero matrix was seen."""
+    new_leaves, entries = list(updates), list(entries)
+    for i, view in enumerate(views):
+        if view is not None and view.is_vector:
+            new_leaves[i] = _vector_update(
+                view, params[i], updates[i], rule.N, rule.at_zero
+            ).astype(jnp.result_type(updates[i]))
+    zero_flags = []
+    for group in _groups(views, params, rule.method):
+        count = sum(views[i].count for i in group.indices)
+        # Each device of a mesh computes its share of the group's decompositions.
+        w, g = sharding.spread_over_mesh(
+            (_stack(group, views, params), _stack(group, views, updates)), count
+        )
+        stale = [entries[i] for i in group.indices]
+        fresh, current = _group_factors(rule, group, w, count, stale, recompute)
+        out = linalg.apply_depth_factors(current, g, rule.N, precision=rule.precision)
+        if rule.at_zero:
+            is_zero = _is_zero(w)
+            out = jnp.where(is_zero[:, None, None], g, out)
+            zero_flags.append(jnp.any(is_zero))
+        if rule.cached:
+            fresh = jax.tree.map(lambda x, c=count: sharding.gathered(x)[:c], fresh)
+            for i, entry in zip(group.indices, _split(group, views, fresh), strict=True):
+                entries[i] = entry
+        pieces = _split(group, views, sharding.gathered(out)[:count])
+        for i, piece in zip(group.indices, pieces, strict=True):
+            new_leaves[i] = _to_leaf(group, views[i], piece, updates[i])
+    saw_zero = jnp.any(jnp.stack(zero_flags)) if zero_flags and rule.cached else False
+    return new_leaves, entries, saw_zero
+
+
+def _group_factors(rule: _Rule, group: _Group, w, count: int, stale_entries, recompute):
+    """(factors to cache, factors to apply now) for one group's stacked matrices."""
+
+    def fresh():
+        return linalg.depth_factors(w, rule.N, group.method, precision=rule.precision)
+
+    if not rule.cached:
+        factors = fresh()
+        return factors, factors
+    stale = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *stale_entries)
+    factors = jax.lax.cond(recompute, fresh, lambda: sharding.spread_over_mesh(stale, count))
+    if isinstance(factors, linalg.SpectralBasis):  # only the singular vectors stay stale
+        return factors, linalg.refresh_singular_values(factors, w, precision=rule.precision)
+    return factors, factors
 
 
 def _gathered(views: list[MatrixView | None], leaves: list[Any]) -> list[Any]:
@@ -296,8 +362,8 @@ def overparam_precondition(
     N = linalg.check_depth(N)
     _check_options(method, block_size, precision, plain_gradient_at_zero)
     every = amortize.check_every(precondition_every, method)
-    warmup = amortize.check_warmup(warmup_steps, every)
-    cached = every > 1 and N > 1
+    rule = _Rule(N, method, every, amortize.check_warmup(warmup_steps, every), precision,
+                 plain_gradient_at_zero)  # fmt: skip
 
     def views_of(params):
         return resolve_views(params, dimension_numbers, mask, block_size)
@@ -326,76 +392,31 @@ def overparam_precondition(
         count = optax.safe_increment(state.count)
         if N == 1:
             return updates, state._replace(count=count)
+        # 1. Which matrices each leaf holds, and the cached factors that go with them.
         _, views, treedef = views_of(params)
         expected = jax.eval_shape(init_fn, params).factors
         entries = _restore_entries(state.factors, expected, treedef)
-        recompute = amortize.recompute_now(state.count, state.factors_age, every, warmup)
+        recompute = amortize.recompute_now(state.count, state.factors_age, every, rule.warmup)
+        # 2. Precondition them (gathered first if an Explicit mesh shards them).
         update_leaves = treedef.flatten_up_to(updates)
         new_leaves, entries, saw_zero = _precondition_leaves(
+            rule,
             views,
             _gathered(views, treedef.flatten_up_to(params)),
             _gathered(views, update_leaves),
             entries,
             recompute,
         )
-        new_leaves = [  # each update gets back the sharding it came with
+        # 3. Each update gets back the sharding it came with.
+        new_leaves = [
             leaf if spec is None else jax.sharding.reshard(leaf, spec)
             for leaf, spec in zip(
                 new_leaves, map(sharding.explicit_spec, update_leaves), strict=True
             )
         ]
-        age = jnp.where(recompute, 1, jnp.minimum(state.factors_age + 1, every))
-        # Factors cached from a zero matrix would keep it frozen until the next recompute.
-        age = jnp.where(saw_zero, every, age).astype(jnp.int32)
+        age = amortize.next_age(state.factors_age, recompute, saw_zero, every)
         new_state = OverparamPreconditionState(count, age, treedef.unflatten(entries))
         return treedef.unflatten(new_leaves), new_state
-
-    def _precondition_leaves(views, params, updates, entries, recompute):
-        new_leaves, entries = list(updates), list(entries)
-        zero_flags = []
-        for i, view in enumerate(views):
-            if view is not None and view.is_vector:
-                new_leaves[i] = _vector_update(
-                    view, params[i], updates[i], N, plain_gradient_at_zero
-                ).astype(jnp.result_type(updates[i]))
-        for group in _groups(views, params, method):
-            count = sum(views[i].count for i in group.indices)
-            # Each device of a mesh computes its share of the group's decompositions.
-            w, g = sharding.spread_over_mesh(
-                (_stack(group, views, params), _stack(group, views, updates)), count
-            )
-            stale = [entries[i] for i in group.indices]
-            fresh, current = _factors(group, w, count, stale, recompute)
-            out = linalg.apply_depth_factors(current, g, N, precision=precision)
-            if plain_gradient_at_zero:
-                is_zero = _is_zero(w)
-                out = jnp.where(is_zero[:, None, None], g, out)
-                zero_flags.append(jnp.any(is_zero))
-            if cached:
-                fresh = jax.tree.map(lambda x, c=count: sharding.gathered(x)[:c], fresh)
-                for i, entry in zip(group.indices, _split(group, views, fresh), strict=True):
-                    entries[i] = entry
-            pieces = _split(group, views, sharding.gathered(out)[:count])
-            for i, piece in zip(group.indices, pieces, strict=True):
-                new_leaves[i] = _to_leaf(group, views[i], piece, updates[i])
-        saw_zero = jnp.any(jnp.stack(zero_flags)) if zero_flags and cached else False
-        return new_leaves, entries, saw_zero
-
-    def _factors(group, w, count, group_entries, recompute):
-        """(factors to cache, factors to apply now) for one group's stacked matrices."""
-        if not cached:
-            fresh = linalg.depth_factors(w, N, group.method, precision=precision)
-            return fresh, fresh
-        stale = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *group_entries)
-        stale = sharding.spread_over_mesh(stale, count)
-        fresh = jax.lax.cond(
-            recompute,
-            lambda: linalg.depth_factors(w, N, group.method, precision=precision),
-            lambda: stale,
-        )
-        if isinstance(fresh, linalg.SpectralBasis):  # only the singular vectors stay stale
-            return fresh, linalg.refresh_singular_values(fresh, w, precision=precision)
-        return fresh, fresh
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
