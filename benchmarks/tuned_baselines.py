@@ -19,10 +19,10 @@ Sections (``--section``, one per call; results of earlier sections are kept):
   (factors ~ 0.01 N(0, 1)) or near the identity (factors ~ I + 0.01 N(0, 1), the last one
   e_1 + 0.01 N(0, 1)), trained by GD on the factors; the implicit rule and depth-1 GD
   start from the same end-to-end vector. The paper's imbalance delta of the last factor
-  pair is O(stddev^2) near zero (about 0.1 here) and about sqrt(127) near the identity
+  pair is O(stddev^2) near zero (about 0.2 here) and about sqrt(127) near the identity
   (I against the rank-1 e_1 e_1^T).
-* ``mnist`` (part 2; NOT run by this session, about 3 hours of a 2-core CPU, see
-  ``--estimate``) — the MNIST CNN of ``examples/mnist_cnn.py`` with momentum SGD: plain and
+* ``mnist`` (part 2; not run yet: about 3.5 hours of a 2-core CPU by ``--estimate -1``) —
+  the MNIST CNN of ``examples/mnist_cnn.py`` with momentum SGD: plain and
   implicit depth 2 (fast path ``method="auto", precondition_every=10``) over a learning-rate
   grid and seeds, a control that multiplies only the dense kernels' learning rate by c at
   the plain run's best learning rate, the explicit 2-factor network at the implicit run's
@@ -34,10 +34,10 @@ Writes ``benchmarks/results/tuned_baselines.json`` and figures in ``docs/figures
 
 Examples (``--section tables`` redraws tables and figures from the JSON)::
 
-  python benchmarks/tuned_baselines.py --section ethanol   # ~10 min on 2 cores
-  python benchmarks/tuned_baselines.py --section fig5      # ~6 min
-  python benchmarks/tuned_baselines.py --section mnist --estimate 20   # time 20 steps a mode
-  python benchmarks/tuned_baselines.py --section mnist     # ~3 h on 2 cores (resumable)
+  python benchmarks/tuned_baselines.py --section ethanol   # ~30 min on 2 shared cores
+  python benchmarks/tuned_baselines.py --section fig5      # ~35 min
+  python benchmarks/tuned_baselines.py --section mnist --estimate -1   # hours, from logs
+  python benchmarks/tuned_baselines.py --section mnist     # ~3.5 h on 2 cores (resumable)
   python benchmarks/tuned_baselines.py --section mnist --smoke --mnist-data-dir DIR
 """
 
