@@ -1,0 +1,108 @@
+"""benchmarks/tuned_baselines.py: its grid refinement and statistics, and a smoke run.
+
+The smoke run trains 2 tiny CNNs (plain and implicit, 3 steps) on synthetic IDX files in a
+subprocess, as a user would run it, and checks that the per-run logs it writes are reused
+by a second call instead of retrained.
+"""
+
+import gzip
+import importlib.util
+import json
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tb():
+    spec = importlib.util.spec_from_file_location(
+        "tuned_baselines", REPO / "benchmarks" / "tuned_baselines.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_refine_adds_eighth_decades_around_edge_and_best(tb):
+    exps = tb.coarse_exponents(-3, 0, 4)  # -3, -2.75, ..., 0
+    is_stable = exps <= -1.5  # edge at 10^-1.5
+    final = np.where(is_stable, -exps, np.inf)  # the best is the edge itself
+    new = tb.refine_exponents(exps, is_stable, final, high=0.0)
+    assert new == [-2.375, -2.125, -1.875, -1.625, -1.375]
+    # All new points sit halfway between quarter-decade points.
+    assert all(abs((e * 8) % 2 - 1) < 1e-9 for e in new)
+
+
+def test_refine_extends_above_a_stable_top(tb):
+    exps = tb.coarse_exponents(-2, 0, 4)
+    new = tb.refine_exponents(exps, np.ones(len(exps), bool), -exps, high=0.0)
+    assert max(new) == pytest.approx(5 / 8)
+    assert tb.refine_exponents(exps, np.zeros(len(exps), bool), exps, high=0.0) == []
+
+
+def test_stable_and_fastest_to(tb):
+    steps = np.arange(10.0)
+    losses = np.stack([
+        1.0 / (1 + steps),        # reaches 0.25 at step 3
+        1.0 / (1 + 3 * steps),    # faster: step 1
+        np.r_[1.0, 0.1, np.full(8, 2.0)],  # dips below, then ends above the first loss
+        np.r_[1.0, 0.05, np.full(8, np.nan)],  # diverges
+    ])  # fmt: skip
+    assert tb.stable(losses).tolist() == [True, True, False, False]
+    best = tb.fastest_to(np.log10([1e-3, 1e-2, 1e-1, 1.0]), losses, 0.25)
+    assert best == {"steps": 1, "learning_rate": pytest.approx(1e-2)}
+    assert tb.fastest_to(np.log10([1e-3]), losses[:1], 0.01)["steps"] is None
+
+
+def test_mean_ci_and_ratio(tb):
+    out = tb.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert out["mean"] == 3.0
+    assert out["ci95"] == pytest.approx(2.776 * np.std([1, 2, 3, 4, 5], ddof=1) / np.sqrt(5))
+    censored = tb.mean_ci([1.0, None, 3.0])
+    assert censored["reached"] == 2 and "mean" not in censored
+    ratio = tb.ratio_ci([2.0, 4.0], [1.0, 2.0])
+    assert ratio["geomean"] == pytest.approx(2.0) and ratio["low"] == pytest.approx(2.0)
+    assert tb.ratio_ci([None, 1.0], [1.0, 1.0]) is None
+
+
+def _write_idx(path: pathlib.Path, array: np.ndarray, magic: int) -> None:
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", n) for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_mnist_smoke_runs_and_resumes(tmp_path):
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 48), ("t10k", 20)):
+        _write_idx(mnist / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)),
+                   2051)  # fmt: skip
+        _write_idx(mnist / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n), 2049)
+    results = tmp_path / "results"
+    command = [sys.executable, str(REPO / "benchmarks" / "tuned_baselines.py"),
+               "--section", "mnist", "--smoke", "--mnist-data-dir", str(mnist),
+               "--results-dir", str(results),
+               "--figures-dir", str(tmp_path / "figures")]  # fmt: skip
+    env = dict(os.environ, MPLBACKEND="Agg", JAX_PLATFORMS="cpu")
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    logs = sorted((results / "tuned_mnist").glob("*.json"))
+    assert [p.name for p in logs] == ["implicit_lr0.01_s0_auto_every10.json", "none_lr0.01_s0.json"]
+    for path in logs:
+        log = json.loads(path.read_text())
+        assert len(log["train_loss"]) == 3 and np.all(np.isfinite(log["train_loss"]))
+    stamps = [json.loads(p.read_text())["timestamp"] for p in logs]
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [json.loads(p.read_text())["timestamp"] for p in logs] == stamps  # reused
+    assert "[mnist]" not in second.stdout  # nothing was trained again
+    assert not (results / "tuned_baselines.json").exists()  # a smoke run writes no results
