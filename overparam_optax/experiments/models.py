@@ -1,6 +1,6 @@
 """The flax models shared by the examples and the benchmarks, each defined once.
 
-* :class:`TutorialCNN` — the TensorFlow "Deep MNIST" tutorial network of the paper's
+* :class:`TutorialCNN` — the tensorflow/models MNIST tutorial CNN of the paper's
   non-linear experiment (``examples/mnist_cnn.py``, ``benchmarks/step_time.py``,
   ``benchmarks/reproduce_paper.py`` through the example).
 * :class:`MLP` — a ReLU multi-layer perceptron over flattened inputs
