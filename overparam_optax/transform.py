@@ -158,7 +158,7 @@ def _precondition_leaves(rule: _Rule, views, params, updates, entries, recompute
         if rule.at_zero:
             is_zero = _is_zero(w)
             out = jnp.where(is_zero[:, None, None], g, out)
-            zero_flags.append(jnp.any(is_zero))
+            zero_flags.append(jnp.any(sharding.gathered(is_zero)[:count]))  # not the padding
         if rule.cached:
             fresh = jax.tree.map(lambda x, c=count: sharding.gathered(x)[:c], fresh)
             for i, entry in zip(group.indices, _split(group, views, fresh), strict=True):
