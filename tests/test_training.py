@@ -193,6 +193,42 @@ def test_run_minibatch_learns_and_is_deterministic(capsys):
     assert not np.array_equal(other_seed.losses, result.losses)
 
 
+def test_run_minibatch_eval_fn_records_evaluations_and_training_time():
+    train, test = _toy_classification(seed=0), _toy_classification(n=60, seed=1)
+    params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    seen = []
+
+    def eval_fn(p):
+        seen.append(p)
+        loss, accuracy = training.evaluate_classifier(_linear_logits, p, test)
+        return {"val_loss": loss, "val_accuracy": accuracy}
+
+    result = training.run_minibatch(
+        _linear_logits, params, optax.sgd(0.1), train, 23, batch_size=16, seed=7,
+        eval_fn=eval_fn, eval_every=10,
+    )  # fmt: skip
+    steps = [e["step"] for e in result.evaluations]
+    assert steps == [0, 10, 20, 23]  # before, every 10 updates, and after the last
+    first, last = result.evaluations[0], result.evaluations[-1]
+    np.testing.assert_allclose(first["val_loss"], np.log(3.0), rtol=1e-5)  # zero init
+    assert last["val_loss"] < 0.8 * first["val_loss"]
+    # The last evaluation sees the final parameters.
+    np.testing.assert_array_equal(seen[-1]["w"], result.params["w"])
+    times = [e["train_seconds"] for e in result.evaluations]
+    assert times[0] < 1e-3 and all(b > a for a, b in zip(times, times[1:], strict=False))
+    assert result.compile_seconds > 0 and times[-1] <= result.seconds
+    # Evaluating does not change the training trajectory.
+    plain = training.run_minibatch(
+        _linear_logits, params, optax.sgd(0.1), train, 23, batch_size=16, seed=7
+    )
+    np.testing.assert_array_equal(plain.losses, result.losses)
+    assert plain.evaluations == []
+    with pytest.raises(ValueError, match="eval_every"):
+        training.run_minibatch(
+            _linear_logits, params, optax.sgd(0.1), train, 1, batch_size=16, eval_every=-1
+        )
+
+
 def test_run_minibatch_rejects_oversized_batch():
     train = _toy_classification(n=10)
     with pytest.raises(ValueError, match="batch_size"):

@@ -325,7 +325,13 @@ class MinibatchResult(NamedTuple):
       accuracies: float numpy array ``(num_steps,)``: the same minibatch's accuracy.
       test_loss: the mean cross-entropy on ``test_data`` at the end (None without it).
       test_accuracy: the accuracy on ``test_data`` at the end (None without it).
-      seconds: wall-clock seconds of the training loop, compilation included.
+      seconds: wall-clock seconds of the training loop, compilation included (the time
+        spent in ``eval_fn`` excluded).
+      evaluations: with ``eval_fn``, one dict per evaluation, in order: ``step`` (the
+        number of updates done), ``train_seconds`` (wall-clock seconds of those updates,
+        compilation excluded, evaluations excluded) and the entries returned by
+        ``eval_fn``. Empty without it.
+      compile_seconds: seconds spent compiling the training step (ahead of the loop).
     """
 
     params: Params
@@ -334,6 +340,8 @@ class MinibatchResult(NamedTuple):
     test_loss: float | None
     test_accuracy: float | None
     seconds: float
+    evaluations: list = []
+    compile_seconds: float | None = None
 
 
 def _cross_entropy_and_accuracy(logits, labels):
@@ -403,6 +411,8 @@ def run_minibatch(
     progress: bool = False,
     log_every: int = 0,
     description: str | None = None,
+    eval_fn: Callable[[Params], dict] | None = None,
+    eval_every: int = 0,
 ) -> MinibatchResult:
     """Minibatch training of a classifier with softmax cross-entropy.
 
@@ -425,6 +435,11 @@ def run_minibatch(
       progress: show a tqdm progress bar (if tqdm is installed) with the running loss.
       log_every: if positive, also print the mean minibatch loss every that many steps.
       description: a label for the progress bar and the printed lines.
+      eval_fn: optional ``eval_fn(params) -> dict`` of Python floats (e.g. a validation
+        loss), called before the first update, after every ``eval_every`` updates and
+        after the last; its results and the training time up to that point are recorded
+        in ``evaluations``. Its own time is not counted as training time.
+      eval_every: the evaluation period in updates (0: only before and after training).
 
     Returns:
       A :class:`MinibatchResult`.
@@ -433,6 +448,8 @@ def run_minibatch(
     num_examples = len(labels)
     if batch_size > num_examples:
         raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} training examples.")
+    if eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0, got {eval_every}.")
     order_rng = np.random.default_rng(seed)
     dropout_key = jax.random.PRNGKey(seed)
 
@@ -446,32 +463,54 @@ def run_minibatch(
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, accuracy
 
-    bar = _progress_bar(progress, num_steps, description)
     label = f"[{description}] " if description else ""
     opt_state = tx.init(params)
-    losses, accuracies = [], []
+    losses, accuracies, evaluations = [], [], []
     permutation, cursor = order_rng.permutation(num_examples), 0
     start_time = time.perf_counter()
+    # Compiled ahead of the loop, so that the training times below exclude compilation.
+    first = permutation[:batch_size]
+    compiled_step = train_step.lower(params, opt_state, images[first], labels[first], 0).compile()
+    compile_seconds = time.perf_counter() - start_time
+    loop_start, eval_seconds, shown = time.perf_counter(), 0.0, {}
+
+    def evaluate(step, params):
+        nonlocal eval_seconds
+        jax.block_until_ready(params)
+        now = time.perf_counter()
+        train_seconds = now - loop_start - eval_seconds
+        metrics = eval_fn(params)
+        evaluations.append({"step": step, "train_seconds": train_seconds, **metrics})
+        shown.update({k: f"{v:.4f}" for k, v in metrics.items() if isinstance(v, float)})
+        eval_seconds += time.perf_counter() - now
+
+    if eval_fn is not None:
+        evaluate(0, params)
+    bar = _progress_bar(progress, num_steps, description)
     for step in range(num_steps):
         if cursor + batch_size > num_examples:  # a new epoch; drop the incomplete tail
             permutation, cursor = order_rng.permutation(num_examples), 0
         batch = permutation[cursor : cursor + batch_size]
         cursor += batch_size
-        params, opt_state, loss, accuracy = train_step(
+        params, opt_state, loss, accuracy = compiled_step(
             params, opt_state, images[batch], labels[batch], step
         )
         losses.append(loss)
         accuracies.append(accuracy)
+        if eval_fn is not None and (
+            step == num_steps - 1 or (eval_every > 0 and (step + 1) % eval_every == 0)
+        ):
+            evaluate(step + 1, params)
         # Reading a loss back waits for the device; do it only when something is shown.
         if bar is not None and (step % 10 == 9 or step == num_steps - 1):
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{float(loss):.4f}", **shown)
             bar.update(step + 1 - bar.n)
         if log_every > 0 and (step + 1) % log_every == 0:
             recent = float(jnp.mean(jnp.stack(losses[-log_every:])))
             print(f"{label}step {step + 1}/{num_steps}  loss {recent:.4f}", flush=True)
     losses = np.asarray(jnp.stack(losses)) if losses else np.zeros((0,), np.float32)
     accuracies = np.asarray(jnp.stack(accuracies)) if accuracies else np.zeros((0,), np.float32)
-    seconds = time.perf_counter() - start_time
+    seconds = time.perf_counter() - start_time - eval_seconds
     if bar is not None:
         bar.close()
     test_loss = test_accuracy = None
@@ -479,4 +518,13 @@ def run_minibatch(
         test_loss, test_accuracy = evaluate_classifier(
             logits_fn, params, test_data, batch_size=eval_batch_size
         )
-    return MinibatchResult(params, losses, accuracies, test_loss, test_accuracy, seconds)
+    return MinibatchResult(
+        params,
+        losses,
+        accuracies,
+        test_loss,
+        test_accuracy,
+        seconds,
+        evaluations=evaluations,
+        compile_seconds=compile_seconds,
+    )
