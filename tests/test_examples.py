@@ -218,6 +218,41 @@ def test_equivalence_benchmark_quick(tmp_path):
     assert out_png.stat().st_size > 10_000
 
 
+def test_transformer_lm_smoke(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes((REPO / "README.md").read_bytes() * 2)
+    out = tmp_path / "out"
+    result = _run(
+        "examples/transformer_lm.py",
+        "--text-file", str(corpus),
+        "--modes", "momentum,momentum+overparam,momentum-explicit",
+        "--lr", "momentum=0.05,momentum+overparam=0.05",
+        "--steps", "3", "--warmup", "0", "--eval-every", "1", "--eval-windows", "4",
+        "--batch-size", "4", "--context", "16", "--d-model", "16", "--heads", "2",
+        "--layers", "2",
+        "--output-dir", str(out),
+    )  # fmt: skip
+    log = json.loads((out / "transformer_lm.json").read_text())
+    runs = log["runs"]
+    assert set(runs) == {"momentum", "momentum+overparam", "momentum-explicit"}
+    assert log["data"]["source"] == str(corpus) and log["data"]["num_files"] == 1
+    for run in runs.values():
+        assert len(run["train_loss"]) == 3 and np.all(np.isfinite(run["train_loss"]))
+        assert [e["step"] for e in run["evaluations"]] == [0, 1, 2, 3]
+    # Same init, same first minibatch: the first loss is the same in every mode (the
+    # explicit model computes the same function from balanced factors)...
+    first = {name: run["train_loss"][0] for name, run in runs.items()}
+    assert first["momentum+overparam"] == pytest.approx(first["momentum"], rel=1e-6)
+    assert first["momentum-explicit"] == pytest.approx(first["momentum"], rel=1e-4)
+    # ...and one step later the implicit rule is much closer to the explicit product than
+    # the plain step is.
+    second = {name: run["evaluations"][1]["val_loss"] for name, run in runs.items()}
+    gap_implicit = abs(second["momentum+overparam"] - second["momentum-explicit"])
+    assert gap_implicit < 0.2 * abs(second["momentum"] - second["momentum-explicit"])
+    assert (out / "transformer_lm_loss.png").stat().st_size > 1000
+    assert "steps to target" in result.stdout
+
+
 # --------------------------------------------------------------------------------------
 # Bad arguments: exit status 2, an argparse message, no traceback, nothing written.
 # --------------------------------------------------------------------------------------
@@ -235,6 +270,18 @@ BAD_ARGUMENTS = [
     ("benchmarks/quality.py", ["--lr", "-1"], "argument --lr: must be a positive number"),
     ("benchmarks/blocks.py", ["--steps", "0"], "argument --steps: must be a positive integer"),
     ("benchmarks/accuracy.py", ["--sizes", "3x"], "must be MxN with positive M and N, got '3x'"),
+    ("examples/transformer_lm.py", ["--steps", "0"], "argument --steps: must be a positive"),
+    ("examples/transformer_lm.py", ["--batch-size", "-1"], "argument --batch-size: must be a"),
+    ("examples/transformer_lm.py", ["--d-model", "30", "--heads", "4"], "multiple of --heads"),
+    ("examples/transformer_lm.py", ["--lr", "adamw=0"], "must be a positive number"),
+    ("examples/transformer_lm.py", ["--lr", "adamw=nan"], "must be a positive number"),
+    ("examples/transformer_lm.py", ["--lr", "sgd=0.1"], "unknown mode 'sgd'"),
+    ("examples/transformer_lm.py", ["--lr", "adamw"], "MODE=VALUE"),
+    ("examples/transformer_lm.py", ["--modes", "adamw,lion"], "item 'lion' of"),
+    ("examples/transformer_lm.py", ["--depth", "1"], "argument --depth: must be >= 2"),
+    ("examples/transformer_lm.py", ["--text-file", "/nonexistent.txt"], "is not a file"),
+    ("benchmarks/transformer_lm.py", ["--seeds", "0,,1"], "no empty item"),
+    ("benchmarks/transformer_lm.py", ["--grid-adamw", "0.1,-1"], "item '-1' of"),
 ]
 
 
@@ -263,4 +310,23 @@ def test_mnist_cnn_sizes_beyond_the_data(mnist_dir, tmp_path):
     assert "--batch-size 49 exceeds the 48 training digits" in result.stderr
     result = _run("examples/mnist_cnn.py", *common, "--test-size", "21", status=2)
     assert "--test-size 21 exceeds the 20 digits" in result.stderr
+    assert not out.exists()
+
+
+def test_transformer_lm_output_dir_that_is_a_file_fails_before_training(tmp_path):
+    existing = tmp_path / "results"
+    existing.write_text("not a folder")
+    result = _run("examples/transformer_lm.py", "--output-dir", str(existing), status=2)
+    assert "is an existing file, not a folder" in result.stderr
+    assert "standard library" not in result.stdout  # stopped before reading the corpus
+    assert existing.read_text() == "not a folder"
+
+
+def test_transformer_lm_text_too_short_fails_before_training(tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_bytes(b"x" * 100)
+    out = tmp_path / "out"
+    common = ["--text-file", str(corpus), "--output-dir", str(out)]
+    result = _run("examples/transformer_lm.py", *common, status=2)
+    assert "fewer than one batch" in result.stderr
     assert not out.exists()
