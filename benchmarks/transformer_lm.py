@@ -1,0 +1,337 @@
+"""Tunes and measures examples/transformer_lm.py: a learning-rate grid per mode, then seeds.
+
+1. **Grid** (seed ``--grid-seed``): every tuned mode (AdamW and momentum SGD, each with and
+   without ``overparam_precondition(2)``) at each learning rate of its grid; the rate with
+   the lowest final validation loss is chosen (a diverged run counts as +inf).
+2. **Seeds**: every tuned mode at its chosen rate for each of ``--seeds`` (the grid run is
+   reused for the grid seed: same command, same numbers), and the explicit depth-2
+   factorized model (momentum SGD at the rate chosen for ``momentum+overparam``) for
+   ``--explicit-seeds``.
+3. **Summary**: two validation-loss targets, the final loss of plain AdamW and of plain
+   momentum SGD (the worst over seeds, so that every seed of the baseline reaches it); per
+   mode and seed the first evaluated step at or below each target and the training
+   seconds to it (compilation and evaluation excluded).
+
+Each run is one call of the example's ``main`` with a single mode, its log kept under
+``<results-dir>/transformer_lm/<mode>_lr<lr>_seed<seed>/`` and reused by a later call with
+the identical command line (``--no-reuse`` to recompute). Writes
+``<results-dir>/transformer_lm_cpu.json``, ``<results-dir>/transformer_lm_tables.md`` and
+``<figures-dir>/transformer_lm.png``.
+
+    python benchmarks/transformer_lm.py            # ~20 CPU-minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+FIGURES_DIR = REPO / "docs" / "figures"
+TUNED_MODES = ("adamw", "adamw+overparam", "momentum", "momentum+overparam")
+EXPLICIT = "momentum-explicit"
+DEFAULT_GRIDS = {
+    "adamw": "1e-3,3e-3,1e-2",
+    "adamw+overparam": "1e-3,3e-3,1e-2",
+    "momentum": "0.1,0.3,1.0",
+    "momentum+overparam": "0.1,0.3,1.0",
+}
+# The example's defaults, except what the benchmark pins explicitly.
+RUN_FLAGS = ("steps", "eval_every", "eval_windows", "batch_size", "context", "d_model", "layers")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (grids, seeds, the example's run size, output places)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for mode, grid in DEFAULT_GRIDS.items():
+        parser.add_argument(f"--grid-{mode.replace('+', '-')}", default=grid, help="lr grid")
+    parser.add_argument("--grid-seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--explicit-seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--eval-windows", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--text-file", default=None)
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--figures-dir", default=str(FIGURES_DIR))
+    parser.add_argument("--no-reuse", action="store_true", help="recompute every run")
+    args = parser.parse_args(argv)
+    args.grids = {
+        mode: _floats(getattr(args, f"grid_{mode.replace('+', '_').replace('-', '_')}"))
+        for mode in TUNED_MODES
+    }
+    args.seeds, args.explicit_seeds = _ints(args.seeds), _ints(args.explicit_seeds)
+    if not args.seeds or any(not grid for grid in args.grids.values()):
+        parser.error("every grid and --seeds need at least one value")
+    return args
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location(
+        "transformer_lm", REPO / "examples" / "transformer_lm.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # flax modules (dataclasses) look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_dir(args, mode: str, lr: float, seed: int) -> pathlib.Path:
+    return pathlib.Path(args.results_dir) / "transformer_lm" / f"{mode}_lr{lr:g}_seed{seed}"
+
+
+def run_one(module, args, mode: str, lr: float, seed: int) -> dict:
+    """One mode at one rate and seed: the example's log (reused when the command matches)."""
+    output_dir = _run_dir(args, mode, lr, seed)
+    lr_key = "momentum+overparam" if mode == EXPLICIT else mode
+    argv = ["--modes", mode, "--lr", f"{lr_key}={lr:g}", "--seed", str(seed)]
+    for name in RUN_FLAGS:
+        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.text_file:
+        argv += ["--text-file", args.text_file]
+    argv += ["--no-progress", "--output-dir", str(output_dir)]
+    log_path = output_dir / "transformer_lm.json"
+    if not args.no_reuse and log_path.exists():
+        log = json.loads(log_path.read_text())
+        if log["command"] == " ".join(["python examples/transformer_lm.py", *argv]):
+            print(f"reusing {log_path} ({log['timestamp']})", flush=True)
+            return log
+    return module.main(argv)
+
+
+def _reach(evaluations: list[dict], target: float) -> tuple[int | None, float | None]:
+    for record in evaluations:
+        if record["val_loss"] <= target:
+            return record["step"], record["train_seconds"]
+    return None, None
+
+
+def _final(log: dict) -> float:
+    (run,) = log["runs"].values()
+    value = run["final_val_loss"]
+    return value if math.isfinite(value) else math.inf
+
+
+def summarize(logs: dict, chosen: dict, args) -> dict:
+    """Targets, and per mode and seed the steps/seconds to them (see the module docstring)."""
+    targets = {  # the worst final loss of the plain run over seeds: every seed reaches it
+        f"plain {base}": float(np.max([_final(log) for log in logs[base].values()]))
+        for base in ("adamw", "momentum")
+        if base in logs
+    }
+    modes = {}
+    for mode, by_seed in logs.items():
+        per_seed = {}
+        for seed, log in by_seed.items():
+            (run,) = log["runs"].values()
+            evaluations = run["evaluations"]
+            per_seed[str(seed)] = {
+                "final_val_loss": run["final_val_loss"],
+                "train_seconds": run["train_seconds"],
+                "seconds_per_step": run["seconds_per_step"],
+                "compile_seconds": run["compile_seconds"],
+                "to_target": {
+                    name: dict(zip(("steps", "seconds"), _reach(evaluations, t), strict=True))
+                    for name, t in targets.items()
+                },
+                "val_curve": {
+                    "step": [e["step"] for e in evaluations],
+                    "val_loss": [e["val_loss"] for e in evaluations],
+                    "train_seconds": [e["train_seconds"] for e in evaluations],
+                },
+                "load_average": log["environment"].get("load_average"),
+            }
+        finals = [s["final_val_loss"] for s in per_seed.values()]
+        modes[mode] = {
+            "learning_rate": chosen[mode],
+            "seeds": per_seed,
+            "final_val_loss_mean": float(np.mean(finals)),
+            "final_val_loss_std": float(np.std(finals)),
+            "seconds_per_step_mean": float(
+                np.mean([s["seconds_per_step"] for s in per_seed.values()])
+            ),
+        }
+    return {"targets": targets, "modes": modes}
+
+
+def _mean_or_none(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def tables_markdown(result: dict) -> str:
+    """The grid table and the measured table, as in docs/transformer.md."""
+    grid_seed = result["config"]["grid_seed"]
+    lines = [
+        f"| mode | learning rate: final validation loss (seed {grid_seed}) | chosen |",
+        "|---|---|---|",
+    ]
+    for mode, grid in result["grid"].items():
+        cells = ", ".join(
+            f"{float(lr):g}: {loss:.4f}" if math.isfinite(loss) else f"{float(lr):g}: diverged"
+            for lr, loss in grid.items()
+        )
+        lines.append(f"| {mode} | {cells} | {result['chosen'][mode]:g} |")
+    summary = result["summary"]
+    names = list(summary["targets"])
+    lines += ["", "Targets: " + "; ".join(f"{n} = {v:.4f}" for n, v in summary["targets"].items())]
+    header = "| mode | lr | seeds | final val loss (mean ± std) |"
+    header += "".join(f" steps to {n} | s to {n} |" for n in names) + " s/step |"
+    lines += ["", header, "|---" * (5 + 2 * len(names)) + "|"]
+    for mode, row in summary["modes"].items():
+        seeds = row["seeds"]
+        cells = [
+            mode,
+            f"{row['learning_rate']:g}",
+            str(len(seeds)),
+            f"{row['final_val_loss_mean']:.4f} ± {row['final_val_loss_std']:.4f}",
+        ]
+        for name in names:
+            steps = [s["to_target"][name]["steps"] for s in seeds.values()]
+            seconds = [s["to_target"][name]["seconds"] for s in seeds.values()]
+            missed = sum(v is None for v in steps)
+            mean_steps, mean_seconds = _mean_or_none(steps), _mean_or_none(seconds)
+            note = f" ({missed} of {len(steps)} missed)" if missed else ""
+            cells.append("not reached" if mean_steps is None else f"{mean_steps:.0f}{note}")
+            cells.append("-" if mean_seconds is None else f"{mean_seconds:.1f}")
+        cells.append(f"{row['seconds_per_step_mean']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+    """Validation loss vs step and vs training seconds: mean over seeds, min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
+    for index, (mode, row) in enumerate(result["summary"]["modes"].items()):
+        curves = [s["val_curve"] for s in row["seeds"].values()]
+        steps = np.asarray(curves[0]["step"])
+        values = np.asarray([c["val_loss"] for c in curves])
+        seconds = np.mean([c["train_seconds"] for c in curves], axis=0)
+        label = f"{mode} (lr {row['learning_rate']:g}, {len(curves)} seeds)"
+        for ax, x in ((axes[0], steps), (axes[1], seconds)):
+            ax.plot(x, values.mean(0), color=f"C{index}", label=label)
+            ax.fill_between(x, values.min(0), values.max(0), color=f"C{index}", alpha=0.2)
+    for name, value in result["summary"]["targets"].items():
+        for ax in axes:
+            ax.axhline(value, color="gray", linestyle=":", linewidth=1)
+        axes[0].annotate(name, (0, value), fontsize=7, color="gray", va="bottom")
+    for ax, xlabel in zip(
+        axes, ("step", "training seconds (mean over seeds; shared 2-core CPU)"), strict=True
+    ):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/byte)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    config = result["config"]
+    fig.suptitle(
+        f"byte-level transformer, d_model {config['d_model']}, {config['layers']} layers, "
+        f"{config['steps']} steps of {config['batch_size']}x{config['context']} bytes"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    """Grid, seeds, summary; writes the JSON, the tables and the figure."""
+    args = parse_args(argv)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    module = _load_example()
+    start = time.time()
+    cpu_start = time.process_time()
+
+    grid, chosen, logs = {}, {}, {}
+    for mode in TUNED_MODES:
+        grid[mode] = {}
+        for lr in args.grids[mode]:
+            log = run_one(module, args, mode, lr, args.grid_seed)
+            grid[mode][f"{lr:g}"] = _final(log)
+        best = min(grid[mode], key=lambda k: grid[mode][k])
+        chosen[mode] = float(best)
+        logs[mode] = {args.grid_seed: run_one(module, args, mode, chosen[mode], args.grid_seed)}
+    for mode in TUNED_MODES:
+        for seed in args.seeds:
+            if seed not in logs[mode]:
+                logs[mode][seed] = run_one(module, args, mode, chosen[mode], seed)
+    chosen[EXPLICIT] = chosen["momentum+overparam"]
+    if args.explicit_seeds:
+        logs[EXPLICIT] = {
+            seed: run_one(module, args, EXPLICIT, chosen[EXPLICIT], seed)
+            for seed in args.explicit_seeds
+        }
+    for mode in TUNED_MODES:  # the grid seed only if it is one of --seeds
+        logs[mode] = {s: log for s, log in logs[mode].items() if s in args.seeds}
+
+    first = next(iter(logs["adamw"].values()))
+    result = {
+        "command": " ".join(["python benchmarks/transformer_lm.py", *(argv or sys.argv[1:])]),
+        "config": {
+            **{name: getattr(args, name) for name in RUN_FLAGS},
+            "grid_seed": args.grid_seed,
+            "seeds": args.seeds,
+            "explicit_seeds": args.explicit_seeds,
+            "grids": args.grids,
+            "example_defaults": {k: v for k, v in first["config"].items() if k not in ("lr",)},
+        },
+        "data": first["data"],
+        "model": first["model"],
+        "environment": {
+            **first["environment"],
+            "python": sys.version.split()[0],
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        },
+        "grid": grid,
+        "chosen": chosen,
+        "summary": summarize(logs, chosen, args),
+        "this_call": {
+            "wall_seconds": time.time() - start,
+            "cpu_seconds": time.process_time() - cpu_start,
+        },
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    results_dir = pathlib.Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    json_path = results_dir / "transformer_lm_cpu.json"
+    json_path.write_text(json.dumps(result, indent=1))
+    tables = tables_markdown(result)
+    (results_dir / "transformer_lm_tables.md").write_text(tables)
+    figures_dir = pathlib.Path(args.figures_dir)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    plot(result, figures_dir / "transformer_lm.png")
+    print("\n" + tables)
+    print(f"wrote {json_path}, {results_dir / 'transformer_lm_tables.md'} and the figure")
+    return result
+
+
+if __name__ == "__main__":
+    main()
