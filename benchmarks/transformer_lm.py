@@ -41,8 +41,8 @@ FIGURES_DIR = REPO / "docs" / "figures"
 TUNED_MODES = ("adamw", "adamw+overparam", "momentum", "momentum+overparam")
 EXPLICIT = "momentum-explicit"
 DEFAULT_GRIDS = {
-    "adamw": "1e-3,3e-3,1e-2",
-    "adamw+overparam": "1e-3,3e-3,1e-2",
+    "adamw": "1e-3,3e-3,1e-2,3e-2",
+    "adamw+overparam": "1e-3,3e-3,1e-2,3e-2",
     "momentum": "0.1,0.3,1.0",
     "momentum+overparam": "0.1,0.3,1.0",
 }

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from overparam_optax.factorized import FactorizedDense, balanced_factors
-from overparam_optax.transform import MatrixDimensionNumbers
+from overparam_optax.views import MatrixDimensionNumbers
 
 __all__ = [
     "ATTENTION_IN",

@@ -105,12 +105,15 @@ def test_one_preconditioner_per_projection_and_layer_matches_float64_reference(
 ):
     tx = opx.overparam_precondition(N, dimension_numbers=tlm.transformer_dimension_numbers)
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    blocks = [("attn", name) for name in ("query", "key", "value", "out")]
-    blocks += [(None, "mlp_in"), (None, "mlp_out")]
-    for group, name in blocks:
-        get = (lambda t, g=group, n=name: t["blocks"][g][n]) if group else (
-            lambda t, n=name: t["blocks"][n]
-        )
+    names = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp_in", "mlp_out")
+    for path in names:
+        name = path.split("/")[-1]
+
+        def get(tree, path=path):
+            for key in ("blocks", *path.split("/")):
+                tree = tree[key]
+            return tree
+
         w = _projection_matrices(get(params)["kernel"], name)
         g = _projection_matrices(get(grads)["kernel"], name)
         out = _projection_matrices(get(updates)["kernel"], name)
