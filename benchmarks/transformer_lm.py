@@ -43,8 +43,8 @@ EXPLICIT = "momentum-explicit"
 DEFAULT_GRIDS = {
     "adamw": "1e-3,3e-3,1e-2,3e-2",
     "adamw+overparam": "1e-3,3e-3,1e-2,3e-2",
-    "momentum": "0.1,0.3,1.0",
-    "momentum+overparam": "0.1,0.3,1.0",
+    "momentum": "0.03,0.1,0.3,1.0",
+    "momentum+overparam": "0.03,0.1,0.3",
 }
 # The example's defaults, except what the benchmark pins explicitly.
 RUN_FLAGS = ("steps", "eval_every", "eval_windows", "batch_size", "context", "d_model", "layers")
