@@ -50,41 +50,34 @@ DEFAULT_GRIDS = {
 RUN_FLAGS = ("steps", "eval_every", "eval_windows", "batch_size", "context", "d_model", "layers")
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    """The command line (grids, seeds, the example's run size, output places)."""
+    """The command line (grids, seeds, the example's run size, output places), validated."""
+    from overparam_optax.experiments import cli
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    rates, seeds = cli.comma_list(cli.positive_float), cli.comma_list(cli.nonnegative_int)
     for mode, grid in DEFAULT_GRIDS.items():
-        parser.add_argument(f"--grid-{mode.replace('+', '-')}", default=grid, help="lr grid")
-    parser.add_argument("--grid-seed", type=int, default=0)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--explicit-seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--eval-windows", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
+        flag = f"--grid-{mode.replace('+', '-')}"
+        parser.add_argument(flag, type=rates, default=rates(grid), help=f"default {grid}")
+    parser.add_argument("--grid-seed", type=cli.nonnegative_int, default=0)
+    parser.add_argument("--seeds", type=seeds, default=[0, 1, 2])
+    parser.add_argument("--explicit-seeds", type=seeds, default=[0, 1, 2])
+    parser.add_argument("--steps", type=cli.positive_int, default=400)
+    parser.add_argument("--eval-every", type=cli.positive_int, default=20)
+    parser.add_argument("--eval-windows", type=cli.positive_int, default=256)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=32)
+    parser.add_argument("--context", type=cli.positive_int, default=64)
+    parser.add_argument("--d-model", type=cli.positive_int, default=64)
+    parser.add_argument("--layers", type=cli.positive_int, default=2)
     parser.add_argument("--text-file", default=None)
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
-    parser.add_argument("--figures-dir", default=str(FIGURES_DIR))
+    parser.add_argument("--results-dir", type=cli.output_dir, default=str(RESULTS_DIR))
+    parser.add_argument("--figures-dir", type=cli.output_dir, default=str(FIGURES_DIR))
     parser.add_argument("--no-reuse", action="store_true", help="recompute every run")
     args = parser.parse_args(argv)
     args.grids = {
-        mode: _floats(getattr(args, f"grid_{mode.replace('+', '_').replace('-', '_')}"))
+        mode: getattr(args, f"grid_{mode.replace('+', '_').replace('-', '_')}")
         for mode in TUNED_MODES
     }
-    args.seeds, args.explicit_seeds = _ints(args.seeds), _ints(args.explicit_seeds)
-    if not args.seeds or any(not grid for grid in args.grids.values()):
-        parser.error("every grid and --seeds need at least one value")
     return args
 
 

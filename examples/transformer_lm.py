@@ -1,11 +1,12 @@
 r"""A byte-level transformer language model trained with and without implicit depth.
 
-A small decoder-only transformer (flax linen, :class:`overparam_optax.transformer.TransformerLM`:
-attention kernels of shape (d_model, heads, head_dim) and (heads, head_dim, d_model), blocks
-stacked along a layer axis by ``nn.scan``) learns next-byte prediction on text that every
-Python installation has: the source of the running interpreter's standard library (the
-``*.py`` files directly in ``sysconfig.get_path("stdlib")``, sorted by name, concatenated;
-the first 90% of the bytes train, the last 10% validate; :mod:`overparam_optax.text`). Give
+A small decoder-only transformer (flax linen; ``TransformerLM`` of
+:mod:`overparam_optax.experiments.models`: attention kernels of shape (d_model, heads,
+head_dim) and (heads, head_dim, d_model), blocks stacked along a layer axis by ``nn.scan``)
+learns next-byte prediction on text that every Python installation has: the source of the
+running interpreter's standard library (the ``*.py`` files directly in
+``sysconfig.get_path("stdlib")``, sorted by name, concatenated; the first 90% of the bytes
+train, the last 10% validate; :mod:`overparam_optax.experiments.text`). Give
 ``--text-file PATH`` to use any file instead (same 90/10 byte split).
 
 Modes (comma list ``--modes``), all from the same initial weights, on the same minibatches:
@@ -46,7 +47,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -56,8 +56,7 @@ import numpy as np
 import optax
 
 import overparam_optax as opx
-from overparam_optax import text, training
-from overparam_optax import transformer as tlm
+from overparam_optax.experiments import cli, models, text, timing, training
 
 MODES = ("adamw", "adamw+overparam", "momentum", "momentum+overparam", "momentum-explicit")
 # Learning rates chosen on the grids of benchmarks/transformer_lm.py (docs/transformer.md).
@@ -100,11 +99,11 @@ def build_run(mode: str, args, plain_params):
     warmup = min(args.warmup, max(args.steps - 1, 0))
     lr = learning_rate(mode, args)
     schedule = optax.schedules.warmup_constant_schedule(0.0, lr, warmup) if warmup else lr
-    dims = tlm.transformer_dimension_numbers(
+    dims = models.transformer_dimension_numbers(
         plain_params, embeddings=args.precondition_embeddings, head=args.precondition_head
     )
     if mode == "momentum-explicit":
-        params = tlm.factorize_params(
+        params = models.factorize_params(
             plain_params, args.depth, dims, key=jax.random.PRNGKey(args.seed + 1)
         )
         model = make_model(args, depth=args.depth)
@@ -115,9 +114,9 @@ def build_run(mode: str, args, plain_params):
     return model, plain_params, tx
 
 
-def make_model(args, depth: int = 1) -> tlm.TransformerLM:
+def make_model(args, depth: int = 1) -> models.TransformerLM:
     """The model of the command line (``depth`` > 1: the explicit factorized variant)."""
-    return tlm.TransformerLM(
+    return models.TransformerLM(
         vocab_size=text.VOCAB_SIZE,
         context=args.context,
         d_model=args.d_model,
@@ -133,7 +132,7 @@ def make_evaluator(logits_fn, inputs: np.ndarray, targets: np.ndarray, batch_siz
 
     @jax.jit
     def sums(params, x, y):
-        logits = logits_fn(params, x, False, None)
+        logits = logits_fn(params, x, False, jax.random.PRNGKey(0))
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return loss.sum(), jnp.sum(jnp.argmax(logits, -1) == y)
 
@@ -195,107 +194,107 @@ def plot(runs: dict, path: pathlib.Path, title: str, target: float) -> None:
     plt.close(fig)
 
 
-def _parse_lrs(value: str) -> dict:
+def _learning_rates(text_value: str) -> dict:
+    """argparse ``type=`` of ``--lr``: ``MODE=VALUE,...`` with known modes, positive values."""
     out = {}
-    for item in value.split(","):
-        if not item.strip():
-            continue
+    for item in cli.comma_list(str)(text_value):
         name, sep, number = item.partition("=")
+        name = name.strip()
         if not sep:
-            raise ValueError(f"expected MODE=VALUE, got {item!r}")
-        out[name.strip()] = float(number)
+            raise argparse.ArgumentTypeError(f"expected MODE=VALUE items, got {item!r}")
+        if name not in DEFAULT_LEARNING_RATES:
+            raise argparse.ArgumentTypeError(
+                f"unknown mode {name!r}; use {', '.join(DEFAULT_LEARNING_RATES)}"
+            )
+        out[name] = cli.positive_float(number.strip())
     return out
 
 
+def _mode(text_value: str) -> str:
+    if text_value not in MODES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(MODES)}")
+    return text_value
+
+
+def _depth(text_value: str) -> int:
+    value = cli.positive_int(text_value)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (1 is the plain model), got {value}")
+    return value
+
+
+def _fraction(text_value: str) -> float:
+    value = cli.positive_float(text_value)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text_value!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    """The command line, validated (``parser.error`` on a bad value)."""
+    """The command line, validated (a bad value exits with status 2 and a message)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--modes", default=",".join(MODES), help="comma list: " + ", ".join(MODES))
+    parser.add_argument(
+        "--modes",
+        type=cli.comma_list(_mode),
+        default=list(MODES),
+        help="comma list: " + ", ".join(MODES),
+    )
     parser.add_argument(
         "--lr",
-        default="",
+        type=_learning_rates,
+        default={},
         help="per-mode learning rates, e.g. 'adamw=1e-3,momentum=0.1' (defaults: "
         + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_LEARNING_RATES.items())
         + "; momentum-explicit uses momentum+overparam's)",
     )
-    parser.add_argument("--depth", type=int, default=2, help="N of the overparam/explicit modes")
+    parser.add_argument("--depth", type=_depth, default=2, help="N of the overparam modes")
     parser.add_argument("--long", action="store_true", help=f"a longer run: {LONG_RUN}")
-    parser.add_argument("--steps", type=int, default=None, help=f"default {DEFAULTS['steps']}")
-    parser.add_argument("--batch-size", type=int, default=32, help="windows per step")
-    parser.add_argument("--context", type=int, default=64, help="bytes per window")
-    parser.add_argument("--d-model", type=int, default=None, help=f"default {DEFAULTS['d_model']}")
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=None, help=f"default {DEFAULTS['layers']}")
-    parser.add_argument("--mlp-ratio", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's, on matrices")
+    positive = cli.positive_int
+    parser.add_argument("--steps", type=positive, default=None, help=f"default {DEFAULTS['steps']}")
+    parser.add_argument("--batch-size", type=positive, default=32, help="windows per step")
+    parser.add_argument("--context", type=positive, default=64, help="bytes per window")
+    parser.add_argument("--d-model", type=positive, default=None, help="default 64")
+    parser.add_argument("--heads", type=positive, default=4)
+    parser.add_argument("--layers", type=positive, default=None, help="default 2")
+    parser.add_argument("--mlp-ratio", type=positive, default=4)
     parser.add_argument(
-        "--eval-every", type=int, default=None, help=f"default {DEFAULTS['eval_every']}"
+        "--warmup", type=cli.nonnegative_int, default=30, help="linear warm-up steps"
     )
-    parser.add_argument("--eval-windows", type=int, default=256, help="validation windows")
-    parser.add_argument("--target-loss", type=float, default=None, help="validation loss target")
+    parser.add_argument(
+        "--weight-decay", type=cli.nonnegative_float, default=0.01, help="AdamW's, on matrices"
+    )
+    parser.add_argument("--eval-every", type=positive, default=None, help="default 25")
+    parser.add_argument("--eval-windows", type=positive, default=256, help="validation windows")
+    parser.add_argument(
+        "--target-loss", type=cli.positive_float, default=None, help="validation loss target"
+    )
     parser.add_argument("--text-file", default=None, help="train on this file instead")
-    parser.add_argument("--validation-fraction", type=float, default=0.1)
+    parser.add_argument("--validation-fraction", type=_fraction, default=0.1)
     parser.add_argument("--precondition-embeddings", action="store_true")
     parser.add_argument("--precondition-head", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="transformer_lm_results")
+    parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    parser.add_argument("--output-dir", type=cli.output_dir, default="transformer_lm_results")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument(
         "--blas-threads",
-        type=int,
+        type=cli.nonnegative_int,
         default=1,
         help="OPENBLAS_NUM_THREADS for the SVDs on CPU, set before jax loads LAPACK (threaded "
         "OpenBLAS was up to 25x slower on a busy 2-core machine, docs/performance.md); 0: "
         "leave the environment as it is",
     )
     args = parser.parse_args(argv)
-
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = sorted(set(args.modes) - set(MODES))
-    if unknown or not args.modes:
-        parser.error(f"--modes takes a comma list of {', '.join(MODES)}; got {unknown or 'none'}")
     defaults = LONG_RUN if args.long else DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in (
-        "steps", "batch_size", "context", "d_model", "heads", "layers", "mlp_ratio",
-        "eval_every", "eval_windows",
-    ):  # fmt: skip
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
-    if args.warmup < 0 or args.blas_threads < 0:
-        parser.error("--warmup and --blas-threads must be >= 0")
     if args.d_model % args.heads:
         parser.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
-    if args.depth < 2:
-        parser.error("--depth must be >= 2 (depth 1 is the plain model)")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        parser.error("--weight-decay must be a finite number >= 0")
-    if not 0.0 < args.validation_fraction < 1.0:
-        parser.error("--validation-fraction must be in (0, 1)")
-    if args.target_loss is not None and not (
-        math.isfinite(args.target_loss) and args.target_loss > 0
-    ):
-        parser.error("--target-loss must be a positive number")
-    try:
-        given = _parse_lrs(args.lr)
-    except ValueError as e:
-        parser.error(f"--lr: {e}")
-    bad = sorted(set(given) - set(DEFAULT_LEARNING_RATES))
-    if bad:
-        parser.error(f"--lr names unknown modes {bad}; use {', '.join(DEFAULT_LEARNING_RATES)}")
-    for name, value in given.items():
-        if not (math.isfinite(value) and value > 0):
-            parser.error(f"--lr {name}={value}: learning rates must be positive and finite")
-    args.lr = {**DEFAULT_LEARNING_RATES, **given}
+    args.lr = {**DEFAULT_LEARNING_RATES, **args.lr}
     if args.text_file is not None and not pathlib.Path(args.text_file).is_file():
         parser.error(f"--text-file {args.text_file!r} is not a file")
-    if pathlib.Path(args.output_dir).exists() and not pathlib.Path(args.output_dir).is_dir():
-        parser.error(f"--output-dir {args.output_dir!r} exists and is not a directory")
     args.parser = parser
     return args
 
@@ -335,7 +334,7 @@ def main(argv=None) -> dict:
     runs = {}
     for mode in args.modes:
         model, params, tx = build_run(mode, args, plain_params)
-        logits_fn = tlm.logits_fn_for(model)
+        logits_fn = models.logits_fn_for(model)
         result = training.run_minibatch(
             logits_fn,
             params,
@@ -408,13 +407,7 @@ def main(argv=None) -> dict:
             "training_windows": len(train_inputs),
             "validation_windows": len(val_inputs),
         },
-        "environment": {
-            "jax": jax.__version__,
-            "optax": optax.__version__,
-            "device": str(jax.devices()[0]),
-            "platform": platform.platform(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        },
+        "environment": {**timing.environment(), "optax": optax.__version__},
         "target_val_loss": target,
         "runs": runs,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -11,9 +11,10 @@ import optax
 import pytest
 
 import overparam_optax as opx
-from overparam_optax import text
-from overparam_optax import transformer as tlm
-from tests.reference import reference_precondition
+from overparam_optax import factorized
+from overparam_optax.experiments import models, text
+from overparam_optax.experiments.data import DataError
+from overparam_optax.experiments.reference import reference_precondition
 
 LAYERS, D_MODEL, HEADS, HEAD_DIM, CONTEXT = 2, 12, 3, 4, 8
 MLP_HIDDEN = 2 * D_MODEL
@@ -23,7 +24,7 @@ PER_HEAD_OUT = opx.MatrixDimensionNumbers(reduction_axis=-2, output_axis=-1)
 
 
 def _model(depth=1):
-    return tlm.TransformerLM(
+    return models.TransformerLM(
         context=CONTEXT,
         d_model=D_MODEL,
         num_heads=HEADS,
@@ -70,23 +71,23 @@ def test_params_have_head_shaped_kernels_and_a_layer_axis(params):
 
 
 def test_dimension_numbers_tree(params):
-    dims = tlm.transformer_dimension_numbers(params)
+    dims = models.transformer_dimension_numbers(params)
     blocks = dims["blocks"]
     for name in ("query", "key", "value"):
-        assert blocks["attn"][name]["kernel"] == tlm.ATTENTION_IN
-    assert blocks["attn"]["out"]["kernel"] == tlm.ATTENTION_OUT
-    assert blocks["mlp_in"]["kernel"] == blocks["mlp_out"]["kernel"] == tlm.DENSE
+        assert blocks["attn"][name]["kernel"] == models.ATTENTION_IN
+    assert blocks["attn"]["out"]["kernel"] == models.ATTENTION_OUT
+    assert blocks["mlp_in"]["kernel"] == blocks["mlp_out"]["kernel"] == models.DENSE
     # Stacked biases and LayerNorm parameters are 2-D but not matrices.
     assert blocks["mlp_in"]["bias"] is None and blocks["ln_mlp"]["scale"] is None
     # The default leaves embeddings and head to the base optimizer.
     assert dims["embed"]["embedding"] is None and dims["pos_embed"] is None
     assert dims["head"]["kernel"] is None and dims["head"]["bias"] is None
-    everything = tlm.transformer_dimension_numbers(params, embeddings=True, head=True)
-    assert everything["embed"]["embedding"] == everything["pos_embed"] == tlm.DENSE
-    assert everything["head"]["kernel"] == tlm.DENSE and everything["head"]["bias"] is None
+    everything = models.transformer_dimension_numbers(params, embeddings=True, head=True)
+    assert everything["embed"]["embedding"] == everything["pos_embed"] == models.DENSE
+    assert everything["head"]["kernel"] == models.DENSE and everything["head"]["bias"] is None
     # Shapes only: works on abstract parameters too.
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    assert tlm.transformer_dimension_numbers(abstract) == dims
+    assert models.transformer_dimension_numbers(abstract) == dims
 
 
 def _projection_matrices(kernel, name):
@@ -103,7 +104,7 @@ def _projection_matrices(kernel, name):
 def test_one_preconditioner_per_projection_and_layer_matches_float64_reference(
     params, grads, N
 ):
-    tx = opx.overparam_precondition(N, dimension_numbers=tlm.transformer_dimension_numbers)
+    tx = opx.overparam_precondition(N, dimension_numbers=models.transformer_dimension_numbers)
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     names = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp_in", "mlp_out")
     for path in names:
@@ -136,7 +137,7 @@ def test_one_preconditioner_per_projection_and_layer_matches_float64_reference(
 
 
 def _per_head_dims(params):
-    dims = tlm.transformer_dimension_numbers(params)
+    dims = models.transformer_dimension_numbers(params)
     attention = dict(dims["blocks"]["attn"])
     for name in ("query", "key", "value"):
         attention[name] = {"kernel": PER_HEAD_IN}
@@ -147,7 +148,7 @@ def _per_head_dims(params):
 def test_per_head_preconditioning_is_a_different_rule(params, grads):
     """Per head is the block-diagonal rule (checked against the reference): not the same."""
     tx_head = opx.overparam_precondition(2, dimension_numbers=_per_head_dims(params))
-    tx_proj = opx.overparam_precondition(2, dimension_numbers=tlm.transformer_dimension_numbers)
+    tx_proj = opx.overparam_precondition(2, dimension_numbers=models.transformer_dimension_numbers)
     per_head, _ = tx_head.update(grads, tx_head.init(params), params)
     per_proj, _ = tx_proj.update(grads, tx_proj.init(params), params)
     w = np.asarray(params["blocks"]["attn"]["query"]["kernel"], np.float64)
@@ -162,8 +163,8 @@ def test_per_head_preconditioning_is_a_different_rule(params, grads):
 
 
 def test_factorized_model_computes_the_same_function(params):
-    dims = tlm.transformer_dimension_numbers(params)
-    explicit = tlm.factorize_params(params, 2, dims, key=jax.random.PRNGKey(3))
+    dims = models.transformer_dimension_numbers(params)
+    explicit = models.factorize_params(params, 2, dims, key=jax.random.PRNGKey(3))
     query = explicit["blocks"]["attn"]["query"]
     assert set(query) == {"kernel_0", "kernel_1"}
     assert query["kernel_0"].shape == (LAYERS, D_MODEL, min(D_MODEL, HEADS * HEAD_DIM))
@@ -182,14 +183,14 @@ def test_factorized_model_computes_the_same_function(params):
     for kernels in (query, explicit["blocks"]["mlp_out"]):
         for layer in range(LAYERS):
             pair = [kernels[f"kernel_{i}"][layer] for i in range(2)]
-            assert float(opx.factorized.pair_balancedness(pair)[0]) < 1e-5
+            assert float(factorized.pair_balancedness(pair)[0]) < 1e-5
 
 
 def test_per_projection_is_the_velocity_of_the_explicit_product(params):
     """Gradient flow on the factors of W = K_0 K_1 moves W by -(K_0 K_0^T G + G K_1^T K_1),
     which is P_W(G) for the whole projection matrix (balanced factors), not per head."""
-    dims = tlm.transformer_dimension_numbers(params)
-    explicit = tlm.factorize_params(params, 2, dims, key=jax.random.PRNGKey(3))
+    dims = models.transformer_dimension_numbers(params)
+    explicit = models.factorize_params(params, 2, dims, key=jax.random.PRNGKey(3))
     tokens = _tokens(1)
     explicit_grads = jax.grad(lambda p: _loss(_model(depth=2), p, tokens))(explicit)
     plain_grads = jax.grad(lambda p: _loss(_model(), p, tokens))(params)
@@ -230,7 +231,7 @@ def test_text_corpus_from_a_file(tmp_path):
     np.testing.assert_array_equal(val_y[-1], corpus.validation[241:251])  # last whole window
     with pytest.raises(ValueError, match="validation_fraction"):
         text.load_text_corpus(path, validation_fraction=1.0)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="not a file"):
         text.load_text_corpus(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="at least"):
         text.windows(corpus.train[:5], 10)

@@ -11,7 +11,11 @@ importing it imports none of its modules. Import the one you need, e.g.
   training of classifiers, the l_p regression loss and iterations-to-target metrics.
 * ``trajectories`` — ``compare_trajectories``: explicit depth-N GD vs the preconditioned
   depth-1 model.
-* ``models`` — the TensorFlow-tutorial CNN and an MLP, defined once for every script.
+* ``models`` — the TensorFlow-tutorial CNN, an MLP and a small byte-level transformer
+  language model (with the dimension numbers of its attention heads and scanned layers),
+  defined once for every script.
+* ``text`` — a byte corpus that needs no download (the running Python's standard-library
+  sources, or any file), its train/validation split and next-byte windows.
 * ``devices`` — ``use_host_cpu_devices``: several CPU devices for sharded runs.
 * ``timing`` — interleaved step timing and the environment record of the benchmarks.
 * ``cli`` — argparse ``type=`` checks shared by the scripts' command lines.

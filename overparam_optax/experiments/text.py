@@ -18,7 +18,9 @@ runs. :func:`load_text_corpus` builds the corpus and its train/validation split:
   ``zipimport.py``. No validation byte is seen in training.
 
 Tokens are the byte values 0..255 (vocabulary 256, no tokenizer). :func:`windows` cuts a
-token array into (input, target) pairs of fixed length for next-token prediction.
+token array into (input, target) pairs of fixed length for next-token prediction. A file
+that cannot be used raises :class:`~overparam_optax.experiments.data.DataError`, as the
+other loaders do.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import sysconfig
 from typing import NamedTuple
 
 import numpy as np
+
+from overparam_optax.experiments.data import DataError
 
 __all__ = [
     "VOCAB_SIZE",
@@ -83,13 +87,13 @@ def stdlib_source_files() -> list[pathlib.Path]:
       The paths, sorted by file name (byte-wise, as Python sorts strings).
 
     Raises:
-      FileNotFoundError: if the interpreter's standard-library directory holds no ``.py``
-        file (e.g. a distribution that ships only bytecode); pass a text file instead.
+      DataError: if the interpreter's standard-library directory holds no ``.py`` file
+        (e.g. a distribution that ships only bytecode); pass a text file instead.
     """
     root = pathlib.Path(sysconfig.get_path("stdlib"))
     files = sorted((p for p in root.glob("*.py") if p.is_file()), key=lambda p: p.name)
     if not files:
-        raise FileNotFoundError(
+        raise DataError(
             f"No *.py files in the standard-library directory {str(root)!r}; "
             "pass a text file instead (--text-file PATH)."
         )
@@ -112,8 +116,8 @@ def load_text_corpus(
 
     Raises:
       ValueError: on a bad ``validation_fraction``.
-      FileNotFoundError: if ``text_file`` is not a readable file, or the standard library
-        has no source files.
+      DataError: if ``text_file`` is not a readable file, or the standard library has no
+        source files.
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}.")
@@ -123,10 +127,13 @@ def load_text_corpus(
     else:
         path = pathlib.Path(text_file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"--text-file {str(path)!r} is not a file.")
+            raise DataError(f"{str(path)!r} is not a file.")
         files = [path]
         source = str(path)
-    raw = b"".join(f.read_bytes() for f in files)
+    try:
+        raw = b"".join(f.read_bytes() for f in files)
+    except OSError as error:
+        raise DataError(f"Could not read the corpus: {error}") from error
     tokens = np.frombuffer(raw, dtype=np.uint8)
     split = int(np.floor((1.0 - validation_fraction) * tokens.size))
     return TextCorpus(
