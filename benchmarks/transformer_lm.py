@@ -7,10 +7,13 @@
    reused for the grid seed: same command, same numbers), and the explicit depth-2
    factorized model (momentum SGD at the rate chosen for ``momentum+overparam``) for
    ``--explicit-seeds``.
-3. **Summary**: two validation-loss targets, the final loss of plain AdamW and of plain
-   momentum SGD (the worst over seeds, so that every seed of the baseline reaches it); per
-   mode and seed the first evaluated step at or below each target and the training
-   seconds to it (compilation and evaluation excluded).
+3. **Summary**: four validation-loss targets, the loss of plain AdamW and of plain momentum
+   SGD after half and after all of the steps (the worst over seeds, so that every seed of
+   the baseline reaches it); per mode and seed the first evaluated step at or below each
+   target and the training seconds to it (compilation and evaluation excluded).
+4. **Paired step times**: the five modes' training steps interleaved on the same
+   minibatches (load-robust seconds per step; the runs above were timed one after another
+   on a shared machine).
 
 Each run is one call of the example's ``main`` with a single mode, its log kept under
 ``<results-dir>/transformer_lm/<mode>_lr<lr>_seed<seed>/`` and reused by a later call with
@@ -73,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=cli.output_dir, default=str(RESULTS_DIR))
     parser.add_argument("--figures-dir", type=cli.output_dir, default=str(FIGURES_DIR))
     parser.add_argument("--no-reuse", action="store_true", help="recompute every run")
+    parser.add_argument("--timing-chunk", type=cli.positive_int, default=5)
+    parser.add_argument("--timing-repeats", type=cli.positive_int, default=10)
     args = parser.parse_args(argv)
     args.grids = {
         mode: getattr(args, f"grid_{mode.replace('+', '_').replace('-', '_')}")
@@ -114,11 +119,82 @@ def run_one(module, args, mode: str, lr: float, seed: int) -> dict:
     return module.main(argv)
 
 
+def paired_step_times(module, args, chosen: dict) -> dict:
+    """Seconds per training step of every mode, interleaved step by step (load-robust).
+
+    The separate runs above are timed one after another on a shared machine whose load
+    drifts; here the five modes' jitted steps (the example's models and optimizers at the
+    chosen rates) take turns on the same minibatches, ``--timing-repeats`` windows of
+    ``--timing-chunk`` steps each after a warm-up window, and each mode's time is compared
+    with plain AdamW's at the same steps (:func:`~overparam_optax.experiments.timing.
+    time_interleaved`).
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from overparam_optax.experiments import models, text, timing
+
+    argv = ["--lr", ",".join(f"{m}={chosen[m]:g}" for m in TUNED_MODES), "--no-progress"]
+    for name in RUN_FLAGS:
+        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    example_args = module.parse_args(argv)
+    corpus = text.load_text_corpus(args.text_file)
+    inputs, targets = text.windows(corpus.train, args.context)
+    plain = module.make_model(example_args).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, args.context), jnp.int32)
+    )["params"]
+    steps, carries = {}, {}
+    for mode in (*TUNED_MODES, EXPLICIT):
+        model, params, tx = module.build_run(mode, example_args, plain)
+        logits_fn = models.logits_fn_for(model)
+
+        def loss_fn(params, x, y, logits_fn=logits_fn):
+            logits = logits_fn(params, x, True, jax.random.PRNGKey(0))
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        @jax.jit
+        def step(carry, x, y, tx=tx, loss_fn=loss_fn):
+            params, state = carry
+            grads = jax.grad(loss_fn)(params, x, y)
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        steps[mode], carries[mode] = step, (params, tx.init(params))
+    rng = np.random.default_rng(0)
+    batches = [rng.choice(len(inputs), args.batch_size, replace=False) for _ in range(8)]
+
+    def data_fn(i):
+        index = batches[i % len(batches)]
+        return inputs[index], targets[index]
+
+    medians, ratios, _ = timing.time_interleaved(
+        steps, carries, args.timing_chunk, args.timing_repeats, data_fn, "adamw"
+    )
+    return {
+        "chunk": args.timing_chunk,
+        "repeats": args.timing_repeats,
+        "seconds_per_step": medians,
+        "ratio_to_adamw": ratios,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
 def _reach(evaluations: list[dict], target: float) -> tuple[int | None, float | None]:
     for record in evaluations:
         if record["val_loss"] <= target:
             return record["step"], record["train_seconds"]
     return None, None
+
+
+def _val_loss_at(log: dict, step: int) -> float:
+    """The validation loss evaluated after ``step`` updates (+inf if NaN or not evaluated)."""
+    (run,) = log["runs"].values()
+    for record in run["evaluations"]:
+        if record["step"] == step:
+            value = record["val_loss"]
+            return value if math.isfinite(value) else math.inf
+    return math.inf
 
 
 def _final(log: dict) -> float:
@@ -129,11 +205,14 @@ def _final(log: dict) -> float:
 
 def summarize(logs: dict, chosen: dict, args) -> dict:
     """Targets, and per mode and seed the steps/seconds to them (see the module docstring)."""
-    targets = {  # the worst final loss of the plain run over seeds: every seed reaches it
-        f"plain {base}": float(np.max([_final(log) for log in logs[base].values()]))
-        for base in ("adamw", "momentum")
-        if base in logs
-    }
+    # The plain runs' validation loss at half and at all of the steps, the worst over seeds
+    # (so that every seed of the plain run reaches it).
+    targets = {}
+    for base in ("adamw", "momentum"):
+        for at in (args.steps // 2, args.steps):
+            values = [_val_loss_at(log, at) for log in logs.get(base, {}).values()]
+            if values:
+                targets[f"plain {base} @ {at}"] = float(np.max(values))
     modes = {}
     for mode, by_seed in logs.items():
         per_seed = {}
@@ -188,28 +267,43 @@ def tables_markdown(result: dict) -> str:
         )
         lines.append(f"| {mode} | {cells} | {result['chosen'][mode]:g} |")
     summary = result["summary"]
-    names = list(summary["targets"])
-    lines += ["", "Targets: " + "; ".join(f"{n} = {v:.4f}" for n, v in summary["targets"].items())]
-    header = "| mode | lr | seeds | final val loss (mean ± std) |"
-    header += "".join(f" steps to {n} | s to {n} |" for n in names) + " s/step |"
-    lines += ["", header, "|---" * (5 + 2 * len(names)) + "|"]
+    paired = result.get("paired_step_times") or {"seconds_per_step": {}, "ratio_to_adamw": {}}
+    seeds_of = {mode: list(row["seeds"]) for mode, row in summary["modes"].items()}
+    lines += [
+        "",
+        "| mode | lr | final validation loss, mean ± std | per seed "
+        f"({', '.join(seeds_of.get('adamw', []))}) | s/step, own runs | s/step, paired "
+        "| paired / AdamW |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for mode, row in summary["modes"].items():
-        seeds = row["seeds"]
-        cells = [
-            mode,
-            f"{row['learning_rate']:g}",
-            str(len(seeds)),
-            f"{row['final_val_loss_mean']:.4f} ± {row['final_val_loss_std']:.4f}",
-        ]
+        finals = " / ".join(f"{s['final_val_loss']:.4f}" for s in row["seeds"].values())
+        seconds_paired = paired["seconds_per_step"].get(mode)
+        ratio = paired["ratio_to_adamw"].get(mode)
+        lines.append(
+            f"| {mode} | {row['learning_rate']:g} | {row['final_val_loss_mean']:.4f} ± "
+            f"{row['final_val_loss_std']:.4f} | {finals} | {row['seconds_per_step_mean']:.3f} | "
+            + ("-" if seconds_paired is None else f"{seconds_paired:.3f}")
+            + " | "
+            + ("-" if ratio is None else f"{ratio:.2f}")
+            + " |"
+        )
+    names = list(summary["targets"])
+    lines += [
+        "",
+        "Steps to each target per seed (- not reached in the run), and the mean training "
+        "seconds of the seeds that reached it:",
+        "",
+        "| mode | " + " | ".join(f"{n} ({summary['targets'][n]:.4f})" for n in names) + " |",
+        "|---" * (1 + len(names)) + "|",
+    ]
+    for mode, row in summary["modes"].items():
+        cells = [mode]
         for name in names:
-            steps = [s["to_target"][name]["steps"] for s in seeds.values()]
-            seconds = [s["to_target"][name]["seconds"] for s in seeds.values()]
-            missed = sum(v is None for v in steps)
-            mean_steps, mean_seconds = _mean_or_none(steps), _mean_or_none(seconds)
-            note = f" ({missed} of {len(steps)} missed)" if missed else ""
-            cells.append("not reached" if mean_steps is None else f"{mean_steps:.0f}{note}")
-            cells.append("-" if mean_seconds is None else f"{mean_seconds:.1f}")
-        cells.append(f"{row['seconds_per_step_mean']:.3f}")
+            reached = [s["to_target"][name] for s in row["seeds"].values()]
+            steps = " / ".join("-" if r["steps"] is None else str(r["steps"]) for r in reached)
+            seconds = _mean_or_none([r["seconds"] for r in reached])
+            cells.append(steps + ("" if seconds is None else f" ({seconds:.0f} s)"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -231,17 +325,19 @@ def plot(result: dict, path: pathlib.Path) -> None:
         for ax, x in ((axes[0], steps), (axes[1], seconds)):
             ax.plot(x, values.mean(0), color=f"C{index}", label=label)
             ax.fill_between(x, values.min(0), values.max(0), color=f"C{index}", alpha=0.2)
-    for name, value in result["summary"]["targets"].items():
-        for ax in axes:
+    targets = result["summary"]["targets"]
+    for ax in axes:
+        for value in targets.values():
             ax.axhline(value, color="gray", linestyle=":", linewidth=1)
-        axes[0].annotate(name, (0, value), fontsize=7, color="gray", va="bottom")
+        # The first evaluation (the initial loss, ~5.5-6) would squash the rest.
+        ax.set_ylim(0.97 * min(targets.values()), 3.5)
     for ax, xlabel in zip(
         axes, ("step", "training seconds (mean over seeds; shared 2-core CPU)"), strict=True
     ):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats/byte)")
-        ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_title("dotted: the plain runs' loss at half and all of the steps", fontsize=9)
     axes[0].legend(fontsize=8)
     config = result["config"]
     fig.suptitle(
@@ -306,6 +402,7 @@ def main(argv=None) -> dict:
         "grid": grid,
         "chosen": chosen,
         "summary": summarize(logs, chosen, args),
+        "paired_step_times": paired_step_times(module, args, chosen),
         "this_call": {
             "wall_seconds": time.time() - start,
             "cpu_seconds": time.process_time() - cpu_start,

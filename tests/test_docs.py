@@ -29,3 +29,50 @@ def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def _load_benchmark(name):
+    import importlib.util
+
+    path = DOCS.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_transformer_md_tables_are_those_of_the_results_json():
+    """docs/transformer.md quotes the tables that benchmarks/transformer_lm.py makes."""
+    import json
+
+    results = DOCS.parent / "benchmarks" / "results"
+    result = json.loads((results / "transformer_lm_cpu.json").read_text())
+    tables = _load_benchmark("transformer_lm").tables_markdown(result)
+    assert tables == (results / "transformer_lm_tables.md").read_text()
+    doc = (DOCS / "transformer.md").read_text()
+    table_lines = [line for line in tables.splitlines() if line.startswith("|")]
+    assert len(table_lines) >= 15
+    missing = [line for line in table_lines if line not in doc]
+    assert not missing, missing
+
+
+def test_transformer_md_recipe_is_the_library_function():
+    """The copyable recipe in docs/transformer.md gives the same tree as the helper."""
+    import jax
+    import jax.numpy as jnp
+
+    from overparam_optax.experiments import models
+
+    (block,) = [
+        b
+        for b in re.findall(r"```python\n(.*?)```", (DOCS / "transformer.md").read_text(), re.S)
+        if "def transformer_dimension_numbers" in b
+    ]
+    namespace = {}
+    exec(compile(block, "docs/transformer.md", "exec"), namespace)
+    model = models.TransformerLM(context=8, d_model=16, num_heads=2, num_layers=2)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    for flags in ({}, {"embeddings": True, "head": True}):
+        copied = namespace["transformer_dimension_numbers"](params, **flags)
+        assert copied == models.transformer_dimension_numbers(params, **flags)
+    assert namespace["tx"].init(params) is not None

@@ -330,3 +330,20 @@ def test_transformer_lm_text_too_short_fails_before_training(tmp_path):
     result = _run("examples/transformer_lm.py", *common, status=2)
     assert "fewer than one batch" in result.stderr
     assert not out.exists()
+
+
+def test_transformer_lm_long_flag_sets_the_longer_run_unless_overridden():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "transformer_lm_example", REPO / "examples" / "transformer_lm.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    default = module.parse_args([])
+    assert (default.steps, default.d_model, default.layers) == (300, 64, 2)
+    long = module.parse_args(["--long"])
+    assert (long.steps, long.d_model, long.layers, long.eval_every) == (2000, 128, 4, 100)
+    assert module.parse_args(["--long", "--steps", "10"]).steps == 10
+    assert module.parse_args(["--lr", "adamw=0.5"]).lr["adamw"] == 0.5
+    assert module.parse_args([]).lr == module.DEFAULT_LEARNING_RATES
