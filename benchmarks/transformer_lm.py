@@ -1,8 +1,9 @@
 """Tunes and measures examples/transformer_lm.py: a learning-rate grid per mode, then seeds.
 
 1. **Grid** (seed ``--grid-seed``): every tuned mode (AdamW and momentum SGD, each with and
-   without ``overparam_precondition(2)``) at each learning rate of its grid; the rate with
-   the lowest final validation loss is chosen (a diverged run counts as +inf).
+   without ``overparam_precondition(2, method="svd")``) at each learning rate of its grid;
+   the rate with the lowest final validation loss is chosen (a diverged run counts as
+   +inf).
 2. **Seeds**: every tuned mode at its chosen rate for each of ``--seeds`` (the grid run is
    reused for the grid seed: same command, same numbers), and the explicit depth-2
    factorized model (momentum SGD at the rate chosen for ``momentum+overparam``) for

@@ -13,7 +13,8 @@ Modes (comma list ``--modes``), all from the same initial weights, on the same m
 
 * ``adamw`` / ``momentum``: AdamW or SGD with momentum 0.9, the plain baselines;
 * ``adamw+overparam`` / ``momentum+overparam``: ``optax.chain(overparam_precondition(N,
-  dimension_numbers=transformer_dimension_numbers(params)), base)``: every block matrix (the
+  method=--method, dimension_numbers=transformer_dimension_numbers(params)), base)``
+  (``--method svd`` by default: the exact rule every step): every block matrix (the
   four attention projections, one preconditioner per projection and layer, and the two MLP
   kernels) moves along the end-to-end dynamics of a depth-N product; embeddings, head,
   LayerNorms and biases are left to the base optimizer;
@@ -111,7 +112,10 @@ def build_run(mode: str, args, plain_params):
         return model, params, base_optimizer(mode, schedule, args.weight_decay, None)
     tx = base_optimizer(mode, schedule, args.weight_decay, decay_mask(plain_params))
     if mode.endswith("+overparam"):
-        tx = optax.chain(opx.overparam_precondition(args.depth, dimension_numbers=dims), tx)
+        precondition = opx.overparam_precondition(
+            args.depth, method=args.method, dimension_numbers=dims
+        )
+        tx = optax.chain(precondition, tx)
     return model, plain_params, tx
 
 
@@ -279,6 +283,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--text-file", default=None, help="train on this file instead")
     parser.add_argument("--validation-fraction", type=_fraction, default=0.1)
+    parser.add_argument(
+        "--method",
+        choices=("svd", "eigh", "newton", "auto"),
+        default="svd",
+        help="how the overparam modes compute P_W (docs/performance.md); svd, the default "
+        "here, is the exact rule every step, as in the measured runs; auto is the library's "
+        "fast default (factors every 10 steps)",
+    )
     parser.add_argument("--precondition-embeddings", action="store_true")
     parser.add_argument("--precondition-head", action="store_true")
     parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
