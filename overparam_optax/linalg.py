@@ -715,4 +715,3 @@ def precondition_vector(w: jax.Array, g: jax.Array, N: int) -> jax.Array:
     projection = jnp.sum(wc * gc, axis=-1, keepdims=True) / safe_sq_norm * wc
     scale = jnp.power(sq_norm, 1.0 - 1.0 / N)
     return _rescale(scale * (gc + (N - 1) * projection), alpha, N).astype(g.dtype)
-
