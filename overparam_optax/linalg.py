@@ -29,10 +29,10 @@ exactly zero (see `_truncate_below_rank_tolerance`).
 
 Scale. P is homogeneous: P_{cW}(G) = |c|^{2-2/N} P_W(G). Every path divides W by a scalar
 (its largest entry, then a norm bound) before any product or decomposition, works with
-singular values at most 1, and multiplies the result by the scale at the very end, in two
-halves (t * (t * P) with t = scale^{1-1/N}) so that an intermediate never overflows when
-the result itself is representable. Gram matrices therefore never overflow or underflow,
-whatever the weights' magnitude.
+singular values at most 1, and applies the factor scale^{2-2/N} in two halves,
+t P_hat(t G) with t = scale^{1-1/N}, so that no intermediate overflows or falls into the
+subnormal range when G and the result are representable. Gram matrices therefore never
+overflow or underflow, whatever the weights' magnitude.
 
 Depth. "svd" and "eigh" evaluate k in a closed form that is exact and O(1) per entry for
 every N (see :func:`depth_kernel`). The matmul-only "newton" path supports
@@ -42,6 +42,7 @@ N <= :data:`NEWTON_MAX_DEPTH` and refuses deeper N with a ValueError.
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -49,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "AUTO_CPU_EIGH_MAX_SIDE",
     "METHODS",
     "NEWTON_MAX_DEPTH",
     "PolarRoot",
@@ -102,10 +104,14 @@ def _max_abs(x: jax.Array, axes=(-2, -1)) -> jax.Array:
     return jnp.where(peak > 0, peak, jnp.ones_like(peak))
 
 
-def _rescale(out: jax.Array, scale: jax.Array, N: int) -> jax.Array:
-    """out * scale^{2-2/N}, as (out * t) * t with t = scale^{1-1/N} (no spurious overflow)."""
-    t = jnp.power(scale, 1.0 - 1.0 / N).astype(out.dtype)
-    return (out * t) * t
+def _half_scale(scale: jax.Array, N: int, dtype) -> jax.Array:
+    """t = scale^{1-1/N}: the result is t * P_hat(t * G) (P is linear in G).
+
+    Multiplying G by t before the products and the result by t after keeps every
+    intermediate between |G| and |P| in magnitude (their geometric mean), so none
+    overflows or falls into the subnormal range when G and P are representable.
+    """
+    return jnp.power(scale, 1.0 - 1.0 / N).astype(dtype)
 
 
 def depth_kernel(s_left: jax.Array, s_right: jax.Array, N: int) -> jax.Array:
@@ -301,21 +307,47 @@ class PolarRoot(NamedTuple):
     scale: jax.Array  # (...,)
 
 
+#: On CPU, "auto" uses "eigh" for matrices whose smaller side is at most this (LAPACK's
+#: eigensolver on a Gram matrix this small stays fast even when threaded OpenBLAS competes
+#: with a busy process; measured in benchmarks/results/matmul_method_cpu.json).
+AUTO_CPU_EIGH_MAX_SIDE = 64
+
+
+def _blas_single_threaded() -> bool:
+    """Whether the environment pins OpenBLAS to one thread (the variables it reads, in order)."""
+    for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name)
+        if value is not None:
+            return value.strip() == "1"
+    return False
+
+
 def resolve_method(
     method: str, rows: int, cols: int, platform: str | None = None, *, N: int | None = None
 ) -> str:
     """Maps ``method`` to a concrete algorithm for one (rows x cols) matrix shape.
 
-    "auto" picks, from the measurements in docs/performance.md: "eigh" on CPU (LAPACK's
-    symmetric eigensolver on the small Gram matrix is several times faster than its SVD),
-    and on GPU/TPU "newton" for matrices whose smaller side is at least 128 (matmuls run
-    near peak there while the eigensolvers do not), "eigh" below that.
+    "auto" picks (docs/performance.md, "Choosing the method"):
+
+    * CPU (**measured**, 2-core x86, N = 3, benchmarks/results/matmul_method_cpu.json):
+      "eigh" when the smaller side is <= :data:`AUTO_CPU_EIGH_MAX_SIDE` (LAPACK on a
+      tiny Gram matrix: 0.2-1.3 ms on the CNN's 25x32, 800x64, 512x10 kernels, idle or
+      with a busy process, threads pinned or not) or when OpenBLAS is pinned to one thread
+      (OPENBLAS_NUM_THREADS, else GOTO_NUM_THREADS, else OMP_NUM_THREADS equal to "1":
+      then eigh is the fastest, 2-3x faster than "newton" on 3136x512); otherwise
+      "newton", whose XLA matmuls do not suffer from OpenBLAS's spinning threads: on
+      3136x512 with threads unset, eigh took 88 ms idle but 2.7 s with one busy process
+      beside it, newton 180 ms and 463 ms (Muon's Newton-Schulz: 143 and 421 ms).
+    * GPU/TPU (**projected** from matmul counts; no accelerator was measured): "newton"
+      when the smaller side is >= 128 (its ~20-70 products run near matmul peak, while
+      cuSOLVER/TPU eigensolvers do not), "eigh" below that.
+    * "newton" is never picked for N > :data:`NEWTON_MAX_DEPTH` (when N is given).
 
     Args:
       method: one of :data:`METHODS`.
       rows, cols: the matrix shape (the batch does not matter).
       platform: "cpu", "gpu", "tpu", ...; default ``jax.default_backend()``.
-      N: the depth, if known; "auto" never picks "newton" for N > :data:`NEWTON_MAX_DEPTH`.
+      N: the depth, if known.
 
     Returns:
       "svd", "eigh" or "newton".
@@ -325,11 +357,14 @@ def resolve_method(
     if method != "auto":
         return method
     platform = jax.default_backend() if platform is None else platform
-    if platform == "cpu" or min(rows, cols) < 128:
-        return "eigh"
     if N is not None and check_depth(N) > NEWTON_MAX_DEPTH:
         return "eigh"
-    return "newton"
+    side = min(rows, cols)
+    if platform == "cpu":
+        if side <= AUTO_CPU_EIGH_MAX_SIDE or _blas_single_threaded():
+            return "eigh"
+        return "newton"
+    return "newton" if side >= 128 else "eigh"
 
 
 def _svd_basis(w: jax.Array) -> SpectralBasis:
@@ -514,6 +549,8 @@ def _apply_basis(basis: SpectralBasis, g: jax.Array, N: int, precision) -> jax.A
     s_max = jnp.max(s, axis=-1, keepdims=True)
     s_max = jnp.where(s_max > 0, s_max, jnp.ones_like(s_max))
     s = s / s_max  # in [0, 1]: the kernel cannot overflow
+    t = _half_scale(s_max[..., None], N, g.dtype)
+    g = g * t
     kernel = depth_kernel(s, s, N)
     d = jnp.power(s, 2.0 * (N - 1) / N)  # the complement multiplier
     m, n = g.shape[-2:]
@@ -535,7 +572,7 @@ def _apply_basis(basis: SpectralBasis, g: jax.Array, N: int, precision) -> jax.A
             jnp.concatenate([y, complement], axis=-2),
             precision=precision,
         )
-    return _rescale(out, s_max[..., None], N)
+    return out * t
 
 
 def _power_sum(z: jax.Array, f: jax.Array, length: int, precision):
@@ -556,11 +593,12 @@ def _power_sum(z: jax.Array, f: jax.Array, length: int, precision):
 def _apply_polar_root(factors: PolarRoot, g: jax.Array, N: int, precision) -> jax.Array:
     """P(G) = scale^{2-2/N} [G Z^{N-1} + q Z D_{N-1}(q^T G)] (see :class:`PolarRoot`)."""
     q, z, scale = factors
+    t = _half_scale(scale[..., None, None], N, g.dtype)
+    g = g * t
     f = _mm(_mT(q), g, precision)
     z_pow, d = _power_sum(z, f, N - 1, precision)
     inner = _mm(z, d, precision)
-    out = _mm(g, z_pow, precision) + _mm(q, inner, precision)
-    return _rescale(out, scale[..., None, None], N)
+    return (_mm(g, z_pow, precision) + _mm(q, inner, precision)) * t
 
 
 def refresh_singular_values(
@@ -709,9 +747,11 @@ def precondition_vector(w: jax.Array, g: jax.Array, N: int) -> jax.Array:
     wc, gc = w.astype(dtype), g.astype(dtype)
     alpha = _max_abs(wc, axes=-1)
     wc = wc / alpha
+    t = _half_scale(alpha, N, dtype)
+    gc = gc * t
     sq_norm = jnp.sum(wc * wc, axis=-1, keepdims=True)
     # Guard the division only: where w = 0 the scale below is 0, so the projection is moot.
     safe_sq_norm = jnp.where(sq_norm > 0, sq_norm, 1)
     projection = jnp.sum(wc * gc, axis=-1, keepdims=True) / safe_sq_norm * wc
     scale = jnp.power(sq_norm, 1.0 - 1.0 / N)
-    return _rescale(scale * (gc + (N - 1) * projection), alpha, N).astype(g.dtype)
+    return ((scale * (gc + (N - 1) * projection)) * t).astype(g.dtype)
