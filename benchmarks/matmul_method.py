@@ -17,6 +17,9 @@ N <= 8. Sections (each can be skipped):
   products (HIGH on TPU) and to 10 mantissa bits (TF32, DEFAULT on NVIDIA GPUs), then
   accumulated in float32. This is an emulation on CPU (``jax.lax.reduce_precision`` of
   the operands), not a measurement on the hardware.
+* ``depth``: the error of every method for N = 9 .. 1000 on a 96 x 64 matrix of condition
+  number 1e3 ("newton" also beyond linalg.NEWTON_MAX_DEPTH, which it refuses in the API,
+  to show why the limit is where it is).
 * ``cnn``: every method (factors + apply, ``precondition_matrix`` jitted) and Muon's
   Newton-Schulz on the paper's CNN kernels (25x32, 800x64, 3136x512, 512x10), N = 3,
   float32, in four subprocesses: OPENBLAS_NUM_THREADS unset (what users get) or 1, each
@@ -55,7 +58,7 @@ PRECISIONS = ("float32", "bf16x3", "tf32", "bf16")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser)
-    parser.add_argument("--sections", default="ratio,precision,cnn")
+    parser.add_argument("--sections", default="ratio,precision,depth,cnn")
     parser.add_argument("--depths", default="2,3,4,5,6,7,8")
     parser.add_argument("--conditions", default="1,1e1,1e2,1e3")
     parser.add_argument("--shapes", default=None, help="e.g. 1024x1024,3136x512")
@@ -287,6 +290,41 @@ def section_precision(args, shapes, depths):
     return rows
 
 
+def section_depth(args):
+    """Errors at depth N for every method (newton beyond its limit through the private path)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from overparam_optax import linalg
+
+    m, n = (24, 16) if args.quick else (96, 64)
+    depths = [9, 16, 32] if args.quick else [9, 16, 32, 64, 128, 200, 500, 1000]
+    rng = np.random.default_rng(5)
+    w64 = _matrix(rng, m, n, 1e3)
+    g64 = rng.standard_normal((m, n))
+    w, g = jnp.asarray(w64, jnp.float32), jnp.asarray(g64, jnp.float32)
+    rows = []
+    for N in depths:
+        exact = _exact(w64, g64, N)
+        row = {"m": m, "n": n, "N": N, "condition": 1e3, "relative_error": {}}
+        for method in ("svd", "eigh"):
+            out = linalg.apply_depth_factors(linalg.depth_factors(w, N, method), g, N)
+            row["relative_error"][method] = _rel(out, exact)
+        factors = linalg._newton_polar_root(w, N, jax_highest())  # no depth check
+        row["relative_error"]["newton"] = _rel(linalg.apply_depth_factors(factors, g, N), exact)
+        row["newton_accepted"] = N <= linalg.NEWTON_MAX_DEPTH
+        rows.append(row)
+        cells = "  ".join(f"{k}: {e:.1e}" for k, e in row["relative_error"].items())
+        print(f"{m}x{n} condition 1e3, N={N}: {cells}", flush=True)
+    return rows
+
+
+def jax_highest():
+    import jax
+
+    return jax.lax.Precision.HIGHEST
+
+
 def cnn_worker(args) -> None:
     """Times every method on the CNN shapes in this process's environment (a subprocess)."""
     import jax
@@ -386,6 +424,8 @@ def main(argv=None) -> dict:
         payload["precision"] = section_precision(
             args, shapes, precision_depths[:1] if args.quick else precision_depths
         )
+    if "depth" in sections:
+        payload["depth"] = section_depth(args)
     if "cnn" in sections:
         payload["cnn"] = section_cnn(args)
     common.write_json(args, "matmul_method", payload)
