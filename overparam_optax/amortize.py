@@ -95,7 +95,7 @@ def init_entry(view: MatrixView | None, dtype, N: int, method: str, every: int) 
     """Zero-filled factors for one leaf (filled by its first update), or an empty entry."""
     if view is None or view.is_vector or every == 1 or N == 1:
         return empty_entry()
-    concrete = linalg.resolve_method(method, view.rows, view.cols)
+    concrete = linalg.resolve_method(method, view.rows, view.cols, N=N)
     return linalg.depth_factors_like(tall_shape(view), linalg.compute_dtype(dtype), N, concrete)
 
 

@@ -26,12 +26,23 @@ P_W(G) = 0 for N >= 2 and no NaN appears, and repeated singular values need no c
 because k depends on the values only, never on the (non-unique) singular vectors.
 Singular values below numpy's rank tolerance, max(m, n) * eps * s_max, are taken to be
 exactly zero (see `_truncate_below_rank_tolerance`).
+
+Scale. P is homogeneous: P_{cW}(G) = |c|^{2-2/N} P_W(G). Every path divides W by a scalar
+(its largest entry, then a norm bound) before any product or decomposition, works with
+singular values at most 1, and applies the factor scale^{2-2/N} in two halves,
+t P_hat(t G) with t = scale^{1-1/N}, so that no intermediate overflows or falls into the
+subnormal range when G and the result are representable. Gram matrices therefore never
+overflow or underflow, whatever the weights' magnitude.
+
+Depth. "svd" and "eigh" evaluate k in a closed form that is exact and O(1) per entry for
+every N (see :func:`depth_kernel`). The matmul-only "newton" path supports
+N <= :data:`NEWTON_MAX_DEPTH` and refuses deeper N with a ValueError.
 """
 
 from __future__ import annotations
 
 import functools
-import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -39,7 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "AUTO_CPU_EIGH_MAX_SIDE",
     "METHODS",
+    "NEWTON_MAX_DEPTH",
     "PolarRoot",
     "SpectralBasis",
     "apply_depth_factors",
@@ -72,16 +85,47 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
 
 
-def _singular_value_powers(s: jax.Array, N: int) -> jax.Array:
-    """Returns p[..., r, j] = s_r^{2j/N} for j = 0..N-1, with s^0 := 1 even for s = 0."""
-    s = jnp.maximum(s, 0)  # an SVD never returns negatives, but a Gram route might.
-    exponents = 2.0 * jnp.arange(1, N, dtype=s.dtype) / N
-    positive = jnp.power(s[..., None], exponents)  # 0^positive == 0 exactly
-    return jnp.concatenate([jnp.ones_like(s)[..., None], positive], axis=-1)
+def _mT(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _sym(x: jax.Array) -> jax.Array:
+    return 0.5 * (x + _mT(x))
+
+
+def _mm(x: jax.Array, y: jax.Array, precision) -> jax.Array:
+    """Every product of the matmul-only path goes through here (benchmarks count them)."""
+    return jnp.matmul(x, y, precision=precision)
+
+
+def _max_abs(x: jax.Array, axes=(-2, -1)) -> jax.Array:
+    """The largest |entry| over ``axes`` (kept), or 1 where it is 0: a safe divisor."""
+    peak = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+    return jnp.where(peak > 0, peak, jnp.ones_like(peak))
+
+
+def _half_scale(scale: jax.Array, N: int, dtype) -> jax.Array:
+    """t = scale^{1-1/N}: the result is t * P_hat(t * G) (P is linear in G).
+
+    Multiplying G by t before the products and the result by t after keeps every
+    intermediate between |G| and |P| in magnitude (their geometric mean), so none
+    overflows or falls into the subnormal range when G and P are representable.
+    """
+    return jnp.power(scale, 1.0 - 1.0 / N).astype(dtype)
 
 
 def depth_kernel(s_left: jax.Array, s_right: jax.Array, N: int) -> jax.Array:
     """The multiplier k(s_a, s_b) = sum_{j=1..N} s_a^{2(j-1)/N} s_b^{2(N-j)/N}.
+
+    It is a geometric series: with hi = max(s_a, s_b), lo = min(s_a, s_b) and
+    rho = lo / hi <= 1,
+
+        k = hi^{2(N-1)/N} (1 - rho^2) / (1 - rho^{2/N})      (k = N hi^{2(N-1)/N} if rho = 1),
+
+    evaluated with ``expm1`` of the logarithms, so it costs O(1) per entry and is accurate
+    for every N (no sum of N terms, no cancellation when s_a ~ s_b, no overflow of a
+    power for N in the thousands). A zero value follows the 0^0 = 1 convention of the
+    identity factors: k(0, s) = k(s, 0) = s^{2(N-1)/N}, and k(0, 0) = 0 for N >= 2.
 
     Args:
       s_left: singular values indexing rows, shape (..., k1), non-negative.
@@ -89,13 +133,20 @@ def depth_kernel(s_left: jax.Array, s_right: jax.Array, N: int) -> jax.Array:
       N: the depth, a positive int.
 
     Returns:
-      An array of shape (..., k1, k2). It is a sum of N rank-one terms, so it is
-      computed as one small matmul of the power tables.
+      An array of shape (..., k1, k2).
     """
     N = check_depth(N)
-    p_left = _singular_value_powers(s_left, N)  # (..., k1, N): exponent 2(j-1)/N
-    p_right = _singular_value_powers(s_right, N)[..., ::-1]  # exponent 2(N-j)/N
-    return jnp.einsum("...aj,...bj->...ab", p_left, p_right)
+    a = jnp.maximum(s_left, 0)[..., :, None]
+    b = jnp.maximum(s_right, 0)[..., None, :]
+    if N == 1:
+        return jnp.ones(jnp.broadcast_shapes(a.shape, b.shape), jnp.result_type(a, b))
+    hi, lo = jnp.maximum(a, b), jnp.minimum(a, b)
+    positive = hi > 0
+    log_rho = jnp.log(lo / jnp.where(positive, hi, 1))  # -inf where lo == 0
+    below = log_rho < 0
+    safe = jnp.where(below, log_rho, -1.0)  # keeps the unselected branch finite
+    series = jnp.where(below, jnp.expm1(2 * safe) / jnp.expm1((2.0 / N) * safe), float(N))
+    return jnp.where(positive, jnp.power(hi, 2.0 * (N - 1) / N) * series, 0)
 
 
 def _truncate_below_rank_tolerance(s: jax.Array, shape, dtype) -> jax.Array:
@@ -120,17 +171,113 @@ def _truncate_below_rank_tolerance(s: jax.Array, shape, dtype) -> jax.Array:
 #: The values of ``method``; "auto" resolves to one of the others per platform and shape.
 METHODS = ("svd", "eigh", "newton", "auto")
 
-#: Default number of coupled-Newton steps of ``method="newton"``. Each step multiplies the
-#: smallest resolved eigenvalue ratio of W^T W by about (1 + 1/(2N))^(2N) (>= 2.25), so 20
-#: steps resolve singular values down to ~1e-4 of the largest (docs/performance.md).
-NEWTON_ITERATIONS = 20
+#: The deepest N that ``method="newton"`` accepts. Its error grows with N (the powers of
+#: the computed root Z = (W^T W)^{1/N} compound its relative error): on condition number
+#: 1e3 in float32 it was measured 2e-5..2e-4 for N <= 100, 7e-4 at N = 200 and 9e-3 at
+#: N = 500 (docs/performance.md). Deeper N raises a ValueError that points to "eigh" or
+#: "svd", which are exact for every N.
+NEWTON_MAX_DEPTH = 128
+
+# Stage 1 of "newton": quintic Newton-Schulz steps X <- X (a I + b S + c S^2), S = X^T X,
+# for the polar factor. Greedy minimax (Polar Express style) for singular values in
+# [4e-4, 1]; seven steps bring every one of them to 1 +- 2e-5.
+_POLAR_STEPS = (
+    (8.4965959772, -25.2112587825, 18.7108078519),
+    (4.2167280563, -3.1162956547, 0.5769527649),
+    (4.1326041042, -3.0733975674, 0.5765247044),
+    (3.7848455911, -2.8284708423, 0.5486710797),
+    (2.9047386963, -2.1723791250, 0.4744079760),
+    (2.0407241554, -1.4239091270, 0.3927723440),
+    (1.8762578088, -1.2513968568, 0.3751397136),
+)
+_NEWTON_SCHULZ_QUINTIC = (1.875, -1.25, 0.375)
+
+# Stage 3 of "newton": coupled iteration for the inverse p-th root of H = (W^T W)^{1/2}
+# with multipliers B = a I + b M + c M^2 (M <- B^p M, T <- T B^r), one table per p. Each
+# step is the greedy minimax choice that most narrows the spectrum of M around 1 (in
+# log scale) subject to a float32 safety bound: (|a| + |b| m + |c| m^2) / B(m) <= 8
+# (5 for p = 4) on the current interval, which keeps round-off from being amplified.
+_ROOT_STEPS = {
+    2: (
+        (9.1185806064, -11.2952249616, 5.5600662964),
+        (1.6477839332, -0.1777606822, 0.0076205906),
+        (1.6937994845, -0.4873253643, 0.0557177469),
+        (1.8849873586, -1.1882414187, 0.3121824736),
+        (1.8750250648, -1.2498496719, 0.3748246713),
+    ),
+    3: (
+        (4.7820892416, -6.8678652447, 4.0721350011),
+        (1.5371833322, -0.2524067193, 0.0171108855),
+        (1.5762567594, -0.6879466387, 0.1413875988),
+        (1.5558038180, -0.7767833185, 0.2209851821),
+        (1.5555555544, -0.7777777723, 0.2222222178),
+    ),
+    4: (
+        (3.7187973400, -3.8458760726, 2.1210498633),
+        (1.3595595156, -0.0846004300, 0.0028074349),
+        (1.3848214317, -0.2902466067, 0.0324416753),
+        (1.4104516279, -0.5480570422, 0.1392516289),
+        (1.4062534761, -0.5624884179, 0.1562349430),
+    ),
+    5: (
+        (2.7358826966, -4.6280257633, 3.2353620470),
+        (1.3623162225, -0.2873413303, 0.0297117617),
+        (1.3232856742, -0.4298272927, 0.1076795049),
+        (1.3200022947, -0.4399931154, 0.1199908212),
+    ),
+    7: (
+        (2.1129935762, -3.8379411764, 2.8842967639),
+        (1.2494499529, -0.2258849825, 0.0273948778),
+        (1.2256947433, -0.3028512825, 0.0773555533),
+        (1.2244899961, -0.3061219151, 0.0816319190),
+    ),
+}
+# Steps of the table used per N (the fewest that keep the modelled error <= 3e-4).
+_ROOT_STEP_COUNT = {3: 4, 4: 5, 5: 4, 6: 5, 7: 4, 8: 5}
+
+
+def _root_exponents(N: int) -> tuple[int, int]:
+    """(p, r) with r = p (1 - 2/N) an integer: T = H Y^r -> H^{2/N} when Y -> H^{-1/p}."""
+    p = N // 2 if N % 2 == 0 else N
+    return p, p - 2 * p // N
+
+
+@functools.cache
+def _scaled_newton_steps(p: int, lower: float = 1e-4, upper: float = 1.05, tol: float = 1e-7):
+    """Coefficients of scaled coupled Newton steps for the inverse p-th root (N > 8).
+
+    On an interval [l, u] the step B(m) = u^{-1/p} ((p + 1) - m / u) / p maps m to
+    g(m / u) with g(y) = y ((p + 1 - y) / p)^p, increasing on [0, 1], so the new interval
+    is [g(l / u), 1]: small values grow by ((p + 1) / p)^p >= 2.25 per step, then the
+    convergence is quadratic. Computed in Python floats when tracing.
+    """
+    steps, lo, hi = [], lower, upper
+    while lo < 1 - tol and len(steps) < 60:
+        scale = hi ** (-1.0 / p)
+        steps.append((scale * (p + 1) / p, -scale / (p * hi), 0.0))
+        y = lo / hi
+        lo, hi = y * ((p + 1 - y) / p) ** p, 1.0
+    return tuple(steps)
+
+
+def _newton_schedule(N: int):
+    """(polar steps, root steps) of the matmul-only path for depth N (static)."""
+    if N <= 8:
+        polar = _POLAR_STEPS
+        if N <= 2:
+            return polar, ()
+        p, _ = _root_exponents(N)
+        return polar, _ROOT_STEPS[p][: _ROOT_STEP_COUNT[N]]
+    p, _ = _root_exponents(N)
+    return _POLAR_STEPS + (_NEWTON_SCHULZ_QUINTIC,), _scaled_newton_steps(p)
 
 
 class SpectralBasis(NamedTuple):
     """Thin SVD ``W = u diag(s) v^T`` of a tall (rows >= cols) matrix, batched over leading axes.
 
     Singular values below the method's rank tolerance are exactly 0 (and so are the
-    matching columns of ``u`` for ``method="eigh"``).
+    matching columns of ``u`` for ``method="eigh"``). ``s`` is in the units of W; the
+    application normalizes by max(s) internally, so any representable scale works.
     """
 
     u: jax.Array  # (..., m, n)
@@ -139,28 +286,68 @@ class SpectralBasis(NamedTuple):
 
 
 class PolarRoot(NamedTuple):
-    """Matmul-only factors of a tall matrix W: ``W = q (W^T W)^{1/2}`` and ``root = (W^T W)^{1/N}``.
+    """Matmul-only factors of a tall matrix W (``method="newton"``), in normalized units.
 
-    ``q`` is the polar factor (orthonormal columns on the range of W); (W W^T)^p equals
-    ``q root^{pN} q^T`` for every p > 0, which is all the preconditioner needs.
+    With ``scale`` >= the largest singular value of W (a cheap norm bound) and
+    W_hat = W / scale (singular values in [0, 1]):
+
+    * ``q`` (..., m, n): the polar factor of W_hat, W_hat = q (W_hat^T W_hat)^{1/2};
+      q has orthonormal columns on the range of W (singular values ~1, exactly 0 on its
+      null space);
+    * ``root`` (..., n, n): Z = (W_hat^T W_hat)^{1/N};
+    * ``scale`` (...,): the scalar, so that P_W(G) = scale^{2-2/N} P_{W_hat}(G).
+
+    (W W^T)^{i/N} = scale^{2i/N} q Z^i q^T for i >= 1 (the identity factor i = 0 needs no
+    polar factor), which is all the preconditioner needs:
+    P_{W_hat}(G) = G Z^{N-1} + q [sum_{i=1..N-1} Z^i (q^T G) Z^{N-1-i}].
     """
 
     q: jax.Array  # (..., m, n)
     root: jax.Array  # (..., n, n)
+    scale: jax.Array  # (...,)
 
 
-def resolve_method(method: str, rows: int, cols: int, platform: str | None = None) -> str:
+#: On CPU, "auto" uses "eigh" for matrices whose smaller side is at most this (LAPACK's
+#: eigensolver on a Gram matrix this small stays fast even when threaded OpenBLAS competes
+#: with a busy process; measured in benchmarks/results/matmul_method_cpu.json).
+AUTO_CPU_EIGH_MAX_SIDE = 64
+
+
+def _blas_single_threaded() -> bool:
+    """Whether the environment pins OpenBLAS to one thread (the variables it reads, in order)."""
+    for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name)
+        if value is not None:
+            return value.strip() == "1"
+    return False
+
+
+def resolve_method(
+    method: str, rows: int, cols: int, platform: str | None = None, *, N: int | None = None
+) -> str:
     """Maps ``method`` to a concrete algorithm for one (rows x cols) matrix shape.
 
-    "auto" picks, from the measurements in docs/performance.md: "eigh" on CPU (LAPACK's
-    symmetric eigensolver on the small Gram matrix is several times faster than its SVD),
-    and on GPU/TPU "newton" for matrices whose smaller side is at least 128 (matmuls run
-    near peak there while the eigensolvers do not), "eigh" below that.
+    "auto" picks (docs/performance.md, "Choosing the method"):
+
+    * CPU (**measured**, 2-core x86, N = 3, benchmarks/results/matmul_method_cpu.json):
+      "eigh" when the smaller side is <= :data:`AUTO_CPU_EIGH_MAX_SIDE` (LAPACK on a
+      tiny Gram matrix: 0.2-1.3 ms on the CNN's 25x32, 800x64, 512x10 kernels, idle or
+      with a busy process, threads pinned or not) or when OpenBLAS is pinned to one thread
+      (OPENBLAS_NUM_THREADS, else GOTO_NUM_THREADS, else OMP_NUM_THREADS equal to "1":
+      then eigh is the fastest, 2-3x faster than "newton" on 3136x512); otherwise
+      "newton", whose XLA matmuls do not suffer from OpenBLAS's spinning threads: on
+      3136x512 with threads unset, eigh took 88 ms idle but 2.7 s with one busy process
+      beside it, newton 180 ms and 463 ms (Muon's Newton-Schulz: 143 and 421 ms).
+    * GPU/TPU (**projected** from matmul counts; no accelerator was measured): "newton"
+      when the smaller side is >= 128 (its ~20-70 products run near matmul peak, while
+      cuSOLVER/TPU eigensolvers do not), "eigh" below that.
+    * "newton" is never picked for N > :data:`NEWTON_MAX_DEPTH` (when N is given).
 
     Args:
       method: one of :data:`METHODS`.
       rows, cols: the matrix shape (the batch does not matter).
       platform: "cpu", "gpu", "tpu", ...; default ``jax.default_backend()``.
+      N: the depth, if known.
 
     Returns:
       "svd", "eigh" or "newton".
@@ -170,95 +357,136 @@ def resolve_method(method: str, rows: int, cols: int, platform: str | None = Non
     if method != "auto":
         return method
     platform = jax.default_backend() if platform is None else platform
-    if platform == "cpu" or min(rows, cols) < 128:
+    if N is not None and check_depth(N) > NEWTON_MAX_DEPTH:
         return "eigh"
-    return "newton"
+    side = min(rows, cols)
+    if platform == "cpu":
+        if side <= AUTO_CPU_EIGH_MAX_SIDE or _blas_single_threaded():
+            return "eigh"
+        return "newton"
+    return "newton" if side >= 128 else "eigh"
 
 
 def _svd_basis(w: jax.Array) -> SpectralBasis:
-    u, s, vt = jnp.linalg.svd(w, full_matrices=False)
+    alpha = _max_abs(w)
+    u, s, vt = jnp.linalg.svd(w / alpha, full_matrices=False)
     s = _truncate_below_rank_tolerance(s, w.shape[-2:], w.dtype)
-    return SpectralBasis(u, s, jnp.swapaxes(vt, -1, -2))
+    return SpectralBasis(u, s * alpha[..., 0], _mT(vt))
 
 
 def _gram(w: jax.Array, precision) -> jax.Array:
-    gram = jnp.matmul(jnp.swapaxes(w, -1, -2), w, precision=precision)
-    return 0.5 * (gram + jnp.swapaxes(gram, -1, -2))  # exactly symmetric for eigh
+    return _sym(_mm(_mT(w), w, precision))  # exactly symmetric for eigh
 
 
 def _eigh_basis(w: jax.Array, precision) -> SpectralBasis:
     """The basis from the eigendecomposition of the smaller Gram matrix W^T W.
 
-    Its eigenvalues are s^2 with an absolute error of order eps * s_max^2, so singular
-    values are resolved only down to about sqrt(eps) * s_max (the squared condition
-    number). Eigenvalues at or below eps * lambda_max (round-off level) are set to 0;
-    u = W v / s on the others, 0 elsewhere. numpy's rank tolerance applied to the Gram
-    matrix (max(m, n) * eps * lambda_max) would zero singular values up to
-    sqrt(max(m, n) * eps) * s_max (2% for n = 4096) and was measured to be 10-50x less
-    accurate on ill-conditioned W (docs/performance.md).
+    W is first divided by its largest entry, so the Gram matrix neither overflows nor
+    underflows at any weight scale. The eigenvectors v come from ``eigh`` of W^T W; the
+    singular values are then taken as the column norms of B = W v (not as the square roots
+    of the eigenvalues) and u = B / s. The eigenvalues of the Gram matrix carry an absolute
+    error of order eps * s_max^2, i.e. a relative error eps (s_max / s)^2 on s^2, which for
+    condition number 1e3 in float32 reached 1e-2 on the smallest values and 7.6e-3 on P
+    (N = 8); the column norms are accurate to about eps * s_max instead, because an
+    eigenvector error is mostly mixing with eigenvalues of similar size. Values below
+    numpy's rank tolerance max(m, n) * eps * s_max are set to 0 (and their columns of u).
     """
-    lam, v = jnp.linalg.eigh(_gram(w, precision))
-    lam = jnp.maximum(lam, 0)
-    tolerance = jnp.finfo(w.dtype).eps * jnp.max(lam, axis=-1, keepdims=True)
-    s = jnp.where(lam > tolerance, jnp.sqrt(lam), 0)
+    alpha = _max_abs(w)
+    w = w / alpha
+    _, v = jnp.linalg.eigh(_gram(w, precision))
+    b = _mm(w, v, precision)
+    s = jnp.sqrt(jnp.sum(b * b, axis=-2))
+    s = _truncate_below_rank_tolerance(s, w.shape[-2:], w.dtype)
     inv_s = jnp.where(s > 0, 1 / jnp.where(s > 0, s, 1), 0)
-    u = jnp.matmul(w, v, precision=precision) * inv_s[..., None, :]
-    return SpectralBasis(u, s, v)
+    return SpectralBasis(b * inv_s[..., None, :], s * alpha[..., 0], v)
 
 
-def _newton_polar_root(w: jax.Array, N: int, precision, iterations: int) -> PolarRoot:
-    """Polar factor and (W^T W)^{1/N} with matmuls only (no eigensolver, no inverse).
+def _power(x: jax.Array, k: int, precision) -> jax.Array:
+    """x^k for a static k >= 1, by repeated squaring."""
+    result, base = None, x
+    while k:
+        if k & 1:
+            result = base if result is None else _mm(result, base, precision)
+        k >>= 1
+        if k:
+            base = _mm(base, base, precision)
+    return result
 
-    The coupled Newton iteration for the inverse p-th root (p = 2N) of A = W^T W / c,
-    c = ||W^T W||_F so that the spectrum lies in [0, 1]:
 
-        T_k = ((p + 1) I - M_k) / p,   X_{k+1} = X_k T_k,   M_{k+1} = T_k^p M_k,
+def _quadratic(a: float, b: float, c: float, m: jax.Array, m2: jax.Array) -> jax.Array:
+    """a I + b M + c M^2 for a batch of square matrices."""
+    eye = jnp.eye(m.shape[-1], dtype=m.dtype)
+    return a * eye + b * m + c * m2
 
-    from X_0 = I, M_0 = A, keeps M_k = X_k^p A and drives X_k -> A^{-1/p}. Then
-    q = W A^{-1/2} / sqrt(c) = W X^N / sqrt(c) and (W^T W)^{1/N} = c^{1/N} A X^{2N-2}.
 
-    Round-off makes the computed Gram matrix indefinite at the eps * c level, and the
-    iteration diverges on a negative eigenvalue, so A is shifted by delta = max(sqrt(n),
-    4) * eps (relative): every eigenvalue then lies in [delta, 1 + delta] and converges in
-    about log(1 / delta) / log(2.25) + 5 <= 20 steps. The shift acts like a rank
-    tolerance: singular values well below sqrt(delta) * s_max are treated as ~0 (a
-    larger shift was measured more accurate on rank-deficient W and less on full-rank
-    ones; docs/performance.md).
+def _newton_polar_root(w: jax.Array, N: int, precision) -> PolarRoot:
+    """Polar factor and (W^T W)^{1/N} of a tall W with matmuls only (no inverse, no eigensolver).
+
+    Three stages, all with fixed, tuned coefficients (docs/performance.md):
+
+    0. Normalize: W_hat = W / alpha (alpha = max |w_ij|), A = W_hat^T W_hat, A^2, and
+       c = ||A^2||_F^{1/2} >= s_max(W_hat)^2 (tight to a factor n^{1/4}); X_0 = W_hat / sqrt(c)
+       has singular values in [0, 1]. ``scale`` = alpha sqrt(c).
+    1. Polar factor: 7 quintic Newton-Schulz steps X <- a X + X (b S + c S^2), S = X^T X,
+       with Polar Express-style greedy coefficients for singular values in [4e-4, 1]
+       (``_POLAR_STEPS``; step 0 reuses A and A^2). Working on X (m x n) rather than on the
+       Gram matrix keeps small singular values relatively accurate in float32.
+    2. H = sym(q^T X_0) = (X_0^T X_0)^{1/2}: condition number at most that of W.
+    3. Root: Z = H^{2/N}. N = 2: Z = H. Otherwise the coupled iteration for the inverse
+       p-th root of H (p = N/2 for even N, p = N for odd N; r = p (1 - 2/N)) carrying the
+       positive root instead of the inverse one: M_0 = T_0 = H, then per step
+       B = a I + b M + c M^2, T <- T B^r, M <- B^p M (M is not updated after the last
+       step). Since M_k = H Y_k^p and T_k = H Y_k^r with Y_k the product of the B's,
+       Y -> H^{-1/p} and T -> H^{1 - r/p} = H^{2/N} as M -> I. Tracking T = H Y^r
+       (bounded) rather than Y -> H^{-1/p} (large where H is small) avoids the
+       cancellation of forming H Y^r at the end (measured 20x less accurate in float32).
+
+    Zero (or exactly rank-deficient) directions stay exactly 0 through every stage. A
+    singular value far below 4e-4 s_max is under-resolved: it is treated as smaller than
+    it is (see docs/performance.md for the error beyond condition number 1e3).
     """
-    p = 2 * N
-    n = w.shape[-1]
+    polar_steps, root_steps = _newton_schedule(N)
+    alpha = _max_abs(w)
+    w = w / alpha
     gram = _gram(w, precision)
-    c = jnp.sqrt(jnp.sum(gram * gram, axis=(-2, -1), keepdims=True))
-    c = jnp.where(c > 0, c, 1)
-    eye = jnp.eye(n, dtype=w.dtype)
-    delta = max(math.sqrt(n), 4.0) * float(jnp.finfo(w.dtype).eps)
-    a = gram / c + delta * eye
+    gram2 = _sym(_mm(gram, gram, precision))
+    c = jnp.sqrt(jnp.sqrt(jnp.sum(gram2 * gram2, axis=(-2, -1), keepdims=True)))
+    c = jnp.where(c > 0, c, jnp.ones_like(c))
+    x0 = w / jnp.sqrt(c)
+    x = x0
+    for k, (a, b, cc) in enumerate(polar_steps):
+        if k == 0:
+            s, s2 = gram / c, gram2 / (c * c)
+        else:
+            s = _sym(_mm(_mT(x), x, precision))
+            s2 = _mm(s, s, precision)
+        x = a * x + _mm(x, b * s + cc * s2, precision)
+    q = x
+    h = _sym(_mm(_mT(q), x0, precision))
+    if N <= 2:
+        root = h
+    else:
+        p, r = _root_exponents(N)
+        m, t = h, h
+        for k, (a, b, cc) in enumerate(root_steps):
+            m2 = _mm(m, m, precision)
+            mult = _quadratic(a, b, cc, m, m2)
+            mult_r = _power(mult, r, precision)
+            t = _sym(_mm(t, mult_r, precision))
+            if k < len(root_steps) - 1:
+                mult_p = _mm(mult_r, _power(mult, p - r, precision), precision)
+                m = _sym(_mm(mult_p, m, precision))
+        root = t
+    scale = (alpha * jnp.sqrt(c))[..., 0, 0]
+    return PolarRoot(q, root, scale)
 
-    def mm(x, y):
-        return jnp.matmul(x, y, precision=precision)
 
-    def power(x, k):  # x^k for a static k >= 1, by repeated squaring
-        result, base = None, x
-        while k:
-            if k & 1:
-                result = base if result is None else mm(result, base)
-            k >>= 1
-            if k:
-                base = mm(base, base)
-        return result
-
-    def step(_, carry):
-        x, m = carry
-        t = ((p + 1) * eye - m) / p
-        m = mm(power(t, p), m)
-        return mm(x, t), 0.5 * (m + jnp.swapaxes(m, -1, -2))
-
-    x, _ = jax.lax.fori_loop(0, iterations, step, (jnp.broadcast_to(eye, a.shape), a))
-    x = 0.5 * (x + jnp.swapaxes(x, -1, -2))
-    q = mm(w, power(x, N)) / jnp.sqrt(c)
-    root = mm(gram / c, power(x, 2 * N - 2)) if N > 1 else gram / c
-    root = 0.5 * (root + jnp.swapaxes(root, -1, -2)) * c ** (1.0 / N)
-    return PolarRoot(q, root)
+def _check_newton_depth(N: int) -> None:
+    if N > NEWTON_MAX_DEPTH:
+        raise ValueError(
+            f'method="newton" supports N <= {NEWTON_MAX_DEPTH} (its error grows with N; '
+            f'docs/performance.md); got N={N}. Use method="eigh" or "svd", exact for every N.'
+        )
 
 
 def depth_factors(
@@ -267,7 +495,6 @@ def depth_factors(
     method: str,
     *,
     precision=jax.lax.Precision.HIGHEST,
-    iterations: int = NEWTON_ITERATIONS,
 ) -> SpectralBasis | PolarRoot:
     """The factors of a tall (..., m, n), m >= n, matrix that P_W needs (cacheable).
 
@@ -276,7 +503,6 @@ def depth_factors(
       N: the depth.
       method: "svd", "eigh" or "newton" (resolve "auto" first with :func:`resolve_method`).
       precision: matmul precision.
-      iterations: coupled-Newton steps for "newton".
 
     Returns:
       A :class:`SpectralBasis` ("svd", "eigh") or a :class:`PolarRoot` ("newton").
@@ -289,7 +515,8 @@ def depth_factors(
     if method == "eigh":
         return _eigh_basis(w, precision)
     if method == "newton":
-        return _newton_polar_root(w, N, precision, int(iterations))
+        _check_newton_depth(N)
+        return _newton_polar_root(w, N, precision)
     raise ValueError(f"depth_factors: method must be 'svd', 'eigh' or 'newton', got {method!r}.")
 
 
@@ -298,6 +525,7 @@ def depth_factors_like(shape, dtype, N: int, method: str) -> SpectralBasis | Pol
 
     ``shape`` is (..., m, n) with m >= n. No linear algebra is done.
     """
+    N = check_depth(N)
     *batch, m, n = shape
     if method in ("svd", "eigh"):
         return SpectralBasis(
@@ -306,53 +534,71 @@ def depth_factors_like(shape, dtype, N: int, method: str) -> SpectralBasis | Pol
             jnp.zeros((*batch, n, n), dtype),
         )
     if method == "newton":
-        return PolarRoot(jnp.zeros((*batch, m, n), dtype), jnp.zeros((*batch, n, n), dtype))
+        _check_newton_depth(N)
+        return PolarRoot(
+            jnp.zeros((*batch, m, n), dtype),
+            jnp.zeros((*batch, n, n), dtype),
+            jnp.zeros(tuple(batch), dtype),
+        )
     raise ValueError(f"method must be 'svd', 'eigh' or 'newton', got {method!r}.")
 
 
 def _apply_basis(basis: SpectralBasis, g: jax.Array, N: int, precision) -> jax.Array:
     """P(G) from a thin SVD basis (module docstring), for tall g of the basis's shape."""
     u, s, v = basis
+    s_max = jnp.max(s, axis=-1, keepdims=True)
+    s_max = jnp.where(s_max > 0, s_max, jnp.ones_like(s_max))
+    s = s / s_max  # in [0, 1]: the kernel cannot overflow
+    t = _half_scale(s_max[..., None], N, g.dtype)
+    g = g * t
     kernel = depth_kernel(s, s, N)
-    d = _singular_value_powers(s, N)[..., -1]  # s^{2(N-1)/N}, the complement multiplier
+    d = jnp.power(s, 2.0 * (N - 1) / N)  # the complement multiplier
     m, n = g.shape[-2:]
     if m <= 3 * n:
         # Four m x n x n products: B = G V, A = U^T B, [U ((K - 1 d^T) o A) + B d] V^T.
         b = jnp.matmul(g, v, precision=precision)
-        a = jnp.matmul(jnp.swapaxes(u, -1, -2), b, precision=precision)
+        a = jnp.matmul(_mT(u), b, precision=precision)
         inner = jnp.matmul(u, (kernel - d[..., None, :]) * a, precision=precision)
-        return jnp.matmul(inner + b * d[..., None, :], jnp.swapaxes(v, -1, -2), precision=precision)
-    # Very tall: three m x n x n products and n x n work instead,
-    # P = U [((K - 1 d^T) o (U^T G V)) V^T] + G [V diag(d) V^T].
-    vt = jnp.swapaxes(v, -1, -2)
-    e = jnp.matmul(
-        jnp.matmul(jnp.swapaxes(u, -1, -2), g, precision=precision), v, precision=precision
-    )
-    y = jnp.matmul((kernel - d[..., None, :]) * e, vt, precision=precision)
-    complement = jnp.matmul(v * d[..., None, :], vt, precision=precision)
-    return jnp.matmul(
-        jnp.concatenate([u, g], axis=-1),
-        jnp.concatenate([y, complement], axis=-2),
-        precision=precision,
-    )
+        out = jnp.matmul(inner + b * d[..., None, :], _mT(v), precision=precision)
+    else:
+        # Very tall: three m x n x n products and n x n work instead,
+        # P = U [((K - 1 d^T) o (U^T G V)) V^T] + G [V diag(d) V^T].
+        vt = _mT(v)
+        e = jnp.matmul(jnp.matmul(_mT(u), g, precision=precision), v, precision=precision)
+        y = jnp.matmul((kernel - d[..., None, :]) * e, vt, precision=precision)
+        complement = jnp.matmul(v * d[..., None, :], vt, precision=precision)
+        out = jnp.matmul(
+            jnp.concatenate([u, g], axis=-1),
+            jnp.concatenate([y, complement], axis=-2),
+            precision=precision,
+        )
+    return out * t
+
+
+def _power_sum(z: jax.Array, f: jax.Array, length: int, precision):
+    """(Z^L, D_L) with D_L = sum_{i=0..L-1} Z^i F Z^{L-1-i}, by a binary chain (L >= 1).
+
+    D_{2a} = Z^a D_a + D_a Z^a and D_{a+1} = Z D_a + F Z^a: about 3 log2(L) products.
+    """
+    z_pow, d = z, f
+    for bit in bin(length)[3:]:
+        d = _mm(z_pow, d, precision) + _mm(d, z_pow, precision)
+        z_pow = _mm(z_pow, z_pow, precision)
+        if bit == "1":
+            d = _mm(z, d, precision) + _mm(f, z_pow, precision)
+            z_pow = _mm(z_pow, z, precision)
+    return z_pow, d
 
 
 def _apply_polar_root(factors: PolarRoot, g: jax.Array, N: int, precision) -> jax.Array:
-    """P(G) = G Z^{N-1} + Q [sum_{i=1..N-1} Z^i (Q^T G) Z^{N-1-i}] Q^T-free, Z = (W^T W)^{1/N}."""
-    q, z = factors
-
-    def mm(x, y):
-        return jnp.matmul(x, y, precision=precision)
-
-    e = mm(jnp.swapaxes(q, -1, -2), g)
-    # S_k = sum_{i=1..k} Z^i E Z^{k-i}: S_1 = Z E, S_k = S_{k-1} Z + Z^k E.
-    z_pow_e = mm(z, e)
-    inner, z_pow = z_pow_e, z
-    for _ in range(2, N):
-        z_pow_e = mm(z, z_pow_e)
-        inner = mm(inner, z) + z_pow_e
-        z_pow = mm(z_pow, z)  # Z^{N-1} at the end
-    return mm(jnp.concatenate([q, g], axis=-1), jnp.concatenate([inner, z_pow], axis=-2))
+    """P(G) = scale^{2-2/N} [G Z^{N-1} + q Z D_{N-1}(q^T G)] (see :class:`PolarRoot`)."""
+    q, z, scale = factors
+    t = _half_scale(scale[..., None, None], N, g.dtype)
+    g = g * t
+    f = _mm(_mT(q), g, precision)
+    z_pow, d = _power_sum(z, f, N - 1, precision)
+    inner = _mm(z, d, precision)
+    return (_mm(g, z_pow, precision) + _mm(q, inner, precision)) * t
 
 
 def refresh_singular_values(
@@ -412,9 +658,10 @@ def precondition_matrix(
       N: the depth, a positive Python int. N = 1 returns G unchanged.
       precision: matmul precision (XLA's default on TPU/GPU may use bf16/tf32 passes).
       method: "svd" (default; the exact reference), "eigh" (eigendecomposition of the
-        smaller Gram matrix), "newton" (matmul-only coupled Newton iteration) or "auto"
-        (per platform and shape, :func:`resolve_method`). See docs/performance.md for
-        their speed and error.
+        smaller Gram matrix), "newton" (matmul-only: Newton-Schulz polar factor and a
+        coupled root iteration, N <= :data:`NEWTON_MAX_DEPTH`) or "auto" (per platform
+        and shape, :func:`resolve_method`). See docs/performance.md for their speed and
+        error.
 
     Returns:
       P_W(G), with G's shape and dtype. Computed in float32 or wider (bf16/f16 inputs are
@@ -442,7 +689,9 @@ def precondition_matrix(
         )
     if N == 1:
         return G
-    method = resolve_method(method, *W.shape[-2:])
+    method = resolve_method(method, *W.shape[-2:], N=N)
+    if method == "newton":
+        _check_newton_depth(N)
     return _precondition_jit(W, G, N, precision, method)
 
 
@@ -456,10 +705,10 @@ def _precondition_jit(W: jax.Array, G: jax.Array, N: int, precision, method: str
     w, g = W.astype(dtype), G.astype(dtype)
     wide = w.shape[-2] < w.shape[-1]
     if wide:
-        w, g = jnp.swapaxes(w, -1, -2), jnp.swapaxes(g, -1, -2)
+        w, g = _mT(w), _mT(g)
     factors = depth_factors(w, N, method, precision=precision)
     out = apply_depth_factors(factors, g, N, precision=precision)
-    return (jnp.swapaxes(out, -1, -2) if wide else out).astype(G.dtype)
+    return (_mT(out) if wide else out).astype(G.dtype)
 
 
 def precondition_vector(w: jax.Array, g: jax.Array, N: int) -> jax.Array:
@@ -470,6 +719,9 @@ def precondition_vector(w: jax.Array, g: jax.Array, N: int) -> jax.Array:
 
     .. math::
       P_w(g) = \|w\|^{2 - 2/N} \left( g + (N - 1) \frac{\langle w, g\rangle}{\|w\|^2} w \right).
+
+    w is divided by its largest entry first (the formula is homogeneous), so ||w||^2
+    neither overflows nor underflows at any representable scale.
 
     Leading axes, if any, are batch axes; the last axis is the vector.
 
@@ -493,9 +745,13 @@ def precondition_vector(w: jax.Array, g: jax.Array, N: int) -> jax.Array:
         return g
     dtype = compute_dtype(jnp.promote_types(w.dtype, g.dtype))
     wc, gc = w.astype(dtype), g.astype(dtype)
+    alpha = _max_abs(wc, axes=-1)
+    wc = wc / alpha
+    t = _half_scale(alpha, N, dtype)
+    gc = gc * t
     sq_norm = jnp.sum(wc * wc, axis=-1, keepdims=True)
     # Guard the division only: where w = 0 the scale below is 0, so the projection is moot.
     safe_sq_norm = jnp.where(sq_norm > 0, sq_norm, 1)
     projection = jnp.sum(wc * gc, axis=-1, keepdims=True) / safe_sq_norm * wc
     scale = jnp.power(sq_norm, 1.0 - 1.0 / N)
-    return (scale * (gc + (N - 1) * projection)).astype(g.dtype)
+    return ((scale * (gc + (N - 1) * projection)) * t).astype(g.dtype)

@@ -66,7 +66,7 @@ class _Group(NamedTuple):
     method: str  # concrete: "svd", "eigh" or "newton"
 
 
-def _groups(views: list[MatrixView | None], leaves, method: str) -> list[_Group]:
+def _groups(views: list[MatrixView | None], leaves, method: str, N: int) -> list[_Group]:
     """Groups the leaves that have factors by matrix shape and dtype (trace-time only)."""
     members: dict[tuple, list[int]] = {}
     for index, (view, leaf) in enumerate(zip(views, leaves, strict=True)):
@@ -74,7 +74,7 @@ def _groups(views: list[MatrixView | None], leaves, method: str) -> list[_Group]
             key = (view.rows, view.cols, jnp.dtype(linalg.compute_dtype(leaf.dtype)))
             members.setdefault(key, []).append(index)
     return [
-        _Group(tuple(indices), rows < cols, dtype, linalg.resolve_method(method, rows, cols))
+        _Group(tuple(indices), rows < cols, dtype, linalg.resolve_method(method, rows, cols, N=N))
         for (rows, cols, dtype), indices in members.items()
     ]
 
@@ -146,7 +146,7 @@ def _precondition_leaves(rule: _Rule, views, params, updates, entries, recompute
                 view, params[i], updates[i], rule.N, rule.at_zero
             ).astype(jnp.result_type(updates[i]))
     zero_flags = []
-    for group in _groups(views, params, rule.method):
+    for group in _groups(views, params, rule.method, rule.N):
         count = sum(views[i].count for i in group.indices)
         # Each device of a mesh computes its share of the group's decompositions.
         w, g = sharding.spread_over_mesh(

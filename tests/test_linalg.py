@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 
 import overparam_optax as opx
+from overparam_optax import linalg
 from overparam_optax.experiments.reference import MATRIX_CASES as CASES
-from overparam_optax.experiments.reference import make_matrix, reference_precondition
+from overparam_optax.experiments.reference import (
+    _with_singular_values,
+    make_matrix,
+    reference_precondition,
+)
 
 DEPTHS = range(1, 9)
 
@@ -179,3 +184,162 @@ def test_numpy_integer_depth_is_accepted():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="same shape"):
         opx.precondition_matrix(jnp.eye(2), jnp.ones((2, 3)), 2)
+
+
+# --------------------------------------------------------------------------------------
+# Scale and depth robustness of every method (issue 11). P is homogeneous,
+# P_{cW}(G) = |c|^{2-2/N} P_W(G); every path normalizes W by a scalar first.
+# --------------------------------------------------------------------------------------
+
+METHODS = ["svd", "eigh", "newton"]
+SCALE_EXPONENTS = [-30, -20, -10, 0, 10, 20, 30]
+
+
+def _rel_fro(actual, expected) -> float:
+    return float(
+        np.linalg.norm(np.asarray(actual, np.float64) - expected) / np.linalg.norm(expected)
+    )
+
+
+def _scaled_case(k: int, N: int):
+    """(c, gamma, representable): W -> c W, G -> gamma G with P_{cW}(gamma G) ~ P_W(G)."""
+    power = (2 - 2 / N) * k  # log10 of c^{2-2/N}
+    representable = abs(power) <= 36  # gamma = 10^-power is a normal float32
+    return 10.0**k, (10.0 ** (-power) if representable else 1.0), representable
+
+
+@pytest.mark.parametrize("N", [2, 3, 8])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_is_scale_robust(method, N):
+    rng = np.random.default_rng(20 + N)
+    w0 = _with_singular_values(rng, 8, 5, np.logspace(0, -2, 5))
+    g0 = rng.normal(size=(8, 5))
+    expected = reference_precondition(w0, g0, N)
+    tolerance = 1e-3 if method == "newton" else 1e-4
+    for k in SCALE_EXPONENTS:
+        c, gamma, representable = _scaled_case(k, N)
+        for w, g, exp in [(c * w0, gamma * g0, expected), (c * w0.T, gamma * g0.T, expected.T)]:
+            out = opx.precondition_matrix(
+                jnp.asarray(w, jnp.float32), jnp.asarray(g, jnp.float32), N, method=method
+            )
+            assert not np.any(np.isnan(out)), (k, N)
+            if representable:
+                assert np.all(np.isfinite(out)), (k, N)
+                assert _rel_fro(out, exp) < tolerance, (k, N, _rel_fro(out, exp))
+            elif k > 0:  # |P| ~ 10^(52 or more): overflows, as the true value would
+                assert np.all(np.isinf(out) | (np.abs(out) > 1e37))
+            else:  # |P| ~ 10^-52: underflows to (signed) zero
+                assert np.all(np.abs(out) < 1e-37)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_scale_is_per_matrix_in_a_batch(method):
+    rng = np.random.default_rng(30)
+    w0 = np.stack([_with_singular_values(rng, 6, 4, [1.0, 0.5, 0.2, 0.05]) for _ in range(3)])
+    g0 = rng.normal(size=w0.shape)
+    scales = np.array([1e-20, 1.0, 1e20])[:, None, None]
+    out = opx.precondition_matrix(
+        jnp.asarray(scales * w0, jnp.float32),
+        jnp.asarray(g0 / scales, jnp.float32),  # N = 2: P_{cW}(G/c) = P_W(G)
+        2,
+        method=method,
+    )
+    for i in range(3):
+        assert _rel_fro(out[i], reference_precondition(w0[i], g0[i], 2)) < 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cached_factors_keep_the_scale(method):
+    """Factors of a W of scale 1e15, applied to a later gradient, give P_W of that W."""
+    rng = np.random.default_rng(31)
+    w0 = _with_singular_values(rng, 9, 6, np.logspace(0, -3, 6))
+    c = 1e15
+    factors = linalg.depth_factors(jnp.asarray(c * w0, jnp.float32), 3, method)
+    like = linalg.depth_factors_like((9, 6), jnp.float32, 3, method)
+    assert jax.tree.structure(like) == jax.tree.structure(factors)
+    for a, b in zip(jax.tree.leaves(like), jax.tree.leaves(factors), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    for _ in range(2):
+        g0 = rng.normal(size=(9, 6))
+        out = linalg.apply_depth_factors(factors, jnp.asarray(g0 / c, jnp.float32), 3)
+        # P_{cW}(G / c) = c^{4/3 - 1} P_W(G) = c^{1/3} P_W(G)
+        expected = c ** (1 / 3) * reference_precondition(w0, g0, 3)
+        assert _rel_fro(out, expected) < 1e-3
+
+
+@pytest.mark.parametrize("k", SCALE_EXPONENTS)
+@pytest.mark.parametrize("N", [2, 8])
+def test_vector_closed_form_is_scale_robust(k, N):
+    rng = np.random.default_rng(32)
+    w0, g0 = rng.normal(size=(2, 9)), rng.normal(size=(2, 9))
+    c, gamma, representable = _scaled_case(k, N)
+    out = opx.precondition_vector(
+        jnp.asarray(c * w0, jnp.float32), jnp.asarray(gamma * g0, jnp.float32), N
+    )
+    assert not np.any(np.isnan(out))
+    if representable:
+        for row in range(2):
+            expected = reference_precondition(w0[row][None], g0[row][None], N)[0]
+            assert _rel_fro(out[row], expected) < 1e-5
+
+
+def _deep_case(rng):
+    """A 7 x 5 matrix with singular values over two decades and a rank-deficient 6 x 5 one."""
+    return [
+        _with_singular_values(rng, 7, 5, np.logspace(0, -2, 5)),
+        _with_singular_values(rng, 6, 5, [1.0, 1.0, 0.3, 0.0, 0.0]),
+    ]
+
+
+@pytest.mark.parametrize("N", [16, 100, 1000])
+@pytest.mark.parametrize("method", ["svd", "eigh"])
+def test_exact_methods_are_accurate_at_every_depth(method, N):
+    rng = np.random.default_rng(40)
+    for w in _deep_case(rng):
+        g = rng.normal(size=w.shape)
+        factors = linalg.depth_factors(jnp.asarray(w, jnp.float32), N, method)
+        out = linalg.apply_depth_factors(factors, jnp.asarray(g, jnp.float32), N)
+        assert np.all(np.isfinite(out))
+        assert _rel_fro(out, reference_precondition(w, g, N)) < 1e-4
+
+
+@pytest.mark.parametrize("N", [9, 32, 128])
+def test_newton_is_accurate_up_to_its_depth_limit(N):
+    rng = np.random.default_rng(41)
+    for w in [_with_singular_values(rng, 9, 6, np.logspace(0, -3, 6)), *_deep_case(rng)]:
+        g = rng.normal(size=w.shape)
+        factors = linalg.depth_factors(jnp.asarray(w, jnp.float32), N, "newton")
+        out = linalg.apply_depth_factors(factors, jnp.asarray(g, jnp.float32), N)
+        assert _rel_fro(out, reference_precondition(w, g, N)) < 1e-3
+
+
+def test_newton_refuses_depths_beyond_its_limit():
+    limit = linalg.NEWTON_MAX_DEPTH
+    for N in (limit + 1, 1000):
+        with pytest.raises(ValueError, match=f"N <= {limit}"):
+            opx.precondition_matrix(jnp.eye(3), jnp.eye(3), N, method="newton")
+        with pytest.raises(ValueError, match="eigh"):
+            linalg.depth_factors(jnp.eye(3), N, "newton")
+        with pytest.raises(ValueError, match="newton"):
+            linalg.depth_factors_like((3, 3), jnp.float32, N, "newton")
+        assert linalg.resolve_method("auto", 4096, 4096, platform="gpu", N=N) != "newton"
+    assert linalg.resolve_method("auto", 4096, 4096, platform="gpu", N=limit) == "newton"
+
+
+def test_vector_closed_form_at_depth_1000():
+    rng = np.random.default_rng(42)
+    w, g = rng.normal(size=9), rng.normal(size=9)
+    out = opx.precondition_vector(jnp.asarray(w, jnp.float32), jnp.asarray(g, jnp.float32), 1000)
+    assert _rel_fro(out, reference_precondition(w[None], g[None], 1000)[0]) < 1e-5
+
+
+def test_depth_kernel_is_exact_for_deep_N(x64):
+    s = jnp.asarray([3.0, 1.0, 1.0 - 1e-9, 0.2, 0.0])
+    for N in [9, 1000]:
+        kernel = np.asarray(opx.depth_kernel(s, s, N))
+        sv = np.asarray(s)
+        direct = sum(
+            np.outer(sv ** (2 * (j - 1) / N), sv ** (2 * (N - j) / N)) for j in range(1, N + 1)
+        )
+        np.fill_diagonal(direct[-1:, -1:], 0.0)  # k(0, 0) = 0: 0^0 = 1 only for identities
+        np.testing.assert_allclose(kernel, direct, rtol=1e-12, atol=0)

@@ -15,6 +15,7 @@ import pytest
 
 import overparam_optax as opx
 from overparam_optax import linalg
+from overparam_optax.experiments.reference import reference_precondition
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -81,9 +82,21 @@ def test_auto_matches_exact():
     assert _rel(opx.precondition_matrix(w, g, 3, method="auto"), exact) < 1e-3
 
 
-def test_resolve_method():
+def test_resolve_method(monkeypatch):
+    for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
     assert linalg.resolve_method("svd", 4, 4) == "svd"
+    # CPU with threaded OpenBLAS: eigh only for small Gram matrices, else matmul-only.
+    assert linalg.resolve_method("auto", 800, 64, platform="cpu") == "eigh"
+    assert linalg.resolve_method("auto", 32, 25, platform="cpu") == "eigh"
+    assert linalg.resolve_method("auto", 3136, 512, platform="cpu") == "newton"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert linalg.resolve_method("auto", 3136, 512, platform="cpu") == "eigh"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")  # read first, so it wins
+    assert linalg.resolve_method("auto", 3136, 512, platform="cpu") == "newton"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    assert linalg.resolve_method("auto", 3136, 512, platform="cpu") == "eigh"
+    assert linalg.resolve_method("auto", 3136, 512, platform="cpu", N=1000) == "eigh"
     assert linalg.resolve_method("auto", 3136, 512, platform="gpu") == "newton"
     assert linalg.resolve_method("auto", 800, 64, platform="tpu") == "eigh"
     with pytest.raises(ValueError, match="method"):
@@ -279,7 +292,11 @@ def test_overparam_sgd_passes_method_through():
 
 @pytest.mark.parametrize(
     "script, extra",
-    [("linalg_scaling.py", []), ("step_time.py", ["--targets", "2"])],
+    [
+        ("linalg_scaling.py", []),
+        ("step_time.py", ["--targets", "2"]),
+        ("matmul_method.py", []),
+    ],
 )
 def test_benchmark_smoke(script, extra, tmp_path):
     out = tmp_path / "result.json"
@@ -287,3 +304,96 @@ def test_benchmark_smoke(script, extra, tmp_path):
     result = subprocess.run(command + extra, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.exists()
+
+
+# --------------------------------------------------------------------------------------
+# The matmul-only method ("newton") against the independent float64 reference
+# (issue 12, item 2): <= 1e-3 relative error for condition numbers up to 1e3, N <= 8.
+# Eager calls of depth_factors/apply_depth_factors (no compilation) keep this fast.
+# --------------------------------------------------------------------------------------
+
+
+def _spectrum_matrix(rng, m, n, s):
+    k = len(s)
+    u, _ = np.linalg.qr(rng.standard_normal((m, k)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, k)))
+    return (u * np.asarray(s, float)) @ v.T
+
+
+def _families(rng, m, n):
+    """Tall m x n test matrices (float64): the spectra of issue 12 plus degenerate cases."""
+    k = min(m, n)
+    families = {
+        f"condition_{c:g}": _spectrum_matrix(rng, m, n, np.logspace(0, -np.log10(c), k))
+        for c in (1.0, 1e1, 1e2, 1e3)
+    }
+    families["two_clusters_1e3"] = _spectrum_matrix(
+        rng, m, n, [1.0] * (k // 2) + [1e-3] * (k - k // 2)
+    )
+    families["rank_deficient_1e3"] = _spectrum_matrix(rng, m, n, np.logspace(0, -3, k // 2))
+    families["repeated"] = _spectrum_matrix(rng, m, n, [2.0] * 3 + [0.5] * (k - 3))
+    families["gaussian"] = rng.standard_normal((m, n))
+    families["zero"] = np.zeros((m, n))
+    return families
+
+
+def _relative_to_reference(actual, w, g, N):
+    expected = reference_precondition(w, g, N)
+    norm = np.linalg.norm(expected)
+    if norm == 0:
+        return float(np.abs(np.asarray(actual)).max())
+    return float(np.linalg.norm(np.asarray(actual, np.float64) - expected) / norm)
+
+
+@pytest.mark.parametrize("N", range(2, 9))
+def test_newton_within_1e3_of_reference_up_to_condition_1e3(N):
+    rng = np.random.default_rng(100 + N)
+    m, n = 20, 12
+    families = _families(rng, m, n)
+    w = np.stack(list(families.values()))
+    g = rng.standard_normal(w.shape)
+    factors = linalg.depth_factors(jnp.asarray(w, jnp.float32), N, "newton")
+    out = linalg.apply_depth_factors(factors, jnp.asarray(g, jnp.float32), N)
+    assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
+    errors = {
+        name: _relative_to_reference(out[i], w[i], g[i], N) for i, name in enumerate(families)
+    }
+    assert max(errors.values()) < 1e-3, errors
+    np.testing.assert_array_equal(out[list(families).index("zero")], 0.0)
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (16, 16), (1, 9), (9, 1)])
+@pytest.mark.parametrize("N", [3, 8])
+def test_newton_wide_square_and_vector_shapes(shape, N):
+    rng = np.random.default_rng(7)
+    w = _spectrum_matrix(rng, *shape, np.logspace(0, -3, min(shape)))
+    g = rng.standard_normal(shape)
+    out = opx.precondition_matrix(
+        jnp.asarray(w, jnp.float32), jnp.asarray(g, jnp.float32), N, method="newton"
+    )
+    assert out.shape == shape and out.dtype == jnp.float32
+    assert _relative_to_reference(out, w, g, N) < 1e-3
+
+
+def test_newton_low_precision_parameters_keep_their_dtype():
+    rng = np.random.default_rng(8)
+    w = jnp.asarray(_well_conditioned(rng, 10, 6), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((10, 6)), jnp.bfloat16)
+    out = opx.precondition_matrix(w, g, 3, method="newton")
+    assert out.dtype == jnp.bfloat16
+    exact = opx.precondition_matrix(w.astype(jnp.float32), g.astype(jnp.float32), 3)
+    assert _rel(out.astype(jnp.float32), exact) < 1e-2  # bf16 output rounding
+
+
+def test_newton_factor_types_and_init():
+    w = jnp.asarray(_well_conditioned(np.random.default_rng(9), 3 * 10, 6).reshape(3, 10, 6))
+    factors = linalg.depth_factors(w, 4, "newton")
+    assert isinstance(factors, linalg.PolarRoot)
+    assert factors.q.shape == (3, 10, 6) and factors.root.shape == (3, 6, 6)
+    assert factors.scale.shape == (3,)
+    like = linalg.depth_factors_like((3, 10, 6), jnp.float32, 4, "newton")
+    assert jax.tree.structure(like) == jax.tree.structure(factors)
+    for a, b in zip(jax.tree.leaves(like), jax.tree.leaves(factors), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    # Zero factors (an initialized cache) apply to zero, never NaN.
+    np.testing.assert_array_equal(linalg.apply_depth_factors(like, jnp.ones((3, 10, 6)), 4), 0)

@@ -1,0 +1,435 @@
+"""The matmul-only method against Muon's Newton-Schulz, and every method on the CNN shapes.
+
+Issue 12 (item 2) asks for ``method="newton"`` (factors + apply, matmuls only) in at most 2x
+the time of optax.contrib's 5-step Newton-Schulz orthogonalization of the same matrix
+(``optax.contrib._muon.orthogonalize_via_newton_schulz`` with its default coefficients),
+at <= 1e-3 relative error (Frobenius) for spectra of condition number up to 1e3 and every
+N <= 8. Sections (each can be skipped):
+
+* ``ratio``: for 1024 x 1024 and 3136 x 512 float32, N = 2..8: time of one jitted
+  ``apply_depth_factors(depth_factors(W, N, "newton"), G, N)`` divided by the time of
+  Muon's Newton-Schulz on G (same shape), measured interleaved (Muon, then every N, in
+  each repeat; the median of the per-repeat ratios), side by side with the relative error
+  against the exact float64 P_W(G) for spectra of condition number 1, 1e1, 1e2, 1e3
+  (log-spaced singular values, random singular vectors), and the traced matmul count.
+* ``precision``: the same errors with every matmul of the method computed from inputs
+  rounded to bfloat16 (one bf16 pass, XLA's DEFAULT on TPU), to bf16 hi+lo with three
+  products (HIGH on TPU) and to 10 mantissa bits (TF32, DEFAULT on NVIDIA GPUs), then
+  accumulated in float32. This is an emulation on CPU (``jax.lax.reduce_precision`` of
+  the operands), not a measurement on the hardware.
+* ``depth``: the error of every method for N = 9 .. 1000 on a 96 x 64 matrix of condition
+  number 1e3 ("newton" also beyond linalg.NEWTON_MAX_DEPTH, which it refuses in the API,
+  to show why the limit is where it is).
+* ``cnn``: every method (factors + apply, ``precondition_matrix`` jitted) and Muon's
+  Newton-Schulz on the paper's CNN kernels (25x32, 800x64, 3136x512, 512x10), N = 3,
+  float32, in four subprocesses: OPENBLAS_NUM_THREADS unset (what users get) or 1, each
+  idle and with one busy process (``python -c "while True: pass"``) beside it.
+
+Usage (from the repository root):
+
+    python benchmarks/matmul_method.py            # all sections, ~10 min on 2 CPU cores
+    python benchmarks/matmul_method.py --quick    # smoke run (small shapes), seconds
+    python benchmarks/matmul_method.py --sections ratio --repeats 7
+
+Writes benchmarks/results/matmul_method_<backend>.json (device, jax version, command).
+This script leaves OPENBLAS_NUM_THREADS alone in the main process (the cnn section sets
+it per subprocess); --blas-threads is ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+from overparam_optax.experiments import timing as common
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CNN_SHAPES = ((25, 32), (800, 64), (3136, 512), (512, 10))
+PRECISIONS = ("float32", "bf16x3", "tf32", "bf16")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(parser)
+    parser.add_argument("--sections", default="ratio,precision,depth,cnn")
+    parser.add_argument("--depths", default="2,3,4,5,6,7,8")
+    parser.add_argument("--conditions", default="1,1e1,1e2,1e3")
+    parser.add_argument("--shapes", default=None, help="e.g. 1024x1024,3136x512")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision-depths", default="2,3,5,8")
+    parser.add_argument("--cnn-repeats", type=int, default=15)
+    parser.add_argument("--cnn-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("repeats", "cnn_repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def _shapes(text):
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+
+
+def _muon_ns():
+    import jax
+    import jax.numpy as jnp
+    from optax.contrib._muon import _DEFAULT_NS_COEFFS, orthogonalize_via_newton_schulz
+
+    coeffs = jnp.asarray(_DEFAULT_NS_COEFFS)
+    return jax.jit(lambda g: orthogonalize_via_newton_schulz(g, coeffs, 5))
+
+
+def _matrix(rng, m, n, condition):
+    """A float64 m x n matrix (m >= n) with log-spaced singular values in [1/condition, 1]."""
+    import numpy as np
+
+    u, _ = np.linalg.qr(rng.standard_normal((m, n)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    s = np.logspace(0, -np.log10(condition), n) if condition > 1 else np.ones(n)
+    return (u * s) @ v.T
+
+
+def _exact(w, g, N):
+    """P_W(G) in float64 from numpy's SVD (the kernel of linalg's module docstring)."""
+    import numpy as np
+
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    x = s ** (2.0 / N)
+    kernel = sum(np.outer(x ** (j - 1), x ** (N - j)) for j in range(1, N + 1))
+    d = x ** (N - 1)
+    b = g @ vt.T
+    a = u.T @ b
+    return (u @ ((kernel - d[None, :]) * a) + b * d[None, :]) @ vt
+
+
+def _rel(a, b):
+    import numpy as np
+
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+def _emulated_matmul(kind):
+    """A drop-in for linalg._mm whose operands are rounded like a lower-precision pass."""
+    import jax
+    import jax.numpy as jnp
+
+    def rounded(x, mantissa):
+        return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=mantissa)
+
+    def mm(x, y, precision):
+        del precision
+        hi = jax.lax.Precision.HIGHEST
+        if kind == "bf16":
+            return jnp.matmul(rounded(x, 7), rounded(y, 7), precision=hi)
+        if kind == "tf32":
+            return jnp.matmul(rounded(x, 10), rounded(y, 10), precision=hi)
+        if kind == "bf16x3":
+            x_hi, y_hi = rounded(x, 7), rounded(y, 7)
+            x_lo, y_lo = rounded(x - x_hi, 7), rounded(y - y_hi, 7)
+            return (
+                jnp.matmul(x_hi, y_hi, precision=hi)
+                + jnp.matmul(x_hi, y_lo, precision=hi)
+                + jnp.matmul(x_lo, y_hi, precision=hi)
+            )
+        raise ValueError(kind)
+
+    return mm
+
+
+def matmul_counts(m, n, N):
+    """Products of method="newton" (factors + apply) for a tall m x n W, counted by tracing."""
+    import jax
+    import jax.numpy as jnp
+
+    from overparam_optax import linalg
+
+    counts = {"m_n_n": 0, "n_n_n": 0}
+    saved = linalg._mm
+
+    def counting(x, y, precision):
+        big = max(x.shape[-2], x.shape[-1], y.shape[-1]) > n
+        counts["m_n_n" if big else "n_n_n"] += 1
+        return saved(x, y, precision)
+
+    linalg._mm = counting
+    try:
+        jax.eval_shape(
+            lambda w, g: linalg.apply_depth_factors(linalg.depth_factors(w, N, "newton"), g, N),
+            jax.ShapeDtypeStruct((m, n), jnp.float32),
+            jax.ShapeDtypeStruct((m, n), jnp.float32),
+        )
+    finally:
+        linalg._mm = saved
+    counts["multiply_adds"] = counts["m_n_n"] * m * n * n + counts["n_n_n"] * n**3
+    return counts
+
+
+def muon_multiply_adds(m, n):
+    """Muon's 5 steps on the wide orientation: 2 (small x large x small) products + 1 small^3."""
+    small, large = min(m, n), max(m, n)
+    return 5 * (2 * small * small * large + small**3)
+
+
+def _time_interleaved(calls: dict, repeats: int, reference: str):
+    """Median over repeats of each call's time / the reference's time in the same repeat."""
+    import jax
+
+    for fn, operands in calls.values():
+        jax.block_until_ready(fn(*operands))  # compile
+    seconds = {k: [] for k in calls}
+    for _ in range(repeats):
+        for key, (fn, operands) in calls.items():
+            begin = time.perf_counter()
+            jax.block_until_ready(fn(*operands))
+            seconds[key].append(time.perf_counter() - begin)
+    ratios = {
+        k: common.median([t / r for t, r in zip(v, seconds[reference], strict=True)])
+        for k, v in seconds.items()
+    }
+    return {k: common.median(v) for k, v in seconds.items()}, ratios
+
+
+def section_ratio(args, shapes, depths, conditions):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from overparam_optax import linalg
+
+    muon = _muon_ns()
+    rows = []
+    for m, n in shapes:
+        rng = np.random.default_rng(m * 7 + n)
+        g64 = rng.standard_normal((m, n))
+        g = jnp.asarray(g64, jnp.float32)
+        w_time = jnp.asarray(_matrix(rng, m, n, 1e2), jnp.float32)
+        calls = {"muon": (muon, (g,))}
+        newton = {}
+        for N in depths:
+            newton[N] = jax.jit(
+                lambda w, g, N=N: linalg.apply_depth_factors(
+                    linalg.depth_factors(w, N, "newton"), g, N
+                )
+            )
+            calls[N] = (newton[N], (w_time, g))
+        seconds, ratios = _time_interleaved(calls, args.repeats, "muon")
+        errors = {N: {} for N in depths}
+        eigh_errors = {N: {} for N in depths}
+        for condition in conditions:
+            w64 = _matrix(rng, m, n, condition)
+            w = jnp.asarray(w64, jnp.float32)
+            for N in depths:
+                exact = _exact(w64, g64, N)
+                errors[N][condition] = _rel(newton[N](w, g), exact)
+                eigh = linalg.precondition_matrix(w, g, N, method="eigh")
+                eigh_errors[N][condition] = _rel(eigh, exact)
+        muon_ma = muon_multiply_adds(m, n)
+        for N in depths:
+            counts = matmul_counts(m, n, N)
+            row = {
+                "m": m,
+                "n": n,
+                "N": N,
+                "seconds": seconds[N],
+                "muon_seconds": seconds["muon"],
+                "ratio_to_muon": ratios[N],
+                "matmuls": counts,
+                "multiply_add_ratio_to_muon": counts["multiply_adds"] / muon_ma,
+                "relative_error": {f"{c:g}": e for c, e in errors[N].items()},
+                "eigh_relative_error": {f"{c:g}": e for c, e in eigh_errors[N].items()},
+            }
+            rows.append(row)
+            cells = "  ".join(f"k={c:g}: {e:.1e}" for c, e in errors[N].items())
+            print(
+                f"{m}x{n} N={N}: {1e3 * seconds[N]:7.1f} ms, muon {1e3 * seconds['muon']:6.1f} ms,"
+                f" ratio {ratios[N]:4.2f} (counted {row['multiply_add_ratio_to_muon']:4.2f});"
+                f" error {cells}",
+                flush=True,
+            )
+    return rows
+
+
+def section_precision(args, shapes, depths):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from overparam_optax import linalg
+
+    rows = []
+    saved = linalg._mm
+    for m, n in shapes:
+        rng = np.random.default_rng(m + n)
+        w64 = _matrix(rng, m, n, 1e3)
+        g64 = rng.standard_normal((m, n))
+        w, g = jnp.asarray(w64, jnp.float32), jnp.asarray(g64, jnp.float32)
+        for N in depths:
+            exact = _exact(w64, g64, N)
+            row = {"m": m, "n": n, "N": N, "condition": 1e3, "relative_error": {}}
+            for kind in PRECISIONS:
+                linalg._mm = saved if kind == "float32" else _emulated_matmul(kind)
+                try:
+                    fn = jax.jit(
+                        lambda w, g, N=N: linalg.apply_depth_factors(
+                            linalg.depth_factors(w, N, "newton"), g, N
+                        )
+                    )
+                    row["relative_error"][kind] = _rel(fn(w, g), exact)
+                finally:
+                    linalg._mm = saved
+            rows.append(row)
+            cells = "  ".join(f"{k}: {e:.1e}" for k, e in row["relative_error"].items())
+            print(f"{m}x{n} N={N} condition 1e3: {cells}", flush=True)
+    return rows
+
+
+def section_depth(args):
+    """Errors at depth N for every method (newton beyond its limit through the private path)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from overparam_optax import linalg
+
+    m, n = (24, 16) if args.quick else (96, 64)
+    depths = [9, 16, 32] if args.quick else [9, 16, 32, 64, 128, 200, 500, 1000]
+    rng = np.random.default_rng(5)
+    w64 = _matrix(rng, m, n, 1e3)
+    g64 = rng.standard_normal((m, n))
+    w, g = jnp.asarray(w64, jnp.float32), jnp.asarray(g64, jnp.float32)
+    rows = []
+    for N in depths:
+        exact = _exact(w64, g64, N)
+        row = {"m": m, "n": n, "N": N, "condition": 1e3, "relative_error": {}}
+        for method in ("svd", "eigh"):
+            out = linalg.apply_depth_factors(linalg.depth_factors(w, N, method), g, N)
+            row["relative_error"][method] = _rel(out, exact)
+        factors = linalg._newton_polar_root(w, N, jax_highest())  # no depth check
+        row["relative_error"]["newton"] = _rel(linalg.apply_depth_factors(factors, g, N), exact)
+        row["newton_accepted"] = N <= linalg.NEWTON_MAX_DEPTH
+        rows.append(row)
+        cells = "  ".join(f"{k}: {e:.1e}" for k, e in row["relative_error"].items())
+        print(f"{m}x{n} condition 1e3, N={N}: {cells}", flush=True)
+    return rows
+
+
+def jax_highest():
+    import jax
+
+    return jax.lax.Precision.HIGHEST
+
+
+def cnn_worker(args) -> None:
+    """Times every method on the CNN shapes in this process's environment (a subprocess)."""
+    import jax
+    import jax.numpy as jnp
+
+    from overparam_optax import linalg
+
+    muon = _muon_ns()
+    shapes = CNN_SHAPES if not args.quick else ((25, 32),)
+    methods = ("svd", "eigh", "newton")
+    calls = {}
+    for m, n in shapes:
+        key = jax.random.PRNGKey(m * n)
+        w = jax.random.normal(key, (m, n), jnp.float32) / (max(m, n) ** 0.5)
+        g = jax.random.normal(jax.random.fold_in(key, 1), (m, n), jnp.float32)
+        for method in methods:
+            fn = jax.jit(
+                lambda w, g, method=method: linalg.precondition_matrix(w, g, 3, method=method)
+            )
+            calls[f"{method}/{m}x{n}"] = (fn, (w, g))
+        calls[f"muon/{m}x{n}"] = (muon, (g,))
+    first = next(iter(calls))
+    seconds, _ = _time_interleaved(calls, args.cnn_repeats, first)
+    totals = {}
+    for contender in (*methods, "muon"):
+        totals[contender] = sum(seconds[f"{contender}/{m}x{n}"] for m, n in shapes)
+    payload = {
+        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "load_average": os.getloadavg(),
+        "seconds": seconds,
+        "total_seconds": totals,
+    }
+    pathlib.Path(args.cnn_worker).write_text(json.dumps(payload))
+
+
+def _cnn_subprocess(args, blas: str | None, busy: bool) -> dict:
+    """Runs the cnn worker with OPENBLAS_NUM_THREADS=blas (None: unset), a spinner if busy."""
+    env = dict(os.environ)
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    if blas is not None:
+        env["OPENBLAS_NUM_THREADS"] = blas
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = pathlib.Path(tmp) / "cnn.json"
+            command = [sys.executable, __file__, "--cnn-worker", str(out)]
+            command += ["--cnn-repeats", str(2 if args.quick else args.cnn_repeats)]
+            command += ["--quick"] if args.quick else []
+            command += ["--platform", args.platform] if args.platform else []
+            subprocess.run(command, env=env, check=True, timeout=1800)
+            payload = json.loads(out.read_text())
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+    payload["busy_process"] = busy
+    return payload
+
+
+def section_cnn(args):
+    configurations = [(None, False), (None, True), ("1", False), ("1", True)]
+    if args.quick:  # one subprocess, no busy process: a smoke run
+        configurations = configurations[:1]
+    results = []
+    for blas, busy in configurations:
+        payload = _cnn_subprocess(args, blas, busy)
+        results.append(payload)
+        totals = "  ".join(f"{k} {1e3 * v:7.1f}" for k, v in payload["total_seconds"].items())
+        label = f"OPENBLAS_NUM_THREADS={blas or 'unset'}, {'busy' if busy else 'idle'}"
+        print(f"{label:38s} total ms: {totals}", flush=True)
+    return results
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.platform:
+        os.environ["JAX_PLATFORMS"] = args.platform
+    if args.cnn_worker:
+        cnn_worker(args)
+        return {}
+    sections = [s for s in args.sections.split(",") if s]
+    depths = [int(d) for d in args.depths.split(",")]
+    conditions = [float(c) for c in args.conditions.split(",")]
+    if args.shapes:
+        shapes = _shapes(args.shapes)
+    elif args.quick:
+        shapes = [(48, 24)]
+    else:
+        shapes = [(1024, 1024), (3136, 512)]
+    if args.quick:
+        depths, conditions = depths[:2], conditions[-1:]
+    payload = {"args": vars(args)}
+    if "ratio" in sections:
+        payload["ratio"] = section_ratio(args, shapes, depths, conditions)
+    if "precision" in sections:
+        precision_depths = [int(d) for d in args.precision_depths.split(",")]
+        payload["precision"] = section_precision(
+            args, shapes, precision_depths[:1] if args.quick else precision_depths
+        )
+    if "depth" in sections:
+        payload["depth"] = section_depth(args)
+    if "cnn" in sections:
+        payload["cnn"] = section_cnn(args)
+    common.write_json(args, "matmul_method", payload, REPO / "benchmarks" / "results")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
