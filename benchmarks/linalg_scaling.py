@@ -17,8 +17,9 @@ Usage (from the repository root):
     python benchmarks/linalg_scaling.py --quick          # smoke run
     python benchmarks/linalg_scaling.py --platform gpu --sizes 256,512,1024,2048,4096,8192
 
-On CPU "newton" is skipped above --newton-max (default 1024 on CPU: it is ~10x slower there
-and its cost is a fixed number of n^3 matmuls, so the exponent is fitted from the smaller n).
+On CPU "newton" is skipped above --newton-max (default 1024 on CPU: on square matrices it costs
+26-66 n^3 matmuls, 2-5x eigh there, and a fixed number of them, so the exponent is fitted
+from the smaller n; benchmarks/matmul_method.py times it against Muon).
 Writes benchmarks/results/linalg_scaling_<backend>.json.
 """
 

@@ -17,13 +17,15 @@ N <= 8. Sections (each can be skipped):
   products (HIGH on TPU) and to 10 mantissa bits (TF32, DEFAULT on NVIDIA GPUs), then
   accumulated in float32. This is an emulation on CPU (``jax.lax.reduce_precision`` of
   the operands), not a measurement on the hardware.
+* ``tune`` (not run by default; needs scipy): recomputes the coefficient tables of
+  linalg's matmul-only method (greedy minimax steps) and prints the largest difference.
 * ``depth``: the error of every method for N = 9 .. 1000 on a 96 x 64 matrix of condition
   number 1e3 ("newton" also beyond linalg.NEWTON_MAX_DEPTH, which it refuses in the API,
   to show why the limit is where it is).
 * ``cnn``: every method (factors + apply, ``precondition_matrix`` jitted) and Muon's
   Newton-Schulz on the paper's CNN kernels (25x32, 800x64, 3136x512, 512x10), N = 3,
-  float32, in four subprocesses: OPENBLAS_NUM_THREADS unset (what users get) or 1, each
-  idle and with one busy process (``python -c "while True: pass"``) beside it.
+  float32, in subprocesses: OPENBLAS_NUM_THREADS unset (what users get) or 1, each with
+  0 and 1 (``--busy-processes``) busy processes (``python -c "while True: pass"``) beside it.
 
 Usage (from the repository root):
 
@@ -64,6 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--precision-depths", default="2,3,5,8")
     parser.add_argument("--cnn-repeats", type=int, default=15)
+    parser.add_argument(
+        "--busy-processes", default="0,1", help="cnn: spinning processes beside the timing"
+    )
     parser.add_argument("--cnn-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("repeats", "cnn_repeats"):
@@ -324,6 +329,114 @@ def jax_highest():
     return jax.lax.Precision.HIGHEST
 
 
+def _polar_step(lower, upper):
+    """Greedy minimax odd quintic x (a + b x^2 + c x^4) ~ 1 on [lower, upper] (Polar Express)."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    xs = np.concatenate([np.geomspace(lower, upper, 400), np.linspace(lower, upper, 400)])
+
+    def worst(coeffs):
+        a, b, c = coeffs
+        return np.max(np.abs(1 - xs * (a + b * xs**2 + c * xs**4)))
+
+    # Polar Express's first step for [1e-3, 1], Muon's quintic and the Newton-Schulz quintic.
+    starts = [(8.28721201814563, -23.595886519098837, 17.300387312530933)]
+    starts += [(3.4445, -4.775, 2.0315), (1.875, -1.25, 0.375)]
+    starts.append((4.0, -6.0, 2.5))
+    best = min(
+        (
+            minimize(
+                worst,
+                x0,
+                method="Nelder-Mead",
+                options=dict(xatol=1e-12, fatol=1e-14, maxiter=20000),
+            )
+            for x0 in starts
+        ),
+        key=lambda r: r.fun,
+    )
+    image = xs * (best.x[0] + best.x[1] * xs**2 + best.x[2] * xs**4)
+    return tuple(best.x), image.min(), image.max()
+
+
+def _root_step(lower, upper, p, gamma):
+    """Greedy B = a + b m + c m^2 narrowing log(m B^p) on [lower, upper], conditioning <= gamma."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    ms = np.concatenate([np.geomspace(lower, upper, 600), np.linspace(lower, upper, 600)])
+    grid = np.linspace(0, upper, 300)
+
+    def spread(coeffs):
+        b, c = coeffs
+        values = 1 + b * grid + c * grid**2
+        if np.any(values <= 0):
+            return 1e9
+        condition = np.max((1 + abs(b) * grid + abs(c) * grid**2) / values)
+        log_image = np.log(ms) + p * np.log(1 + b * ms + c * ms**2)
+        return log_image.max() - log_image.min() + max(0.0, 1e3 * (condition - gamma))
+
+    starts = [(-1 / (p + 1), 0), (-0.5 / p, 0), (-2, 1), (-1, 0.3), (-1.5, 0.6), (-0.5, 0.05)]
+    starts.append((-0.3, 0.02))
+    best = min(
+        (
+            minimize(
+                spread,
+                x0,
+                method="Nelder-Mead",
+                options=dict(xatol=1e-12, fatol=1e-14, maxiter=20000),
+            )
+            for x0 in starts
+        ),
+        key=lambda r: r.fun,
+    )
+    b, c = best.x
+    image = ms * (1 + b * ms + c * ms**2) ** p
+    lo, hi = image.min(), image.max()
+    shift = (lo * hi) ** (-0.5 / p)  # center the new interval on 1 (in log scale)
+    return (shift, shift * b, shift * c), lo * shift**p, hi * shift**p
+
+
+#: (lower end, conditioning bound, steps) of each root table, as chosen with the scalar model.
+ROOT_TABLES = {
+    2: (1e-3, 8.0, 5),
+    3: (1e-3, 8.0, 5),
+    4: (3e-4, 5.0, 5),
+    5: (1e-3, 8.0, 4),
+    7: (1e-3, 8.0, 4),
+}
+
+
+def section_tune(args):
+    """Recomputes linalg's coefficient tables (needs scipy) and compares them."""
+    from overparam_optax import linalg
+
+    polar, lower, upper = [], 4e-4, 1.0
+    for _ in range(len(linalg._POLAR_STEPS)):
+        coeffs, lower, upper = _polar_step(lower, upper)
+        polar.append(coeffs)
+    roots = {}
+    for p, (low, gamma, steps) in ROOT_TABLES.items():
+        table, lower, upper = [], low, 1.05
+        for _ in range(steps):
+            coeffs, lower, upper = _root_step(lower, upper, p, gamma)
+            table.append(coeffs)
+        roots[p] = table
+    worst = max(
+        abs(x - y)
+        for new, old in [(polar, linalg._POLAR_STEPS)]
+        + [(roots[p], linalg._ROOT_STEPS[p]) for p in roots]
+        for row_new, row_old in zip(new, old, strict=True)
+        for x, y in zip(row_new, row_old, strict=True)
+    )
+    print("polar steps:", [tuple(round(x, 10) for x in c) for c in polar])
+    for p, table in roots.items():
+        print(f"root steps p={p}:", [tuple(round(x, 10) for x in c) for c in table])
+    print(f"largest difference from linalg's tables: {worst:.1e}")
+    return {"polar": polar, "root": {str(p): t for p, t in roots.items()}, "max_diff": worst}
+
+
 def cnn_worker(args) -> None:
     """Times every method on the CNN shapes in this process's environment (a subprocess)."""
     import jax
@@ -359,13 +472,13 @@ def cnn_worker(args) -> None:
     pathlib.Path(args.cnn_worker).write_text(json.dumps(payload))
 
 
-def _cnn_subprocess(args, blas: str | None, busy: bool) -> dict:
-    """Runs the cnn worker with OPENBLAS_NUM_THREADS=blas (None: unset), a spinner if busy."""
+def _cnn_subprocess(args, blas: str | None, busy: int) -> dict:
+    """Runs the cnn worker with OPENBLAS_NUM_THREADS=blas (None: unset) and `busy` spinners."""
     env = dict(os.environ)
     env.pop("OPENBLAS_NUM_THREADS", None)
     if blas is not None:
         env["OPENBLAS_NUM_THREADS"] = blas
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     try:
         with tempfile.TemporaryDirectory() as tmp:
             out = pathlib.Path(tmp) / "cnn.json"
@@ -376,23 +489,24 @@ def _cnn_subprocess(args, blas: str | None, busy: bool) -> dict:
             subprocess.run(command, env=env, check=True, timeout=1800)
             payload = json.loads(out.read_text())
     finally:
-        if spinner is not None:
+        for spinner in spinners:
             spinner.kill()
             spinner.wait()
-    payload["busy_process"] = busy
+    payload["busy_processes"] = busy
     return payload
 
 
 def section_cnn(args):
-    configurations = [(None, False), (None, True), ("1", False), ("1", True)]
+    busy_counts = [int(b) for b in args.busy_processes.split(",")]
+    configurations = [(blas, busy) for blas in (None, "1") for busy in busy_counts]
     if args.quick:  # one subprocess, no busy process: a smoke run
-        configurations = configurations[:1]
+        configurations = [(None, 0)]
     results = []
     for blas, busy in configurations:
         payload = _cnn_subprocess(args, blas, busy)
         results.append(payload)
         totals = "  ".join(f"{k} {1e3 * v:7.1f}" for k, v in payload["total_seconds"].items())
-        label = f"OPENBLAS_NUM_THREADS={blas or 'unset'}, {'busy' if busy else 'idle'}"
+        label = f"OPENBLAS_NUM_THREADS={blas or 'unset'}, {busy} busy process(es)"
         print(f"{label:38s} total ms: {totals}", flush=True)
     return results
 
@@ -423,6 +537,8 @@ def main(argv=None) -> dict:
         payload["precision"] = section_precision(
             args, shapes, precision_depths[:1] if args.quick else precision_depths
         )
+    if "tune" in sections:
+        payload["tune"] = section_tune(args)
     if "depth" in sections:
         payload["depth"] = section_depth(args)
     if "cnn" in sections:
