@@ -361,6 +361,11 @@ def overparam_precondition(
     """
     N = linalg.check_depth(N)
     _check_options(method, block_size, precision, plain_gradient_at_zero)
+    if method == "newton" and N > linalg.NEWTON_MAX_DEPTH:
+        raise ValueError(
+            f'method="newton" supports N <= {linalg.NEWTON_MAX_DEPTH}, got N={N}; use '
+            'method="eigh" or "svd" (exact for every N), or "auto".'
+        )
     every = amortize.check_every(precondition_every, method)
     rule = _Rule(N, method, every, amortize.check_warmup(warmup_steps, every), precision,
                  plain_gradient_at_zero)  # fmt: skip

@@ -147,6 +147,15 @@ def test_invalid_options_are_rejected_at_construction(options, match):
         opx.overparam_sgd(0.1, N=2, **options)
 
 
+def test_newton_beyond_its_depth_limit_is_rejected_at_construction():
+    with pytest.raises(ValueError, match="newton.*N <= 128"):
+        opx.overparam_precondition(129, method="newton")
+    opx.overparam_precondition(2**40)  # auto never picks newton that deep
+    opx.overparam_precondition(2**40, method="svd")
+
+
+
+
 def test_removed_v1_options_are_errors_not_silently_ignored():
     for name in ("max_matrix_size", "refresh_spectrum", "every_step_until"):
         with pytest.raises(TypeError, match=name):
