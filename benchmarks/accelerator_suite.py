@@ -69,7 +69,6 @@ import subprocess
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -273,18 +272,6 @@ class TransformerBlocks(nn.Module):
         return x
 
 
-def _train_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
-    """A jitted ``step((params, opt_state), *batch) -> (params, opt_state)``."""
-
-    @jax.jit
-    def step(carry, *batch):
-        params, opt_state = carry
-        grads = jax.grad(loss_fn)(params, *batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    return step
-
 
 def muon_dimension_numbers(params):
     """Muon's dimension numbers: every kernel of rank >= 2 as (all but last) x last; else None."""
@@ -436,7 +423,7 @@ def run_step_time(args: argparse.Namespace, budget: Budget) -> dict:
                     skipped[tx_name] = "model budget spent while compiling"
                     continue
                 try:
-                    step = _train_step(problem["loss_fn"], tx)
+                    step = timing.train_step(problem["loss_fn"], tx)
                     carry = (problem["params"], jax.jit(tx.init)(problem["params"]))
                     begin = time.perf_counter()
                     carry = jax.block_until_ready(step(carry, *problem["data_fn"](0)))

@@ -94,16 +94,6 @@ def _target(text: str) -> str:
     return text
 
 
-def _train_step(loss_fn, tx):
-    @jax.jit
-    def step(carry, *batch):
-        params, opt_state = carry
-        grads = jax.grad(loss_fn)(params, *batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    return step
-
 
 def _nbytes(tree) -> int:
     return int(sum(leaf.nbytes for leaf in jax.tree.leaves(tree)))
@@ -149,7 +139,7 @@ def cnn_target(args) -> dict:
     }
     if args.quick:  # smoke run: the default and the two baselines only
         txs = {name: txs[name] for name in ("sgd", "default", "muon")}
-    steps = {name: _train_step(loss_fn, tx) for name, tx in txs.items()}
+    steps = {name: timing.train_step(loss_fn, tx) for name, tx in txs.items()}
     carries = {name: (params, tx.init(params)) for name, tx in txs.items()}
 
     def data_fn(i):
@@ -214,7 +204,7 @@ def mlp_target(args) -> dict:
     }
     steps, carries, memory = {}, {}, {}
     for name, (loss_fn, tx, params) in contenders.items():
-        steps[name] = _train_step(loss_fn, tx)
+        steps[name] = timing.train_step(loss_fn, tx)
         state = tx.init(params)
         carries[name] = (params, state)
         p_bytes, s_bytes = _nbytes(params), _nbytes(state)

@@ -31,3 +31,16 @@ def no_leaked_x64():
     before = jax.config.jax_enable_x64
     yield
     assert jax.config.jax_enable_x64 == before, "this test changed jax_enable_x64 globally"
+
+
+@pytest.fixture(scope="module")
+def tb():
+    """``benchmarks/tuned_baselines.py`` as a module, for the tests of its pure helpers."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "tuned_baselines.py"
+    spec = importlib.util.spec_from_file_location("tuned_baselines", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -12,7 +12,6 @@ formatted the way the docs print it.
 * The per-seed tables and the MNIST table of the seed-0 results match their JSON.
 """
 
-import importlib.util
 import json
 import pathlib
 import re
@@ -44,14 +43,6 @@ def tuned():
     return _load("tuned_baselines.json")
 
 
-@pytest.fixture(scope="module")
-def tb():
-    spec = importlib.util.spec_from_file_location(
-        "tuned_baselines", REPO / "benchmarks" / "tuned_baselines.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _table(text: str, start: str, end: str) -> dict[str, list[str]]:

@@ -6,7 +6,6 @@ by a second call instead of retrained.
 """
 
 import gzip
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,14 +19,6 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tb():
-    spec = importlib.util.spec_from_file_location(
-        "tuned_baselines", REPO / "benchmarks" / "tuned_baselines.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_refine_adds_eighth_decades_around_edge_and_best(tb):

@@ -34,6 +34,7 @@ from overparam_optax.experiments import cli
 
 __all__ = [
     "add_common_args",
+    "train_step",
     "background_load",
     "environment",
     "median",
@@ -64,6 +65,29 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=cli.output_file, default=None, help="JSON output path (default: results/)"
     )
+
+
+def train_step(loss_fn: Callable, tx) -> Callable:
+    """A jitted ``step((params, opt_state), *batch) -> (params, opt_state)`` for timing.
+
+    The full training step (forward, backward, optimizer, apply), as the step-time
+    benchmarks measure it; ``tx.update`` gets the params, as every transform here needs.
+
+    Example::
+
+      step = train_step(lambda p, x: jnp.sum((x @ p) ** 2), optax.sgd(0.1))
+      params, opt_state = step((params, opt_state), x)
+    """
+    import optax
+
+    @jax.jit
+    def step(carry, *batch):
+        params, opt_state = carry
+        grads = jax.grad(loss_fn)(params, *batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return step
 
 
 @contextlib.contextmanager
