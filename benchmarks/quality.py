@@ -12,7 +12,8 @@ training curves:
   same minibatches for every run), N = 3, all three kernels preconditioned. The fast
   configurations: method="eigh" every step, and method="auto" with precondition_every =
   k for several k (the staleness sweep; "auto" resolves per shape by
-  linalg.resolve_method), and the fast configuration: k = --fast-every after --warmup exact steps (warmup_steps).
+  linalg.resolve_method), and the fast configuration: k = --fast-every after --warmup exact
+  steps (warmup_steps).
 
 Metrics per run, against the exact run: the largest relative gap between the two
 minibatch-loss curves smoothed over --window steps, the final smoothed gap, the final test
