@@ -241,3 +241,35 @@ def test_mnist_table_matches_json(paper):
         acc = cell(f"{100 * r['test_accuracy']:.2f}%" for r in runs)
         line = f"| {name} | {' | '.join(steps)} | {loss} | {acc} |"
         assert line in doc, line
+
+
+# docs/performance.md: the default's step-time table (issue 12).
+PERFORMANCE = REPO / "docs" / "performance.md"
+STEP_TIME_ROWS = {  # first cell -> (contender, OPENBLAS_NUM_THREADS=1 run?)
+    "`overparam_precondition(N=3)`, **the default**": ("default", False),
+    "the default, OPENBLAS_NUM_THREADS=1": ("default", True),
+    '`method="svd"` (exact, every step)': ("svd", False),
+    '`method="svd"`, OPENBLAS_NUM_THREADS=1': ("svd", True),
+    '`method="eigh"` (every step)': ("eigh", False),
+    '`method="eigh"`, OPENBLAS_NUM_THREADS=1': ("eigh", True),
+    '`method="newton"` (matmul-only, every step)': ("newton", False),
+    '`method="auto", precondition_every=10` (= the default, spelled out)': ("auto_every10", False),
+    "`optax.contrib.muon`": ("muon", False),
+}
+
+
+def _ratio_text(value: float) -> str:
+    return f"{value:.3g}" if value >= 10 else f"{value:.2f}"
+
+
+def test_default_step_time_table_matches_json():
+    rows = _table(PERFORMANCE.read_text(), "<!-- default-table-start -->",
+                  "<!-- default-table-end -->")  # fmt: skip
+    assert set(rows) - {"configuration"} == set(STEP_TIME_ROWS)
+    for label, (contender, pinned) in STEP_TIME_ROWS.items():
+        for column, load in enumerate(("idle", "busy1", "busy2"), start=1):
+            run = _load(f"step_time_v2_{load}{'_blas1' if pinned else ''}_cpu.json")
+            assert run["environment"]["openblas_threads"] == ("1" if pinned else None)
+            assert run["args"]["background_load"] == column - 1
+            expected = _ratio_text(run["target1_cnn"]["ratio_to_sgd"][contender])
+            assert rows[label][column].strip("*") == expected, (label, load)
