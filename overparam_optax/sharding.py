@@ -3,12 +3,14 @@
 Under ``Auto`` mesh axes XLA's partitioner inserts the gathers an SVD or eigh needs by
 itself. Under ``Explicit`` axes (``jax.sharding.AxisType.Explicit``) a sharding is part of
 an array's type and those ops refuse sharded operands, so the transform gathers each
-preconditioned leaf first and gives its update the leaf's sharding back.
+preconditioned leaf first and gives its update the leaf's sharding back. Under either, the
+batch of same-shaped matrices is then split between the devices (:func:`map_over_mesh`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,7 +19,7 @@ import optax
 
 from overparam_optax import linalg
 
-__all__ = ["explicit_spec", "gathered", "spread_over_mesh", "state_shardings"]
+__all__ = ["explicit_spec", "gathered", "map_over_mesh", "state_shardings"]
 
 
 def _axis_names(entry) -> tuple:
@@ -50,38 +52,51 @@ def gathered(x: jax.Array) -> jax.Array:
     return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
 
 
-def spread_over_mesh(tree: Any, count: int) -> Any:
-    """Shards axis 0 (the stacked matrices) of every array in ``tree`` over the mesh.
+def _spread_axes(mesh) -> tuple[tuple, bool]:
+    """(axes to spread a batch of matrices over, whether they are Explicit).
+
+    The Explicit axes if the mesh has any (a sharding over them is part of the arrays'
+    types), else its Auto axes; Manual axes (inside a shard_map) never.
+    """
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    explicit = tuple(a for a, k in kinds.items() if k == jax.sharding.AxisType.Explicit)
+    if explicit:
+        return explicit, True
+    return tuple(a for a, k in kinds.items() if k == jax.sharding.AxisType.Auto), False
+
+
+def map_over_mesh(fn: Callable, count: int, batched: Any, shared: Any) -> Any:
+    """``fn(batched, shared)``, each device of the mesh computing its share of axis 0.
 
     Under a mesh (``jax.set_mesh``) every device would otherwise compute every matrix's
-    decomposition. Sharding the stack of same-shaped matrices along its batch axis makes
-    each device compute its share, as distributed Shampoo and Muon implementations do; the
-    results are gathered where the leaves need them. The stack is zero-padded to a
-    multiple of the device count (a zero matrix is well defined for every method); the
-    caller crops the padding. Only ``Auto`` mesh axes are used (XLA partitions the batched
-    decomposition along them); under ``Explicit`` axes the matrices are gathered and every
-    device computes them all. Without a mesh, on one device, or for a single matrix,
-    ``tree`` is returned unchanged.
+    decomposition. The stack of same-shaped matrices (axis 0 of every array in
+    ``batched``) is zero-padded to a multiple of the device count (a zero matrix is well
+    defined for every method), split over the mesh's Explicit axes (else its Auto ones), and ``fn``
+    runs under ``jax.shard_map`` on each device's slice, as distributed Shampoo and Muon
+    implementations do; ``shared`` (e.g. a flag) is replicated. ``fn`` must treat the
+    matrices independently. The outputs stay split along axis 0 and padded: the caller
+    gathers (:func:`gathered`) and crops them. Without a mesh, on one device, or for a
+    single matrix, this is just ``fn(batched, shared)``.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or count < 2:
-        return tree
-    axes = tuple(
-        name
-        for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
-        if kind == jax.sharding.AxisType.Auto
-    )
+        return fn(batched, shared)
+    axes, explicit = _spread_axes(mesh)
     devices = math.prod(mesh.shape[a] for a in axes)
     if devices == 1:
-        return tree
-    pad = -count % devices
+        return fn(batched, shared)
+    split = jax.sharding.PartitionSpec(axes)
 
     def place(x):
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        spec = jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1)))
-        return jax.lax.with_sharding_constraint(x, spec)
+        x = jnp.pad(x, [(0, -count % devices)] + [(0, 0)] * (x.ndim - 1))
+        if explicit:  # the sharding is part of the type: say it
+            return jax.sharding.reshard(x, split)
+        return jax.lax.with_sharding_constraint(x, split)
 
-    return jax.tree.map(place, tree)
+    mapped = jax.shard_map(
+        fn, in_specs=(split, jax.sharding.PartitionSpec()), out_specs=split, axis_names=set(axes)
+    )
+    return mapped(jax.tree.map(place, batched), shared)
 
 
 def _is_factors(x: Any) -> bool:

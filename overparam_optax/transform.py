@@ -9,6 +9,7 @@ leaves, with the leaves' shardings (``sharding.py``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -148,39 +149,56 @@ def _precondition_leaves(rule: _Rule, views, params, updates, entries, recompute
     zero_flags = []
     for group in _groups(views, params, rule.method, rule.N):
         count = sum(views[i].count for i in group.indices)
-        # Each device of a mesh computes its share of the group's decompositions.
-        w, g = sharding.spread_over_mesh(
-            (_stack(group, views, params), _stack(group, views, updates)), count
+        stale = _concat([entries[i] for i in group.indices]) if rule.cached else None
+        # Each device of a mesh computes its share of the group's matrices.
+        fresh, out, is_zero = sharding.map_over_mesh(
+            functools.partial(_group_update, rule, group.method),
+            count,
+            (_stack(group, views, params), _stack(group, views, updates), stale),
+            recompute,
         )
-        stale = [entries[i] for i in group.indices]
-        fresh, current = _group_factors(rule, group, w, count, stale, recompute)
-        out = linalg.apply_depth_factors(current, g, rule.N, precision=rule.precision)
-        if rule.at_zero:
-            is_zero = _is_zero(w)
-            out = jnp.where(is_zero[:, None, None], g, out)
-            zero_flags.append(jnp.any(sharding.gathered(is_zero)[:count]))  # not the padding
+        fresh, out, is_zero = jax.tree.map(
+            lambda x, c=count: sharding.gathered(x)[:c], (fresh, out, is_zero)
+        )
+        if rule.at_zero and rule.cached:
+            zero_flags.append(jnp.any(is_zero))
         if rule.cached:
-            fresh = jax.tree.map(lambda x, c=count: sharding.gathered(x)[:c], fresh)
             for i, entry in zip(group.indices, _split(group, views, fresh), strict=True):
                 entries[i] = entry
-        pieces = _split(group, views, sharding.gathered(out)[:count])
-        for i, piece in zip(group.indices, pieces, strict=True):
+        for i, piece in zip(group.indices, _split(group, views, out), strict=True):
             new_leaves[i] = _to_leaf(group, views[i], piece, updates[i])
-    saw_zero = jnp.any(jnp.stack(zero_flags)) if zero_flags and rule.cached else False
+    saw_zero = jnp.any(jnp.stack(zero_flags)) if zero_flags else False
     return new_leaves, entries, saw_zero
 
 
-def _group_factors(rule: _Rule, group: _Group, w, count: int, stale_entries, recompute):
+def _concat(entries: list[Any]) -> Any:
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *entries)
+
+
+def _group_update(rule: _Rule, method: str, batched, recompute):
+    """(factors to cache or None, preconditioned G, which W are zero) for stacked matrices.
+
+    Each matrix is handled on its own, so a mesh can split the stack between devices.
+    """
+    w, g, stale = batched
+    fresh, current = _group_factors(rule, method, w, stale, recompute)
+    out = linalg.apply_depth_factors(current, g, rule.N, precision=rule.precision)
+    is_zero = _is_zero(w)
+    if rule.at_zero:
+        out = jnp.where(is_zero[:, None, None], g, out)
+    return (fresh if rule.cached else None), out, is_zero
+
+
+def _group_factors(rule: _Rule, method: str, w, stale, recompute):
     """(factors to cache, factors to apply now) for one group's stacked matrices."""
 
     def fresh():
-        return linalg.depth_factors(w, rule.N, group.method, precision=rule.precision)
+        return linalg.depth_factors(w, rule.N, method, precision=rule.precision)
 
     if not rule.cached:
         factors = fresh()
         return factors, factors
-    stale = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *stale_entries)
-    factors = jax.lax.cond(recompute, fresh, lambda: sharding.spread_over_mesh(stale, count))
+    factors = jax.lax.cond(recompute, fresh, lambda: stale)
     if isinstance(factors, linalg.SpectralBasis):  # only the singular vectors stay stale
         return factors, linalg.refresh_singular_values(factors, w, precision=rule.precision)
     return factors, factors

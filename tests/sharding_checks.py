@@ -342,9 +342,10 @@ def check_decompositions_spread_over_the_mesh(env, method, axis_type_name):
 
 CHECKS = {}
 for _method in ("newton", "eigh"):
-    CHECKS[f"decompositions_spread[{_method}-Auto]"] = (
-        check_decompositions_spread_over_the_mesh, _method, "Auto",
-    )
+    for _mode in ("Auto", "Explicit"):
+        CHECKS[f"decompositions_spread[{_method}-{_mode}]"] = (
+            check_decompositions_spread_over_the_mesh, _method, _mode,
+        )
 for _config in CONFIGS:
     for _mode in ("Auto", "Explicit"):
         CHECKS[f"matches_single_device[{_config}-{_mode}]"] = (
