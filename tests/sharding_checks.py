@@ -313,10 +313,15 @@ def check_decompositions_spread_over_the_mesh(env, method, axis_type_name):
     rng = np.random.default_rng(2)
     params = {f"w{i}": (rng.normal(size=(64, 48)) * 0.3).astype(np.float32) for i in range(8)}
     grads = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
-    tx = env["opx"].overparam_precondition(3, method=method)
+    method, _, every = method.partition("-every")  # "eigh-every2": cached factors, 2 updates
+    every = int(every or 1)
+    tx = env["opx"].overparam_precondition(3, method=method, precondition_every=every)
 
     def update(g, p):
-        return tx.update(g, tx.init(p), p)[0]
+        state = tx.init(p)
+        for _ in range(every):  # with a cache: one update that computes, one that reuses
+            out, state = tx.update(g, state, p)
+        return out
 
     one = jax.devices()[0]
     single = jax.jit(update).lower(
@@ -341,7 +346,7 @@ def check_decompositions_spread_over_the_mesh(env, method, axis_type_name):
 
 
 CHECKS = {}
-for _method in ("newton", "eigh"):
+for _method in ("newton", "eigh", "eigh-every2"):
     for _mode in ("Auto", "Explicit"):
         CHECKS[f"decompositions_spread[{_method}-{_mode}]"] = (
             check_decompositions_spread_over_the_mesh, _method, _mode,
