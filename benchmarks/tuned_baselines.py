@@ -21,14 +21,20 @@ Sections (``--section``, one per call; results of earlier sections are kept):
   start from the same end-to-end vector. The paper's imbalance delta of the last factor
   pair is O(stddev^2) near zero (about 0.2 here) and about sqrt(127) near the identity
   (I against the rank-1 e_1 e_1^T).
-* ``mnist`` (part 2; not run yet: about 3.5 hours of a 2-core CPU by ``--estimate -1``) —
-  the MNIST CNN of ``examples/mnist_cnn.py`` with momentum SGD: plain and
-  implicit depth 2 (fast path ``method="auto", precondition_every=10``) over a learning-rate
-  grid and seeds, a control that multiplies only the dense kernels' learning rate by c at
-  the plain run's best learning rate, the explicit 2-factor network at the implicit run's
-  best learning rate, and one exact-path (SVD every step) run to check the fast path.
-  Each run writes its own JSON under ``<results-dir>/tuned_mnist/`` and is skipped when that
-  file exists with the same configuration, so the section resumes after an interruption.
+* ``mnist`` (part 2) — the MNIST CNN of ``examples/mnist_cnn.py`` with momentum SGD, best
+  against best. Phase 1 tunes the learning rate of plain and of implicit depth 2 (fast path
+  ``method="auto", precondition_every=10``) on a grid (``--mnist-lrs``, extended until its
+  top no longer trains, or the best is interior) over the first ``--mnist-tune-seeds``
+  seeds. Phase 2 runs each mode's best rate on the remaining seeds, a control that
+  multiplies only the dense kernels' learning rate by c at plain's best rate (first
+  ``--mnist-control-seeds`` seeds), the explicit
+  2-factor network at the implicit best rate (first ``--mnist-explicit-seeds`` seeds), and
+  one exact-path (SVD every step) run to check the fast path. Runs are trained by
+  ``--mnist-workers`` single-threaded processes side by side; wall-clock times to targets
+  are steps times seconds per step measured interleaved in the main process, with jax's
+  default threading (what users run). Each run writes its own JSON under
+  ``<results-dir>/tuned_mnist/`` and is skipped when that file exists with the same
+  configuration, so the section resumes after an interruption.
 
 Writes ``benchmarks/results/tuned_baselines.json`` and figures in ``docs/figures/``.
 
@@ -37,7 +43,7 @@ Examples (``--section tables`` redraws tables and figures from the JSON)::
   python benchmarks/tuned_baselines.py --section ethanol   # ~30 min on 2 shared cores
   python benchmarks/tuned_baselines.py --section fig5      # ~35 min
   python benchmarks/tuned_baselines.py --section mnist --estimate -1   # hours, from logs
-  python benchmarks/tuned_baselines.py --section mnist     # ~3.5 h on 2 cores (resumable)
+  python benchmarks/tuned_baselines.py --section mnist     # ~1.5 h on 2 cores (resumable)
   python benchmarks/tuned_baselines.py --section mnist --smoke --mnist-data-dir DIR
 """
 
@@ -60,11 +66,7 @@ import optax
 
 import overparam_optax as opx
 from overparam_optax import factorized
-
-try:  # data.py and training.py are moving into a subpackage
-    from overparam_optax.experiments import data, training
-except ImportError:  # pragma: no cover - the layout before that move
-    from overparam_optax import data, training
+from overparam_optax.experiments import data, timing, training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTIONS = ("ethanol", "fig5", "mnist")
@@ -437,26 +439,28 @@ def _mnist_module():
     return module
 
 
-def mnist_plan(args, mode: str, lrs) -> list[dict]:
-    """The runs of one mode of the first phase (plain or implicit) over lrs and seeds."""
+def mnist_plan(args, mode: str, lrs, seeds) -> list[dict]:
+    """The runs of one mode (plain or implicit) over learning rates and seeds."""
     return [{"mode": mode, "lr": lr, "seed": seed, "multiplier": 1.0,
              "method": args.mnist_method if mode == "implicit" else None,
              "every": args.mnist_every if mode == "implicit" else None}
-            for lr in lrs for seed in args.seeds]  # fmt: skip
+            for lr in lrs for seed in seeds]  # fmt: skip
+
+
+def _trained(log) -> bool:
+    """Finite losses that end below the first one (the run made progress)."""
+    return math.isfinite(_final(log)) and _final(log) < log["train_loss"][0]
 
 
 def extend_lrs(logs: list[dict], lrs: list[float]) -> list[float]:
     """Grid points to add so that the grid spans the stability edge and brackets the best.
 
-    Doubles the largest learning rate while no seed diverged there, and halves the smallest
-    while it has the lowest seed-mean final loss.
+    Doubles the largest learning rate while every seed trained there (finite losses ending
+    below the first), and halves the smallest while it has the lowest seed-mean final loss.
     """
-    finals = {}
-    for log in logs:
-        finals.setdefault(log["config"]["lr"], []).append(_final(log))
     top, bottom = max(lrs), min(lrs)
     extra = []
-    if all(math.isfinite(v) for v in finals[top]):
+    if all(_trained(log) for log in logs if log["config"]["lr"] == top):
         extra.append(2 * top)
     if bottom == _best_lr(logs):
         extra.append(bottom / 2)
@@ -472,42 +476,205 @@ def _run_name(run: dict) -> str:
     return name
 
 
-def mnist_one_run(module, run: dict, args, train, test) -> dict:
-    """Trains one configuration (or reads its JSON if it exists with the same config)."""
-    config = {**run, "steps": args.mnist_steps, "batch_size": args.mnist_batch_size,
-              "dense_width": args.mnist_dense_width, "train_size": len(train[1])}  # fmt: skip
-    path = pathlib.Path(args.results_dir) / "tuned_mnist" / f"{_run_name(run)}.json"
+def _mnist_run_config(run: dict, args, train_size: int) -> dict:
+    return {**run, "steps": args.mnist_steps, "batch_size": args.mnist_batch_size,
+            "dense_width": args.mnist_dense_width, "train_size": train_size}  # fmt: skip
+
+
+def _mnist_log_path(run: dict, args) -> pathlib.Path:
+    return pathlib.Path(args.results_dir) / "tuned_mnist" / f"{_run_name(run)}.json"
+
+
+def _stored_log(run: dict, args, train_size: int) -> dict | None:
+    """The stored log of ``run`` if it exists with the same configuration."""
+    path = _mnist_log_path(run, args)
     if path.exists():
         log = json.loads(path.read_text())
-        if log["config"] == config:
+        if log["config"] == _mnist_run_config(run, args, train_size):
             return log
+    return None
+
+
+def mnist_build(module, run: dict, args, plain_params):
+    """(logits_fn, params, tx) of one run; the control scales only the dense kernels' step."""
     ns = argparse.Namespace(optimizer="momentum", lr=run["lr"], depth=2, precondition_conv=False,
                             method=run["method"] or "svd", precondition_every=run["every"],
                             dense_width=args.mnist_dense_width, seed=run["seed"])  # fmt: skip
+    mode = "none" if run["mode"] == "dense-lr" else run["mode"]
+    logits_fn, params, tx = module.build_run(mode, ns, plain_params)
+    if run["mode"] == "dense-lr":
+        mask = module.kernel_mask(plain_params, False)
+        tx = optax.chain(optax.masked(optax.scale(run["multiplier"]), mask), tx)
+    return logits_fn, params, tx
+
+
+def mnist_one_run(module, run: dict, args, train, test) -> dict:
+    """Trains one configuration (or reads its JSON if it exists with the same config)."""
+    stored = _stored_log(run, args, len(train[1]))
+    if stored is not None:
+        return stored
     plain_params = module.TutorialCNN(dense_width=args.mnist_dense_width).init(
         jax.random.PRNGKey(run["seed"]), train[0][:1], False
     )["params"]
-    mode = "none" if run["mode"] == "dense-lr" else run["mode"]
-    logits_fn, params, tx = module.build_run(mode, ns, plain_params)
-    if run["mode"] == "dense-lr":  # the control: only the dense kernels' step is scaled
-        mask = module.kernel_mask(plain_params, False)
-        tx = optax.chain(optax.masked(optax.scale(run["multiplier"]), mask), tx)
+    logits_fn, params, tx = mnist_build(module, run, args, plain_params)
     result = training.run_minibatch(logits_fn, params, tx, train, args.mnist_steps,
                                     batch_size=args.mnist_batch_size, seed=run["seed"],
                                     test_data=test)  # fmt: skip
     log = {
-        "config": config,
+        "config": _mnist_run_config(run, args, len(train[1])),
         "train_loss": result.losses.tolist(),
         "test_loss": result.test_loss,
         "test_accuracy": result.test_accuracy,
         "seconds": result.seconds,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    path = _mnist_log_path(run, args)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(log))
     print(f"[mnist] {_run_name(run)}: final {np.mean(result.losses[-10:]):.4f}, "
           f"{result.seconds:.0f} s", flush=True)  # fmt: skip
     return log
+
+
+_WORKER = {}  # per worker process: the example module and the data, loaded once
+
+
+def _worker_init(args) -> None:
+    # One thread per worker: on a small CPU, K single-threaded runs side by side train
+    # ~1.6x more steps per second than one run on K threads (measured on 2 cores). Set
+    # before the worker's first jax computation; the parent process is not affected.
+    # OPENBLAS_NUM_THREADS is left alone: method="auto" reads it (docs/performance.md).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
+                               "=false intra_op_parallelism_threads=1").strip()  # fmt: skip
+    _WORKER.update(module=_mnist_module(), data=load_mnist_splits(args))
+
+
+def _worker_run(run: dict, args) -> dict:
+    train, test = _WORKER["data"]
+    return mnist_one_run(_WORKER["module"], run, args, train, test)
+
+
+def load_mnist_splits(args):
+    data_dir = args.mnist_data_dir or data.default_data_dir("mnist")
+    train = data.load_mnist(data_dir, split="train")
+    test = data.load_mnist(data_dir, split="test")
+    if args.mnist_train_size:
+        train = (train[0][: args.mnist_train_size], train[1][: args.mnist_train_size])
+    if args.mnist_test_size:
+        test = (test[0][: args.mnist_test_size], test[1][: args.mnist_test_size])
+    return train, test
+
+
+class MnistRunner:
+    """Runs lists of configurations: stored logs are reused, the rest trained by a pool."""
+
+    def __init__(self, args, train_size: int):
+        self.args, self.train_size, self.pool = args, train_size, None
+
+    def __call__(self, runs: list[dict]) -> list[dict]:
+        logs = [_stored_log(run, self.args, self.train_size) for run in runs]
+        todo = [i for i, log in enumerate(logs) if log is None]
+        if todo and self.pool is None:
+            import concurrent.futures
+            import multiprocessing
+
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                self.args.mnist_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init, initargs=(self.args,))  # fmt: skip
+        futures = {i: self.pool.submit(_worker_run, runs[i], self.args) for i in todo}
+        for i, future in futures.items():
+            logs[i] = future.result()
+        return logs
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def mnist_section(args) -> dict:
+    """Phase 1 tunes each mode's lr on ``--mnist-tune-seeds`` seeds; phase 2 runs the rest."""
+    train, test = load_mnist_splits(args)
+    if args.estimate:
+        with jax.enable_x64(False):
+            return mnist_estimate(_mnist_module(), args, train, test)
+    tune_seeds, rest = args.seeds[: args.mnist_tune_seeds], args.seeds[args.mnist_tune_seeds :]
+    run = MnistRunner(args, len(train[1]))
+    try:
+        lrs = {mode: list(args.mnist_lrs) for mode in ("none", "implicit")}
+        by_mode = {mode: run(mnist_plan(args, mode, lrs[mode], tune_seeds)) for mode in lrs}
+        for _ in range(0 if args.smoke else args.mnist_max_extensions):
+            extra = {mode: extend_lrs(by_mode[mode], lrs[mode]) for mode in lrs}
+            if not any(extra.values()):
+                break
+            plans = {mode: mnist_plan(args, mode, extra[mode], tune_seeds) for mode in lrs}
+            logs = run([r for mode in lrs for r in plans[mode]])
+            for mode in lrs:
+                lrs[mode] += extra[mode]
+                by_mode[mode] += [log for log in logs if log["config"]["mode"] == mode]
+        best = {mode: _best_lr(by_mode[mode]) for mode in lrs}
+        if args.smoke:
+            with jax.enable_x64(False):
+                per_step = mnist_step_times(args, best, train)
+            return {"smoke": True, "runs": [log["config"] for m in lrs for log in by_mode[m]],
+                    "step_times": per_step}  # fmt: skip
+        # The exact-path run (the slowest) first, so that it does not run alone at the end.
+        second = [{"mode": "implicit", "lr": best["implicit"], "seed": args.seeds[0],
+                   "multiplier": 1.0, "method": "svd", "every": None}]  # fmt: skip
+        second += mnist_plan(args, "none", [best["none"]], rest)
+        second += mnist_plan(args, "implicit", [best["implicit"]], rest)
+        for seed in args.seeds[: args.mnist_control_seeds]:
+            second += [{"mode": "dense-lr", "lr": best["none"], "seed": seed, "multiplier": c,
+                        "method": None, "every": None} for c in args.mnist_multipliers]  # fmt: skip
+        for seed in args.seeds[: args.mnist_explicit_seeds]:
+            second.append({"mode": "explicit", "lr": best["implicit"], "seed": seed,
+                           "multiplier": 1.0, "method": None, "every": None})  # fmt: skip
+        logs = [log for mode in lrs for log in by_mode[mode]] + run(second)
+    finally:
+        run.close()
+    with jax.enable_x64(False):  # the CNN is float32, as the tutorial's
+        per_step = mnist_step_times(args, best, train)
+    return summarize_mnist(logs, args, best["none"], best["implicit"], per_step)
+
+
+def mnist_step_times(args, best: dict, train) -> dict:
+    """Seconds per step of each compared configuration, interleaved in this process.
+
+    The pool's single-threaded workers are not what users run; wall-clock times to the
+    targets are these (jax's default threading) times the steps.
+    """
+    module = _mnist_module()
+    plain = module.TutorialCNN(dense_width=args.mnist_dense_width).init(
+        jax.random.PRNGKey(0), train[0][:1], False)["params"]  # fmt: skip
+    configs = {
+        "plain": {"mode": "none", "lr": best["none"]},
+        "implicit": {"mode": "implicit", "lr": best["implicit"], "method": args.mnist_method,
+                     "every": args.mnist_every},  # fmt: skip
+        "explicit": {"mode": "explicit", "lr": best["implicit"]},
+        "dense-lr": {"mode": "dense-lr", "lr": best["none"],
+                     "multiplier": args.mnist_multipliers[0]},  # fmt: skip
+    }
+    steps, carries = {}, {}
+    for name, config in configs.items():
+        run = {"seed": 0, "multiplier": 1.0, "method": None, "every": None, **config}
+        logits_fn, params, tx = mnist_build(module, run, args, plain)
+
+        def loss_fn(p, x, y, rng, logits_fn=logits_fn):
+            logits = logits_fn(p, x, True, rng)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        steps[name] = timing.train_step(loss_fn, tx)
+        carries[name] = (params, tx.init(params))
+    images, labels = train
+    b = args.mnist_batch_size
+
+    def data_fn(i):
+        at = (i * b) % (len(labels) - b + 1)
+        return images[at : at + b], labels[at : at + b], jax.random.PRNGKey(i)
+
+    chunk, repeats = (2, 1) if args.smoke else (args.mnist_every, args.mnist_timing_windows)
+    medians, ratios, _ = timing.time_interleaved(steps, carries, chunk, repeats, data_fn, "plain")
+    return {"seconds_per_step": medians, "ratio_to_plain": ratios,
+            "windows": repeats, "window_steps": chunk}  # fmt: skip
 
 
 def _smooth(losses, window: int) -> np.ndarray:
@@ -529,48 +696,8 @@ def _best_lr(logs: list[dict]) -> float:
     return min(by_lr, key=lambda lr: float(np.mean(by_lr[lr])))
 
 
-def mnist_section(args) -> dict:
-    module = _mnist_module()
-    data_dir = args.mnist_data_dir or data.default_data_dir("mnist")
-    train = data.load_mnist(data_dir, split="train")
-    test = data.load_mnist(data_dir, split="test")
-    if args.mnist_train_size:
-        train = (train[0][: args.mnist_train_size], train[1][: args.mnist_train_size])
-    if args.mnist_test_size:
-        test = (test[0][: args.mnist_test_size], test[1][: args.mnist_test_size])
-    with jax.enable_x64(False):  # the CNN is float32, as the tutorial's
-        if args.estimate:
-            return mnist_estimate(module, args, train, test)
-        by_mode = {}
-        for mode in ("none", "implicit"):
-            lrs = list(args.mnist_lrs)
-            by_mode[mode] = [mnist_one_run(module, run, args, train, test)
-                             for run in mnist_plan(args, mode, lrs)]  # fmt: skip
-            for _ in range(0 if args.smoke else args.mnist_max_extensions):
-                extra = extend_lrs(by_mode[mode], lrs)
-                if not extra:
-                    break
-                lrs += extra
-                by_mode[mode] += [mnist_one_run(module, run, args, train, test)
-                                  for run in mnist_plan(args, mode, extra)]  # fmt: skip
-        logs = by_mode["none"] + by_mode["implicit"]
-        if args.smoke:
-            return {"smoke": True, "runs": [log["config"] for log in logs]}
-        lr_plain, lr_implicit = _best_lr(by_mode["none"]), _best_lr(by_mode["implicit"])
-        second = []
-        for seed in args.seeds:
-            for c in args.mnist_multipliers:
-                second.append({"mode": "dense-lr", "lr": lr_plain, "seed": seed,
-                               "multiplier": c, "method": None, "every": None})  # fmt: skip
-            second.append({"mode": "explicit", "lr": lr_implicit, "seed": seed,
-                           "multiplier": 1.0, "method": None, "every": None})  # fmt: skip
-        second.append({"mode": "implicit", "lr": lr_implicit, "seed": args.seeds[0],
-                       "multiplier": 1.0, "method": "svd", "every": None})  # fmt: skip
-        logs += [mnist_one_run(module, run, args, train, test) for run in second]
-    return summarize_mnist(logs, args, lr_plain, lr_implicit)
-
-
-def summarize_mnist(logs, args, lr_plain, lr_implicit) -> dict:
+def summarize_mnist(logs, args, lr_plain, lr_implicit, step_times) -> dict:
+    """Best against best: final losses, accuracies, steps and seconds to plain's losses."""
     window = min(100, args.mnist_steps)
 
     def pick(mode, lr, c=1.0, method=None):
@@ -582,29 +709,31 @@ def summarize_mnist(logs, args, lr_plain, lr_implicit) -> dict:
     groups = {"plain": pick("none", lr_plain),
               "implicit N=2 (fast path)": pick("implicit", lr_implicit, method=args.mnist_method),
               "explicit N=2": pick("explicit", lr_implicit)}  # fmt: skip
+    timed = {"plain": "plain", "implicit N=2 (fast path)": "implicit", "explicit N=2": "explicit"}
     dense = {c: pick("dense-lr", lr_plain, c) for c in args.mnist_multipliers}
     best_c = min(dense, key=lambda c: np.mean([_final(g) for g in dense[c].values()]))
-    groups[f"dense-lr x{best_c:g} (control)"] = dense[best_c]
+    control = f"dense-lr x{best_c:g} (control)"
+    groups[control], timed[control] = dense[best_c], "dense-lr"
     steps = args.mnist_steps
     summary = {"learning_rates": {"plain": lr_plain, "implicit": lr_implicit},
-               "dense_multiplier": best_c, "modes": {}}  # fmt: skip
+               "learning_rate_grids": _grids(logs), "dense_multiplier": best_c,
+               "tune_seeds": args.seeds[: args.mnist_tune_seeds], "seeds": args.seeds,
+               "step_times": step_times, "modes": {}}  # fmt: skip
     for name, runs in groups.items():
-        row = {"final_loss": mean_ci([_final(runs[s]) for s in args.seeds if s in runs]),
-               "test_accuracy": mean_ci([runs[s]["test_accuracy"] for s in args.seeds
-                                         if s in runs])}  # fmt: skip
+        seeds = [s for s in args.seeds if s in runs]
+        per_step = step_times["seconds_per_step"][timed[name]]
+        row = {"seeds": seeds, "seconds_per_step": per_step,
+               "final_loss": mean_ci([_final(runs[s]) for s in seeds]),
+               "test_accuracy": mean_ci([runs[s]["test_accuracy"] for s in seeds])}  # fmt: skip
         for at in (steps // 2, steps):
-            reached, seconds = [], []
-            for s in args.seeds:
-                if s not in runs:
-                    continue
+            reached = []
+            for s in seeds:
                 target = _smooth(groups["plain"][s]["train_loss"], window)[max(at - window, 0)]
                 hit = training.steps_to_reach(_smooth(runs[s]["train_loss"], window), target)
-                n = None if hit is None else hit + window
-                reached.append(n)
-                per_step = runs[s]["seconds"] / len(runs[s]["train_loss"])
-                seconds.append(None if n is None else n * per_step)
+                reached.append(None if hit is None else hit + window)
             row[f"steps_to_plain@{at}"] = mean_ci(reached)
-            row[f"seconds_to_plain@{at}"] = mean_ci(seconds)
+            row[f"seconds_to_plain@{at}"] = mean_ci(
+                [None if n is None else n * per_step for n in reached])
         summary["modes"][name] = row
     exact = pick("implicit", lr_implicit, method="svd").get(args.seeds[0])
     fast = groups["implicit N=2 (fast path)"].get(args.seeds[0])
@@ -614,11 +743,25 @@ def summarize_mnist(logs, args, lr_plain, lr_implicit) -> dict:
     return summary
 
 
+def _grids(logs) -> dict:
+    """Per mode of phase 1: lr -> [final losses over the tuning seeds] (inf: diverged)."""
+    grids = {}
+    for log in logs:
+        config = log["config"]
+        if config["mode"] in ("none", "implicit") and config["method"] != "svd":
+            grid = grids.setdefault(config["mode"], {})
+            grid.setdefault(f"{config['lr']:g}", {})[config["seed"]] = _final(log)
+    return grids
+
+
 def mnist_plan_counts(args) -> dict:
     """Runs per kind in the section's plan (before any grid extension)."""
     n_lr, n_seed, n_c = len(args.mnist_lrs), len(args.seeds), len(args.mnist_multipliers)
-    return {"none": n_lr * n_seed + n_c * n_seed, f"implicit {args.mnist_method}": n_lr * n_seed,
-            "explicit": n_seed, "implicit svd": 1}  # fmt: skip
+    n_tune = min(args.mnist_tune_seeds, n_seed)
+    per_mode = n_lr * n_tune + n_seed - n_tune
+    n_control = n_c * min(args.mnist_control_seeds, n_seed)
+    return {"none": per_mode + n_control, f"implicit {args.mnist_method}": per_mode,
+            "explicit": min(args.mnist_explicit_seeds, n_seed), "implicit svd": 1}  # fmt: skip
 
 
 def mnist_estimate_from_logs(args) -> dict:
@@ -753,13 +896,14 @@ def tables_markdown(results: dict) -> str:
             f"#### MNIST CNN, momentum SGD (plain lr {mnist['learning_rates']['plain']:g}, "
             f"implicit lr {mnist['learning_rates']['implicit']:g})",
             "",
-            "| mode | final train loss | test accuracy | "
+            "| mode | ms/step | final train loss | test accuracy | "
             + " | ".join(f"steps to plain@{a} | seconds to plain@{a}" for a in ats) + " |",
-            "|---|---:|---:|" + "---:|---:|" * len(ats),
+            "|---|---:|---:|---:|" + "---:|---:|" * len(ats),
         ]
         for name, row in mnist["modes"].items():
             lines.append(
-                f"| {name} | {fmt_loss(row['final_loss'])} | {fmt_loss(row['test_accuracy'])} | "
+                f"| {name} | {1e3 * row['seconds_per_step']:.0f} | {fmt_loss(row['final_loss'])} "
+                f"| {fmt_loss(row['test_accuracy'])} | "
                 + " | ".join(f"{fmt_steps(row[f'steps_to_plain@{a}'])} | "
                              f"{fmt_seconds(row[f'seconds_to_plain@{a}'])}" for a in ats)
                 + " |"
@@ -879,7 +1023,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mnist-lrs", default="0.01,0.02,0.04,0.08")
     parser.add_argument("--mnist-max-extensions", type=int, default=2,
                         help="grid points added per mode when the grid misses the edge")
-    parser.add_argument("--mnist-multipliers", default="2,4,8", help="dense-lr control")
+    parser.add_argument("--mnist-multipliers", default="2,4", help="dense-lr control")
+    parser.add_argument("--mnist-tune-seeds", type=int, default=3,
+                        help="seeds of the lr grids; the best lr of each mode gets all --seeds")
+    parser.add_argument("--mnist-control-seeds", type=int, default=3,
+                        help="seeds of the dense-lr control (the first ones)")
+    parser.add_argument("--mnist-explicit-seeds", type=int, default=3,
+                        help="seeds of the explicit 2-factor network (the first ones)")
+    parser.add_argument("--mnist-workers", type=int, default=2,
+                        help="single-threaded training processes side by side")
+    parser.add_argument("--mnist-timing-windows", type=int, default=10,
+                        help="interleaved windows of the step-time measurement")
     parser.add_argument("--mnist-method", default="auto", help="implicit mode's fast path")
     parser.add_argument("--mnist-every", type=int, default=10)
     parser.add_argument("--mnist-dense-width", type=int, default=512)
