@@ -76,6 +76,7 @@ FIG5_HIDDEN = 128
 FIG5_ZERO_STDDEV = 0.01
 FIG5_IDENTITY_STDDEV = 0.01
 CURVE_STRIDE = 50  # loss curves are stored every 50 steps
+CURVE_STRIDE_MNIST = 20  # the MNIST mean curves (of 100-step trailing means), every 20 steps
 # 97.5% quantiles of Student's t, by degrees of freedom, for 95% confidence intervals.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228}  # fmt: skip
@@ -734,7 +735,10 @@ def summarize_mnist(logs, args, lr_plain, lr_implicit, step_times) -> dict:
             row[f"steps_to_plain@{at}"] = mean_ci(reached)
             row[f"seconds_to_plain@{at}"] = mean_ci(
                 [None if n is None else n * per_step for n in reached])
+        curves = np.stack([_smooth(runs[s]["train_loss"], window) for s in seeds])
+        row["mean_curve"] = curves.mean(axis=0)[::CURVE_STRIDE_MNIST].tolist()
         summary["modes"][name] = row
+    summary["curve"] = {"stride": CURVE_STRIDE_MNIST, "window": window}
     exact = pick("implicit", lr_implicit, method="svd").get(args.seeds[0])
     fast = groups["implicit N=2 (fast path)"].get(args.seeds[0])
     if exact and fast:
@@ -993,6 +997,22 @@ def plot(results: dict, figures_dir: pathlib.Path) -> list[str]:
             ax.legend(fontsize=7)
         fig.tight_layout()
         path = figures_dir / "fig5_init.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    if "mnist" in results and "modes" in results["mnist"]:
+        mnist = results["mnist"]
+        fig, ax = plt.subplots(figsize=(7, 4.3))
+        for name, row in mnist["modes"].items():
+            curve = np.asarray(row["mean_curve"])
+            steps = mnist["curve"]["window"] + np.arange(len(curve)) * mnist["curve"]["stride"]
+            ax.plot(steps, curve, label=f"{name} ({len(row['seeds'])} seeds)")
+        ax.set(yscale="log", xlabel="step", ylabel="training loss (100-step mean, seed mean)",
+               title="MNIST CNN, momentum SGD, each at its best learning rate")  # fmt: skip
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = figures_dir / "tuned_mnist.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(str(path))

@@ -97,3 +97,41 @@ def test_mnist_smoke_runs_and_resumes(tmp_path):
     assert [json.loads(p.read_text())["timestamp"] for p in logs] == stamps  # reused
     assert "[mnist]" not in second.stdout  # nothing was trained again
     assert not (results / "tuned_baselines.json").exists()  # a smoke run writes no results
+
+
+def _fake_log(mode, lr, seed, rate, multiplier=1.0, method=None, steps=300):
+    """A log whose loss decays like exp(-rate * step), with a little seed noise."""
+    noise = np.random.default_rng(seed).normal(0, 0.01, steps)
+    losses = 2.3 * np.exp(-rate * np.arange(steps)) * (1 + noise)
+    config = {"mode": mode, "lr": lr, "seed": seed, "multiplier": multiplier,
+              "method": method, "every": 10 if method == "auto" else None}  # fmt: skip
+    return {"config": config, "train_loss": losses.tolist(), "test_accuracy": 0.9 + 0.01 * rate,
+            "seconds": 1.0}  # fmt: skip
+
+
+def test_mnist_summary_tables_and_figure(tb, tmp_path):
+    args = tb.parse_args(["--section", "mnist", "--mnist-steps", "300", "--mnist-multipliers",
+                          "2,4"])  # fmt: skip
+    seeds = args.seeds
+    logs = [_fake_log("none", 0.02, s, 0.004) for s in seeds]
+    logs += [_fake_log("implicit", 0.04, s, 0.008, method="auto") for s in seeds]
+    logs += [_fake_log("implicit", 0.04, 0, 0.0081, method="svd")]
+    logs += [_fake_log("explicit", 0.04, s, 0.007) for s in seeds[:3]]
+    logs += [_fake_log("dense-lr", 0.02, s, 0.005 + 0.001 * c, multiplier=c)
+             for s in seeds[:3] for c in (2.0, 4.0)]  # fmt: skip
+    times = {"seconds_per_step": {"plain": 0.1, "implicit": 0.125, "explicit": 0.11,
+                                  "dense-lr": 0.1}}  # fmt: skip
+    summary = tb.summarize_mnist(logs, args, 0.02, 0.04, times)
+    assert summary["dense_multiplier"] == 4.0  # the faster-decaying control
+    implicit = summary["modes"]["implicit N=2 (fast path)"]
+    plain = summary["modes"]["plain"]
+    # Twice the decay rate: about half of plain's steps to plain's step-300 loss.
+    assert implicit["steps_to_plain@300"]["mean"] < 0.6 * plain["steps_to_plain@300"]["mean"]
+    assert implicit["seconds_to_plain@300"]["mean"] == pytest.approx(
+        0.125 * implicit["steps_to_plain@300"]["mean"])
+    assert summary["modes"]["explicit N=2"]["seeds"] == seeds[:3]
+    assert 0 < summary["fast_vs_exact_max_rel_gap"] < 0.05
+    table = tb.tables_markdown({"mnist": summary})
+    assert "| implicit N=2 (fast path) | 125 |" in table
+    written = tb.plot({"mnist": summary}, tmp_path)
+    assert [pathlib.Path(p).name for p in written] == ["tuned_mnist.png"]
