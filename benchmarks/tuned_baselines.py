@@ -912,6 +912,19 @@ def tables_markdown(results: dict) -> str:
                              f"{fmt_seconds(row[f'seconds_to_plain@{a}'])}" for a in ats)
                 + " |"
             )
+        grids = mnist["learning_rate_grids"]
+        rates = sorted({float(lr) for grid in grids.values() for lr in grid})
+        lines += ["", f"Learning-rate grids: final training loss (mean of the last 10% of steps), "
+                  f"seed mean over seeds {', '.join(map(str, mnist['tune_seeds']))} "
+                  f"(inf: diverged)", "",
+                  "| learning rate | " + " | ".join(grids) + " |",
+                  "|---:|" + "---:|" * len(grids)]  # fmt: skip
+        for lr in rates:
+            cells = []
+            for grid in grids.values():
+                finals = grid.get(f"{lr:g}")
+                cells.append("–" if finals is None else f"{np.mean(list(finals.values())):.4g}")
+            lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
         lines.append("")
     if "fig5" in results:
         fig5 = results["fig5"]
