@@ -144,7 +144,7 @@ def test_extend_lrs_stops_at_a_stuck_top_and_halves_a_best_bottom(tb):
     stuck = [2.31] + [2.3026] * 99  # dead ReLUs: ln(10), a hair under the first loss
     good, better = [2.3] + [0.05] * 99, [2.3] + [0.02] * 99
     logs = [log(0.04, s, good) for s in range(3)] + [log(0.08, s, stuck) for s in range(3)]
-    assert tb.extend_lrs(logs, [0.04, 0.08]) == []
+    assert tb.extend_lrs(logs, [0.04, 0.08]) == [0.02]  # no 0.16; the best is the bottom
     logs = [log(0.04, s, better) for s in range(3)] + [log(0.08, s, good) for s in range(3)]
     assert tb.extend_lrs(logs, [0.04, 0.08]) == [0.16, 0.02]
     logs[-1] = log(0.08, 2, [2.3] + [np.nan] * 99)  # one seed diverged at the top
