@@ -43,7 +43,7 @@ Examples (``--section tables`` redraws tables and figures from the JSON)::
   python benchmarks/tuned_baselines.py --section ethanol   # ~30 min on 2 shared cores
   python benchmarks/tuned_baselines.py --section fig5      # ~35 min
   python benchmarks/tuned_baselines.py --section mnist --estimate -1   # hours, from logs
-  python benchmarks/tuned_baselines.py --section mnist     # ~1.5 h on 2 cores (resumable)
+  python benchmarks/tuned_baselines.py --section mnist     # ~2 h on 2 cores, resumable
   python benchmarks/tuned_baselines.py --section mnist --smoke --mnist-data-dir DIR
 """
 

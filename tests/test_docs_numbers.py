@@ -147,10 +147,17 @@ def _claims_expected(paper, tuned) -> dict[str, list[str]]:
     train_seconds = sum(r["seconds"] for c in mnist.values() for r in c["runs"].values())
     exp["C7"] = [str(round(100 * min(fewer))), str(round(100 * max(fewer))),
                  _steps(1000), _minutes(train_seconds), "0.01"]  # fmt: skip
-    estimate = RESULTS / "tuned_mnist_estimate.json"
-    if estimate.exists():
-        est = json.loads(estimate.read_text())
-        exp["C7"] += [f"{est['from_logs']['hours']:.1f}"]
+    tuned_mnist = tuned["results"].get("mnist", {})
+    if "modes" in tuned_mnist:  # the tuned comparison: best lr of each, steps to plain's end
+        lrs, modes = tuned_mnist["learning_rates"], tuned_mnist["modes"]
+        end = max(int(k.split("@")[1]) for k in modes["plain"] if k.startswith("steps_to_plain@"))
+        at = f"steps_to_plain@{end}"
+        logs = [json.loads(p.read_text()) for p in (RESULTS / "tuned_mnist").glob("*.json")]
+        grid = sorted({float(lr) for g in tuned_mnist["learning_rate_grids"].values() for lr in g})
+        exp["C7"] += [f"{lrs['plain']:g}", f"{lrs['implicit']:g}", f"{grid[0]:g}",
+                      f"{grid[-1]:g}", _steps(end), *_ci(modes["implicit N=2 (fast path)"][at]),
+                      *_ci(modes["plain"][at]),
+                      f"{sum(g['seconds'] for g in logs) / 3600:.1f}"]  # fmt: skip
     # C9: hidden widths (equivalence benchmark).
     equivalence = json.loads((RESULTS / "equivalence_cpu.json").read_text())
     exp["C9"] = ["32", "100", _minutes(float(equivalence["total_seconds"]))]
@@ -273,3 +280,21 @@ def test_default_step_time_table_matches_json():
             assert run["args"]["background_load"] == column - 1
             expected = _ratio_text(run["target1_cnn"]["ratio_to_sgd"][contender])
             assert rows[label][column].strip("*") == expected, (label, load)
+
+
+def test_mnist_tuning_grid_matches_run_logs():
+    logs = [json.loads(p.read_text()) for p in (RESULTS / "tuned_mnist").glob("*.json")]
+    if not logs:
+        pytest.skip("no tuned_mnist logs")
+    finals = {}
+    for log in logs:
+        c = log["config"]
+        if c["mode"] in ("none", "implicit") and c["method"] != "svd" and c["seed"] < 3:
+            tail = np.asarray(log["train_loss"])[-len(log["train_loss"]) // 10:]
+            finals.setdefault((c["mode"], c["lr"]), []).append(float(np.mean(tail)))
+    rows = _table(DOC.read_text(), "<!-- mnist-grid -->", "<!-- /mnist-grid -->")
+    for mode, column in (("none", 1), ("implicit", 2)):
+        for lr in {lr for m, lr in finals if m == mode}:
+            assert len(finals[mode, lr]) == 3
+            cell = rows[f"{lr:g}"][column].strip("*")
+            assert cell == f"{np.mean(finals[mode, lr]):.4g}", (mode, lr, cell)
