@@ -66,7 +66,7 @@ import optax
 
 import overparam_optax as opx
 from overparam_optax import factorized
-from overparam_optax.experiments import data, timing, training
+from overparam_optax.experiments import cli, data, timing, training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTIONS = ("ethanol", "fig5", "mnist")
@@ -961,6 +961,19 @@ def tables_markdown(results: dict) -> str:
 # ------------------------------------------------------------------------------ figures
 
 
+def _save(fig, axes, path: pathlib.Path) -> str:
+    """Grid and legend on every axis, then the figure to ``path`` (closed); the path."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def plot(results: dict, figures_dir: pathlib.Path) -> list[str]:
     import matplotlib
 
@@ -982,13 +995,7 @@ def plot(results: dict, figures_dir: pathlib.Path) -> list[str]:
                 ax.axhline(seed0["targets"][t], color="gray", linestyle=ls, linewidth=1)
             ax.set(yscale="log", xlabel="step", ylabel="training loss",
                    title=f"Ethanol l4, init {init_name}, seed {seed0['seed']}")  # fmt: skip
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = figures_dir / "tuned_ethanol.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+        written.append(_save(fig, axes, figures_dir / "tuned_ethanol.png"))
     if "fig5" in results:
         runs = results["fig5"]["runs"]
         kinds = ["near-zero", "near-identity"]
@@ -1010,13 +1017,7 @@ def plot(results: dict, figures_dir: pathlib.Path) -> list[str]:
                     color += 1
             ax.set(yscale="log", xlabel="step", ylabel="training loss",
                    title=f"Ethanol l4, deep linear net, {kind} init (seed 0)")  # fmt: skip
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = figures_dir / "fig5_init.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+        written.append(_save(fig, axes, figures_dir / "fig5_init.png"))
     if "mnist" in results and "modes" in results["mnist"]:
         mnist = results["mnist"]
         fig, ax = plt.subplots(figsize=(7, 4.3))
@@ -1026,13 +1027,7 @@ def plot(results: dict, figures_dir: pathlib.Path) -> list[str]:
             ax.plot(steps, curve, label=f"{name} ({len(row['seeds'])} seeds)")
         ax.set(yscale="log", xlabel="step", ylabel="training loss (100-step mean, seed mean)",
                title="MNIST CNN, momentum SGD, each at its best learning rate")  # fmt: skip
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = figures_dir / "tuned_mnist.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+        written.append(_save(fig, [ax], figures_dir / "tuned_mnist.png"))
     return written
 
 
@@ -1044,38 +1039,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--section", choices=(*SECTIONS, "tables"), required=True,
                         help="'tables' redraws the tables and figures from the JSON")
     parser.add_argument("--data-dir", default=None, help="gas-sensor folder (batchK.dat)")
-    parser.add_argument("--steps", type=int, default=10_000)
-    parser.add_argument("--depth", type=int, default=3, help="N of depth-N GD (ethanol)")
-    parser.add_argument("--fig5-depths", default="2,3")
-    parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--init-scale", type=float, default=0.05)
-    parser.add_argument("--lr-min", type=float, default=-5.0, help="log10 of the lowest lr")
-    parser.add_argument("--lr-max", type=float, default=0.0, help="log10 of the highest lr")
-    parser.add_argument("--timing-steps", type=int, default=2000)
+    parser.add_argument("--steps", type=cli.positive_int, default=10_000)
+    parser.add_argument("--depth", type=cli.positive_int, default=3,
+                        help="N of depth-N GD (ethanol)")
+    parser.add_argument("--fig5-depths", type=cli.comma_list(cli.positive_int), default="2,3")
+    parser.add_argument("--seeds", type=cli.comma_list(cli.nonnegative_int), default="0,1,2,3,4")
+    parser.add_argument("--init-scale", type=cli.positive_float, default=0.05)
+    parser.add_argument("--lr-min", type=cli.finite_float, default=-5.0,
+                        help="log10 of the lowest lr")
+    parser.add_argument("--lr-max", type=cli.finite_float, default=0.0,
+                        help="log10 of the highest lr")
+    parser.add_argument("--timing-steps", type=cli.positive_int, default=2000)
     parser.add_argument("--retime", action="store_true",
                         help="ethanol: re-measure seconds per step of the stored results")
     parser.add_argument("--mnist-data-dir", default=None)
-    parser.add_argument("--mnist-steps", type=int, default=2000)
-    parser.add_argument("--mnist-batch-size", type=int, default=64, help="64 in the tutorial")
-    parser.add_argument("--mnist-lrs", default="0.01,0.02,0.04,0.08")
-    parser.add_argument("--mnist-max-extensions", type=int, default=2,
+    parser.add_argument("--mnist-steps", type=cli.positive_int, default=2000)
+    parser.add_argument("--mnist-batch-size", type=cli.positive_int, default=64,
+                        help="64 in the tutorial")
+    parser.add_argument("--mnist-lrs", type=cli.comma_list(cli.positive_float),
+                        default="0.01,0.02,0.04,0.08")
+    parser.add_argument("--mnist-max-extensions", type=cli.nonnegative_int, default=2,
                         help="grid points added per mode when the grid misses the edge")
-    parser.add_argument("--mnist-multipliers", default="2,4", help="dense-lr control")
-    parser.add_argument("--mnist-tune-seeds", type=int, default=3,
+    parser.add_argument("--mnist-multipliers", type=cli.comma_list(cli.positive_float),
+                        default="2,4", help="dense-lr control")
+    parser.add_argument("--mnist-tune-seeds", type=cli.positive_int, default=3,
                         help="seeds of the lr grids; the best lr of each mode gets all --seeds")
-    parser.add_argument("--mnist-control-seeds", type=int, default=3,
+    parser.add_argument("--mnist-control-seeds", type=cli.positive_int, default=3,
                         help="seeds of the dense-lr control (the first ones)")
-    parser.add_argument("--mnist-explicit-seeds", type=int, default=3,
+    parser.add_argument("--mnist-explicit-seeds", type=cli.positive_int, default=3,
                         help="seeds of the explicit 2-factor network (the first ones)")
-    parser.add_argument("--mnist-workers", type=int, default=2,
+    parser.add_argument("--mnist-workers", type=cli.positive_int, default=2,
                         help="single-threaded training processes side by side")
-    parser.add_argument("--mnist-timing-windows", type=int, default=10,
+    parser.add_argument("--mnist-timing-windows", type=cli.positive_int, default=10,
                         help="interleaved windows of the step-time measurement")
-    parser.add_argument("--mnist-method", default="auto", help="implicit mode's fast path")
-    parser.add_argument("--mnist-every", type=int, default=10)
-    parser.add_argument("--mnist-dense-width", type=int, default=512)
-    parser.add_argument("--mnist-train-size", type=int, default=None)
-    parser.add_argument("--mnist-test-size", type=int, default=None)
+    parser.add_argument("--mnist-method", default="auto", choices=opx.linalg.METHODS,
+                        help="implicit mode's fast path")
+    parser.add_argument("--mnist-every", type=cli.positive_int, default=10)
+    parser.add_argument("--mnist-dense-width", type=cli.positive_int, default=512)
+    parser.add_argument("--mnist-train-size", type=cli.positive_int, default=None)
+    parser.add_argument("--mnist-test-size", type=cli.positive_int, default=None)
     parser.add_argument("--estimate", type=int, default=0,
                         help="mnist: time this many steps per mode and estimate the section's "
                         "hours (also from earlier logs); -1: from the logs only")
@@ -1084,10 +1086,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--figures-dir", default=str(REPO / "docs" / "figures"))
     args = parser.parse_args(argv)
-    args.seeds = [int(v) for v in args.seeds.split(",")]
-    args.fig5_depths = [int(v) for v in args.fig5_depths.split(",")]
-    args.mnist_lrs = [float(v) for v in args.mnist_lrs.split(",")]
-    args.mnist_multipliers = [float(v) for v in args.mnist_multipliers.split(",")]
+    if args.estimate < -1:
+        parser.error(f"argument --estimate: must be >= -1, got {args.estimate}")
     if args.smoke:
         args.seeds, args.mnist_lrs = args.seeds[:1], args.mnist_lrs[:1]
         args.mnist_steps, args.mnist_batch_size, args.mnist_dense_width = 3, 8, 16

@@ -282,6 +282,12 @@ BAD_ARGUMENTS = [
     ("examples/transformer_lm.py", ["--text-file", "/nonexistent.txt"], "is not a file"),
     ("benchmarks/transformer_lm.py", ["--seeds", "0,,1"], "no empty item"),
     ("benchmarks/transformer_lm.py", ["--grid-adamw", "0.1,-1"], "item '-1' of"),
+    ("benchmarks/tuned_baselines.py", ["--section", "mnist", "--mnist-workers", "0"],
+     "argument --mnist-workers: must be a positive integer"),
+    ("benchmarks/tuned_baselines.py", ["--section", "mnist", "--mnist-lrs", "0.01,0"],
+     "item '0' of '0.01,0' must be a positive number"),
+    ("benchmarks/tuned_baselines.py", ["--section", "mnist", "--estimate", "-2"],
+     "argument --estimate: must be >= -1"),
 ]
 
 
