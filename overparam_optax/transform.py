@@ -176,17 +176,19 @@ def _concat(entries: list[Any]) -> Any:
 
 
 def _group_update(rule: _Rule, method: str, batched, recompute):
-    """(factors to cache or None, preconditioned G, which W are zero) for stacked matrices.
+    """(factors to cache, preconditioned G, which W are zero) for stacked matrices.
+
+    The first is None without a cache, the last None with ``plain_gradient_at_zero=False``.
 
     Each matrix is handled on its own, so a mesh can split the stack between devices.
     """
     w, g, stale = batched
     fresh, current = _group_factors(rule, method, w, stale, recompute)
     out = linalg.apply_depth_factors(current, g, rule.N, precision=rule.precision)
+    if not rule.at_zero:
+        return (fresh if rule.cached else None), out, None
     is_zero = _is_zero(w)
-    if rule.at_zero:
-        out = jnp.where(is_zero[:, None, None], g, out)
-    return (fresh if rule.cached else None), out, is_zero
+    return (fresh if rule.cached else None), jnp.where(is_zero[:, None, None], g, out), is_zero
 
 
 def _group_factors(rule: _Rule, method: str, w, stale, recompute):
