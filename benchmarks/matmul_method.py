@@ -329,11 +329,18 @@ def jax_highest():
     return jax.lax.Precision.HIGHEST
 
 
+def _minimize_from(fn, starts):
+    """The best of Nelder-Mead minimizations of ``fn`` from each start (scipy's result)."""
+    from scipy.optimize import minimize
+
+    options = dict(xatol=1e-12, fatol=1e-14, maxiter=20000)
+    runs = (minimize(fn, x0, method="Nelder-Mead", options=options) for x0 in starts)
+    return min(runs, key=lambda r: r.fun)
+
+
 def _polar_step(lower, upper):
     """Greedy minimax odd quintic x (a + b x^2 + c x^4) ~ 1 on [lower, upper] (Polar Express)."""
     import numpy as np
-    from scipy.optimize import minimize
-
     xs = np.concatenate([np.geomspace(lower, upper, 400), np.linspace(lower, upper, 400)])
 
     def worst(coeffs):
@@ -344,18 +351,7 @@ def _polar_step(lower, upper):
     starts = [(8.28721201814563, -23.595886519098837, 17.300387312530933)]
     starts += [(3.4445, -4.775, 2.0315), (1.875, -1.25, 0.375)]
     starts.append((4.0, -6.0, 2.5))
-    best = min(
-        (
-            minimize(
-                worst,
-                x0,
-                method="Nelder-Mead",
-                options=dict(xatol=1e-12, fatol=1e-14, maxiter=20000),
-            )
-            for x0 in starts
-        ),
-        key=lambda r: r.fun,
-    )
+    best = _minimize_from(worst, starts)
     image = xs * (best.x[0] + best.x[1] * xs**2 + best.x[2] * xs**4)
     return tuple(best.x), image.min(), image.max()
 
@@ -363,8 +359,6 @@ def _polar_step(lower, upper):
 def _root_step(lower, upper, p, gamma):
     """Greedy B = a + b m + c m^2 narrowing log(m B^p) on [lower, upper], conditioning <= gamma."""
     import numpy as np
-    from scipy.optimize import minimize
-
     ms = np.concatenate([np.geomspace(lower, upper, 600), np.linspace(lower, upper, 600)])
     grid = np.linspace(0, upper, 300)
 
@@ -379,18 +373,7 @@ def _root_step(lower, upper, p, gamma):
 
     starts = [(-1 / (p + 1), 0), (-0.5 / p, 0), (-2, 1), (-1, 0.3), (-1.5, 0.6), (-0.5, 0.05)]
     starts.append((-0.3, 0.02))
-    best = min(
-        (
-            minimize(
-                spread,
-                x0,
-                method="Nelder-Mead",
-                options=dict(xatol=1e-12, fatol=1e-14, maxiter=20000),
-            )
-            for x0 in starts
-        ),
-        key=lambda r: r.fun,
-    )
+    best = _minimize_from(spread, starts)
     b, c = best.x
     image = ms * (1 + b * ms + c * ms**2) ** p
     lo, hi = image.min(), image.max()
