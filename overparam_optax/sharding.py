@@ -71,12 +71,28 @@ def map_over_mesh(fn: Callable, count: int, batched: Any, shared: Any) -> Any:
     Under a mesh (``jax.set_mesh``) every device would otherwise compute every matrix's
     decomposition. The stack of same-shaped matrices (axis 0 of every array in
     ``batched``) is zero-padded to a multiple of the device count (a zero matrix is well
-    defined for every method), split over the mesh's Explicit axes (else its Auto ones), and ``fn``
-    runs under ``jax.shard_map`` on each device's slice, as distributed Shampoo and Muon
-    implementations do; ``shared`` (e.g. a flag) is replicated. ``fn`` must treat the
+    defined for every method), split over the mesh's Explicit axes (else its Auto ones),
+    and ``fn`` runs under ``jax.shard_map`` on each device's slice, as distributed Shampoo
+    and Muon implementations do; ``shared`` (e.g. a flag) is replicated. ``fn`` must treat the
     matrices independently. The outputs stay split along axis 0 and padded: the caller
     gathers (:func:`gathered`) and crops them. Without a mesh, on one device, or for a
     single matrix, this is just ``fn(batched, shared)``.
+
+    Args:
+      fn: ``fn(batched, shared) -> outputs``, every output batched on axis 0 like the input
+        (``None`` entries allowed), each matrix computed independently of the others.
+      count: the number of matrices (the length of axis 0).
+      batched: a tree of arrays batched on axis 0.
+      shared: a tree given whole to every device.
+
+    Returns:
+      ``fn``'s outputs, each with axis 0 padded to a multiple of the device count.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> out = map_over_mesh(lambda x, c: x * c, 3, jnp.ones((3, 2, 2)), 2.0)
+      >>> out.shape, float(out[0, 0, 0])
+      ((3, 2, 2), 2.0)
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or count < 2:

@@ -298,3 +298,28 @@ def test_mnist_tuning_grid_matches_run_logs():
             assert len(finals[mode, lr]) == 3
             cell = rows[f"{lr:g}"][column].strip("*")
             assert cell == f"{np.mean(finals[mode, lr]):.4g}", (mode, lr, cell)
+
+
+# docs/scaling.md: the sharding checks' recorded results (issue 12, item 3).
+SCALING = REPO / "docs" / "scaling.md"
+
+
+def test_scaling_tables_match_the_recorded_sharding_checks():
+    results = _load("sharding_checks_cpu.json")["results"]
+    assert all(r["ok"] for r in results.values())
+    text = SCALING.read_text()
+    single = _table(text, "<!-- single-device-table -->", "<!-- /single-device-table -->")
+    for label, config in (('exact (`method="svd"`)', "exact"),
+                          ("`precondition_every=2`", "every2"), ("`block_size=16`", "blocks16")):
+        for column, mode in ((1, "Auto"), (2, "Explicit")):
+            diff = results[f"matches_single_device[{config}-{mode}]"]["max_rel_diff"]
+            assert single[label][column] == f"{diff:.1e}".replace("e-0", "e-"), (label, mode)
+    spread = _table(text, "<!-- spread-table -->", "<!-- /spread-table -->")
+    for label, method in (('"newton"', "newton"), ('"eigh"', "eigh"), ('"eigh", `', "eigh-every2")):
+        row = next(cells for key, cells in spread.items() if key.startswith(label)
+                   and (method != "eigh" or "every" not in key))  # fmt: skip
+        for column, mode in ((1, "Auto"), (2, "Explicit")):
+            result = results[f"decompositions_spread[{method}-{mode}]"]
+            diff = f"{result['max_rel_diff']:.3g}".replace("e-0", "e-")
+            expected = f"**{result['flops_ratio']:.3f}** ({diff})"
+            assert row[column] == expected, (label, mode, row[column], expected)
