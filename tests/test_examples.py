@@ -219,14 +219,16 @@ def test_equivalence_benchmark_quick(tmp_path):
 
 
 def test_transformer_lm_smoke(tmp_path):
+    # A corpus of its own: the losses compared below must not move when a doc is edited.
+    words = "the of depth matrix gradient descent product layer weight rate step loss".split()
     corpus = tmp_path / "corpus.txt"
-    corpus.write_bytes((REPO / "README.md").read_bytes() * 2)
+    corpus.write_text(" ".join(np.random.default_rng(0).choice(words, 4000)))
     out = tmp_path / "out"
     result = _run(
         "examples/transformer_lm.py",
         "--text-file", str(corpus),
         "--modes", "momentum,momentum+overparam,momentum-explicit",
-        "--lr", "momentum=0.05,momentum+overparam=0.05",
+        "--lr", "momentum=0.02,momentum+overparam=0.02",
         "--steps", "3", "--warmup", "0", "--eval-every", "1", "--eval-windows", "4",
         "--batch-size", "4", "--context", "16", "--d-model", "16", "--heads", "2",
         "--layers", "2",
@@ -244,11 +246,14 @@ def test_transformer_lm_smoke(tmp_path):
     first = {name: run["train_loss"][0] for name, run in runs.items()}
     assert first["momentum+overparam"] == pytest.approx(first["momentum"], rel=1e-6)
     assert first["momentum-explicit"] == pytest.approx(first["momentum"], rel=1e-4)
-    # ...and one step later the implicit rule is much closer to the explicit product than
-    # the plain step is.
-    second = {name: run["evaluations"][1]["val_loss"] for name, run in runs.items()}
-    gap_implicit = abs(second["momentum+overparam"] - second["momentum-explicit"])
-    assert gap_implicit < 0.2 * abs(second["momentum"] - second["momentum-explicit"])
+    # ...and over the next steps the implicit rule stays much closer to the explicit
+    # product than the plain step does (summed over steps: one loss may cross another).
+    def gap_to_explicit(mode):
+        evals = runs[mode]["evaluations"][1:], runs["momentum-explicit"]["evaluations"][1:]
+        pairs = zip(*evals, strict=True)
+        return sum(abs(a["val_loss"] - b["val_loss"]) for a, b in pairs)
+
+    assert gap_to_explicit("momentum+overparam") < 0.05 * gap_to_explicit("momentum")
     assert (out / "transformer_lm_loss.png").stat().st_size > 1000
     assert "steps to target" in result.stdout
 
