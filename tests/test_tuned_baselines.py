@@ -115,12 +115,12 @@ def test_mnist_summary_tables_and_figure(tb, tmp_path):
     seeds = args.seeds
     logs = [_fake_log("none", 0.02, s, 0.004) for s in seeds]
     logs += [_fake_log("implicit", 0.04, s, 0.008, method="auto") for s in seeds]
-    logs += [_fake_log("implicit", 0.04, 0, 0.0081, method="svd")]
+    logs += [_fake_log("implicit", 0.04, s, 0.0081, method="svd") for s in seeds[:2]]
     logs += [_fake_log("explicit", 0.04, s, 0.007) for s in seeds[:3]]
     logs += [_fake_log("dense-lr", 0.02, s, 0.005 + 0.001 * c, multiplier=c)
              for s in seeds[:3] for c in (2.0, 4.0)]  # fmt: skip
-    times = {"seconds_per_step": {"plain": 0.1, "implicit": 0.125, "explicit": 0.11,
-                                  "dense-lr": 0.1}}  # fmt: skip
+    times = {"seconds_per_step": {"plain": 0.1, "implicit": 0.125, "implicit exact": 0.2,
+                                  "explicit": 0.11, "dense-lr": 0.1}}  # fmt: skip
     summary = tb.summarize_mnist(logs, args, 0.02, 0.04, times)
     assert summary["dense_multiplier"] == 4.0  # the faster-decaying control
     implicit = summary["modes"]["implicit N=2 (fast path)"]
@@ -130,9 +130,17 @@ def test_mnist_summary_tables_and_figure(tb, tmp_path):
     assert implicit["seconds_to_plain@300"]["mean"] == pytest.approx(
         0.125 * implicit["steps_to_plain@300"]["mean"])
     assert summary["modes"]["explicit N=2"]["seeds"] == seeds[:3]
-    assert 0 < summary["fast_vs_exact_max_rel_gap"] < 0.05
+    assert summary["modes"]["implicit N=2 (exact)"]["seeds"] == seeds[:2]
+    gaps = summary["fast_vs_exact_max_rel_gap"]
+    assert list(gaps) == ["0", "1"] and all(0 < g < 0.05 for g in gaps.values())
+    # A best lr run on more seeds than the tuning ones: the grid still averages those only.
+    logs += [_fake_log("none", 0.02, 9, 0.001)]
+    summary = tb.summarize_mnist(logs, args, 0.02, 0.04, times)
     table = tb.tables_markdown({"mnist": summary})
     assert "| implicit N=2 (fast path) | 125 |" in table
+    assert "| implicit N=2 (exact) | 200 |" in table
+    tune = [tb._final(g) for g in logs[: args.mnist_tune_seeds]]
+    assert f"| 0.02 | {np.mean(tune):.4g} |" in table
     written = tb.plot({"mnist": summary}, tmp_path)
     assert [pathlib.Path(p).name for p in written] == ["tuned_mnist.png"]
 
