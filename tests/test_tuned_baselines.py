@@ -148,6 +148,39 @@ def test_mnist_summary_tables_and_figure(tb, tmp_path):
     assert [pathlib.Path(p).name for p in written] == ["tuned_mnist.png"]
 
 
+def test_runner_trains_exact_runs_one_at_a_time_beside_the_others(tb, tmp_path, monkeypatch):
+    import concurrent.futures
+    import threading
+    import time
+
+    lock, running, peak, order = threading.Lock(), {"svd": 0}, {"svd": 0}, []
+
+    def fake_run(run, args):
+        with lock:
+            order.append(run["seed"])
+            if run["method"] == "svd":
+                running["svd"] += 1
+                peak["svd"] = max(peak["svd"], running["svd"])
+        time.sleep(0.05)
+        with lock:
+            running["svd"] -= run["method"] == "svd"
+        return {"config": run}
+
+    monkeypatch.setattr(tb, "_worker_run", fake_run)
+    args = tb.parse_args(["--section", "mnist", "--results-dir", str(tmp_path)])
+    runner = tb.MnistRunner(args, train_size=10)
+    runner.pool = concurrent.futures.ThreadPoolExecutor(3)
+    runs = [{"mode": "implicit", "lr": 0.02, "seed": s, "multiplier": 1.0,
+             "method": "svd" if s < 3 else "auto", "every": None} for s in range(6)]  # fmt: skip
+    try:
+        logs = runner(runs)
+    finally:
+        runner.close()
+    assert [log["config"] for log in logs] == runs  # in the order asked, every run once
+    assert peak["svd"] == 1  # never two exact runs at once, with 3 workers free
+    assert order[0] == 0  # the first exact run starts before the others
+
+
 def test_extend_lrs_stops_at_a_stuck_top_and_halves_a_best_bottom(tb):
     def log(lr, seed, losses):
         return {"config": {"lr": lr, "seed": seed}, "train_loss": losses}
