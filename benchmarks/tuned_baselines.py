@@ -719,14 +719,16 @@ def summarize_mnist(logs, args, lr_plain, lr_implicit, step_times) -> dict:
     """Best against best: final losses, accuracies, steps and seconds to plain's losses."""
     window = min(100, args.mnist_steps)
 
-    def pick(mode, lr, c=1.0, method=None):
+    def pick(mode, lr, c=1.0, method=None, every=None):
+        # (method, every) tells the fast path from the exact one even with --mnist-method svd.
         return {g["config"]["seed"]: g for g in logs
                 if g["config"]["mode"] == mode and g["config"]["lr"] == lr
                 and g["config"]["multiplier"] == c
-                and (method is None or g["config"]["method"] == method)}  # fmt: skip
+                and (g["config"]["method"], g["config"]["every"]) == (method, every)}  # fmt: skip
 
     groups = {"plain": pick("none", lr_plain),
-              "implicit N=2 (fast path)": pick("implicit", lr_implicit, method=args.mnist_method),
+              "implicit N=2 (fast path)": pick("implicit", lr_implicit, method=args.mnist_method,
+                                               every=args.mnist_every),
               "implicit N=2 (exact)": pick("implicit", lr_implicit, method="svd"),
               "explicit N=2": pick("explicit", lr_implicit)}  # fmt: skip
     timed = {"plain": "plain", "implicit N=2 (fast path)": "implicit",
@@ -789,7 +791,8 @@ def _grids(logs) -> dict:
     grids = {}
     for log in logs:
         config = log["config"]
-        if config["mode"] in ("none", "implicit") and config["method"] != "svd":
+        exact = config["mode"] == "implicit" and config["every"] is None
+        if config["mode"] in ("none", "implicit") and not exact:
             grid = grids.setdefault(config["mode"], {})
             grid.setdefault(f"{config['lr']:g}", {})[str(config["seed"])] = _final(log)
     return grids
@@ -1118,7 +1121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mnist-test-size", type=cli.positive_int, default=None)
     parser.add_argument("--estimate", type=int, default=0,
                         help="mnist: time this many steps per mode and estimate the section's "
-                        "hours (also from earlier logs); -1: from the logs only")
+                        "hours (also from earlier logs); -1: from the logs only. Trains "
+                        "nothing; the hours are for one process (--mnist-workers not counted)")
     parser.add_argument("--smoke", action="store_true",
                         help="mnist: 2 tiny runs (plain, implicit) to check the pipeline")
     parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))

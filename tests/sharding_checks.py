@@ -391,20 +391,17 @@ def run_all(names=None) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--record", default=None,
-                        help="also write the results with the machine, jax version and command "
-                        "(benchmarks/results/sharding_checks_cpu.json, quoted by docs/scaling.md)")
+    parser.add_argument("--json", default=None,
+                        help="write the results here, with the machine, jax version and "
+                        "command (benchmarks/results/sharding_checks_cpu.json is quoted by "
+                        "docs/scaling.md)")
     parser.add_argument("names", nargs="*", help="checks to run (default: all)")
     args = parser.parse_args(argv)
     results = run_all(args.names or None)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    if args.record:
         from overparam_optax.experiments.timing import environment
 
-        with open(args.record, "w") as f:
+        with open(args.json, "w") as f:
             json.dump({"environment": environment(), "results": results}, f, indent=1)
     failed = [n for n, r in results.items() if not r["ok"]]
     for name in failed:

@@ -58,7 +58,7 @@ def results(tmp_path_factory):
             f"tests.sharding_checks exited {proc.returncode} without results.\n"
             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
         )
-    return json.loads(out.read_text())
+    return json.loads(out.read_text())["results"]
 
 
 @pytest.mark.parametrize("name", list(sharding_checks.CHECKS))

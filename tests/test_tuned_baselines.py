@@ -148,6 +148,25 @@ def test_mnist_summary_tables_and_figure(tb, tmp_path):
     assert [pathlib.Path(p).name for p in written] == ["tuned_mnist.png"]
 
 
+def test_mnist_summary_keeps_a_svd_fast_path_apart_from_the_exact_one(tb):
+    args = tb.parse_args(["--section", "mnist", "--mnist-steps", "300", "--mnist-method", "svd"])
+    logs = [_fake_log("none", 0.02, s, 0.004) for s in args.seeds]
+    logs += [_fake_log("dense-lr", 0.02, s, 0.005, multiplier=c) for s in args.seeds[:1]
+             for c in args.mnist_multipliers]  # fmt: skip
+    logs += [_fake_log("explicit", 0.04, s, 0.007) for s in args.seeds[:1]]
+    fast = [_fake_log("implicit", 0.04, s, 0.008, method="svd") for s in args.seeds]
+    for log in fast:
+        log["config"]["every"] = args.mnist_every  # svd every 10 steps: the fast path
+    exact = [_fake_log("implicit", 0.04, 0, 0.002, method="svd")]  # every step: exact
+    times = {"seconds_per_step": dict.fromkeys(
+        ("plain", "implicit", "implicit exact", "explicit", "dense-lr"), 0.1)}  # fmt: skip
+    summary = tb.summarize_mnist(logs + fast + exact, args, 0.02, 0.04, times)
+    assert summary["modes"]["implicit N=2 (fast path)"]["seeds"] == args.seeds
+    assert summary["modes"]["implicit N=2 (exact)"]["seeds"] == [0]
+    finals = summary["learning_rate_grids"]["implicit"]["0.04"]
+    assert finals["0"] == pytest.approx(tb._final(fast[0]))  # the grid holds the fast path
+
+
 def test_runner_trains_exact_runs_one_at_a_time_beside_the_others(tb, tmp_path, monkeypatch):
     import concurrent.futures
     import threading
