@@ -1,12 +1,11 @@
 """The accelerator suite: step times, linalg scaling and the float32 equivalence check, in one run.
 
-One command (issue 12, item 4) for one GPU or TPU, within 8 minutes; every section has its
+One command (issue 12, item 4) for one GPU or TPU, budgeted at 7 minutes; every section has its
 own time budget (seconds, options below), prints its progress, and records what it had to
 skip instead of hiding it:
 
-(a) ``step_time`` (budget ``--step-budget``, default 210 s, shared by the models in turn:
-    each gets an equal share of what is left, so time one does not use passes on).
-    Step time of a full jitted training step (forward, backward, optimizer) for
+(a) ``step_time`` (budget ``--step-budget``, default 180 s). Step time of a full jitted
+    training step (forward, backward, optimizer) for
 
     * ``cnn``: the paper's MNIST CNN (``models.TutorialCNN``), batch 128, all four kernels
       preconditioned;
@@ -14,27 +13,29 @@ skip instead of hiding it:
     * ``transformer``: ``--transformer-layers`` pre-LayerNorm blocks (causal attention + a
       4x MLP) with d_model 1024, 16 heads, batch 16 x 512 tokens (:class:`TransformerBlocks`);
 
-    under plain SGD, AdamW, Muon (``optax.contrib.muon``, every kernel orthogonalized),
-    ``overparam_precondition(N)`` with its defaults chained with SGD, and with
-    ``method=`` svd, eigh and newton every step. Contenders are interleaved step by step
-    (``overparam_optax.experiments.timing.time_interleaved``); each ratio is the median of
-    paired window ratios to plain SGD. Every contender is first compiled and probed with one
-    step; if the planned windows would not fit the model's budget, the windows shrink and
-    then the slowest contenders are dropped (their one-step probe is still reported).
+    under plain SGD, AdamW, Muon (``optax.contrib.muon``, every kernel orthogonalized) and
+    ``overparam_precondition(N)`` with its defaults chained with SGD. These four are always
+    compiled and timed, whatever the budget (on a GPU compiling the defaults' step takes
+    25-50 s; timing them, seconds). Contenders are interleaved step by step
+    (``overparam_optax.experiments.timing.time_interleaved``) in windows of ``--chunk``
+    steps (10: one recomputation of the defaults' cached factors per window); each ratio is
+    the median of paired window ratios to plain SGD.
 
-(b) ``linalg`` (budget ``--linalg-budget``, default 140 s). One jitted
+(b) ``linalg`` (budget ``--linalg-budget``, default 130 s). One jitted
     ``precondition_matrix(W, G, N, method=m, precision=p)`` call for square n x n W with
     singular values log-spaced over a condition number of ``--condition`` (default 1e3)
-    and a Gaussian G, for n in ``--sizes`` (default 256 ... 8192), every method and every
-    matmul precision (``jax.lax.Precision`` HIGHEST, HIGH, DEFAULT; on CPU XLA computes
-    float32 matmuls in float32 at all three, so they coincide there). Reported: compile
+    and a Gaussian G, for n in ``--sizes`` (default 256 ... 8192): "svd" (the exact
+    reference) and "eigh" at HIGHEST, "newton" at every matmul precision (``jax.lax.Precision``
+    HIGHEST, HIGH, DEFAULT, and ``BF16_X3``, the three-pass bfloat16 algorithm
+    ``jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3``; on CPU XLA computes float32 matmuls in
+    float32 at all four, so they coincide there). Reported: compile
     time, the median call time, and the relative Frobenius error against method="svd" at
     HIGHEST. Once one call of a (method, precision) pair takes longer than
     ``--call-budget`` (default 2 s), its larger sizes are skipped; an entry whose cubic
     projection from the previous size exceeds the section's remaining time is skipped too.
     Skipped entries stay in the record with the reason.
 
-(c) ``equivalence`` (budget ``--equivalence-budget``, default 40 s). Float32 (matmuls at
+(c) ``equivalence`` (budget ``--equivalence-budget``, default 30 s). Float32 (matmuls at
     HIGHEST inside the section only): a small ReLU MLP regression trained (1) as
     the explicit depth-N model of ``FactorizedDense`` layers (``models.MLP(dense_depth=N)``,
     balanced init) by plain gradient descent and (2) as the depth-1 model from the same
@@ -44,9 +45,18 @@ skip instead of hiding it:
     the relative trajectory gap ``||W_explicit - W_implicit||_F / ||W_implicit||_F`` over
     all kernels (final and maximum over the steps).
 
+(d) ``step_methods`` (budget ``--methods-budget``, default 80 s; last, see below). On the
+    same models, each of ``method=`` svd, eigh and newton every step, and the defaults with
+    ``precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3``, chained with SGD and timed
+    beside SGD alone, while the model's share of the budget lasts. A compilation gets what
+    is left of the share and is then abandoned (on an H100 the svd-every-step step of the
+    transformer had not compiled after 5 minutes); XLA cannot be interrupted, so it runs on
+    in a background thread, which is why this section comes last and stops there. The
+    one-step probe of each compiled contender is reported even when its windows do not fit.
+
 Usage (from the repository root):
 
-    python benchmarks/accelerator_suite.py            # the suite: ~7 min on one GPU
+    python benchmarks/accelerator_suite.py            # the suite: ~7.5 min on one GPU
     python benchmarks/accelerator_suite.py --smoke    # every section in seconds on CPU (CI)
     python benchmarks/accelerator_suite.py --sections linalg --sizes 256,512 --out x.json
 
@@ -67,6 +77,7 @@ import math
 import pathlib
 import subprocess
 import tempfile
+import threading
 import time
 import traceback
 
@@ -84,28 +95,37 @@ from overparam_optax.experiments.training import run_full_batch
 from overparam_optax.experiments.trajectories import compare_trajectories
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
-SECTIONS = ("step_time", "linalg", "equivalence")
+SECTIONS = ("step_time", "linalg", "equivalence", "step_methods")
 MODELS = ("cnn", "mlp", "transformer")
 #: The concrete methods timed (svd first: it is the error reference).
 STEP_METHODS = ("svd", "eigh", "newton")
+#: Matmul precisions of the linalg section: jax.lax.Precision's three, and the three-pass
+#: bfloat16 algorithm named explicitly (float32-like accuracy from bf16 matrix units).
 PRECISIONS = {
     "HIGHEST": jax.lax.Precision.HIGHEST,
     "HIGH": jax.lax.Precision.HIGH,
     "DEFAULT": jax.lax.Precision.DEFAULT,
+    "BF16_X3": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
 }
 DEFAULT_SIZES = "256,512,1024,2048,4096,8192"
-#: Section budgets in seconds on one accelerator (7.5 min with start-up), and with --smoke.
-BUDGETS = {"step_time": 210.0, "linalg": 140.0, "equivalence": 40.0}
+#: Section budgets in seconds on one accelerator (7.5 min with start-up; on a GPU most of
+#: it is compilation), and with --smoke.
+BUDGETS = {"step_time": 180.0, "linalg": 130.0, "equivalence": 30.0, "step_methods": 80.0}
 BUDGET_FLAGS = {
     "step_time": "--step-budget",
     "linalg": "--linalg-budget",
     "equivalence": "--equivalence-budget",
+    "step_methods": "--methods-budget",
 }
 SMOKE_BUDGET = 600.0
+#: Timed together first on every model: the baselines and what users get by default. The
+#: other contenders follow one at a time, each interleaved with SGD, while time is left.
+CORE_CONTENDERS = ("sgd", "adamw", "muon", "overparam_default")
+STEP_EXTRAS = (*(f"overparam_{m}" for m in STEP_METHODS), "overparam_default_bf16x3")
 #: With --smoke each model compiles only some contenders (compilation dominates a smoke
 #: run); together they cover every contender and every model.
 SMOKE_CONTENDERS = {
-    "cnn": ("sgd", "overparam_default"),
+    "cnn": ("sgd", "overparam_default", "overparam_default_bf16x3"),
     "mlp": ("sgd", "adamw", "muon", "overparam_svd", "overparam_eigh"),
     "transformer": ("sgd", "overparam_newton"),
 }
@@ -147,7 +167,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--models", type=cli.comma_list(_model), default=",".join(MODELS),
         help=f"step-time models, a subset of {','.join(MODELS)}",
     )  # fmt: skip
-    parser.add_argument("--chunk", type=cli.positive_int, default=5, help="steps per window")
+    parser.add_argument(
+        "--chunk", type=cli.positive_int, default=10,
+        help="steps per window (default 10: one recomputation of the default's factors)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed windows")
     parser.add_argument("--transformer-layers", type=cli.positive_int, default=2)
     parser.add_argument("--transformer-batch", type=cli.positive_int, default=16)
@@ -358,7 +381,8 @@ def _problem(name: str, args: argparse.Namespace, seed: int) -> dict:
 
 
 def _optimizers(N: int, lr: float, mask) -> dict[str, optax.GradientTransformation]:
-    """The contenders: baselines, then the transform (defaults, then each method) + SGD."""
+    """The contenders: baselines, the transform's defaults, then each method every step and
+    the defaults with three-pass bfloat16 matmuls, each chained with SGD."""
 
     def pre(**kw):
         return optax.chain(opx.overparam_precondition(N, mask=mask, **kw), optax.sgd(lr))
@@ -369,112 +393,253 @@ def _optimizers(N: int, lr: float, mask) -> dict[str, optax.GradientTransformati
         "muon": optax.contrib.muon(lr, muon_weight_dimension_numbers=muon_dimension_numbers),
         "overparam_default": pre(),
         **{f"overparam_{m}": pre(method=m) for m in STEP_METHODS},
+        "overparam_default_bf16x3": pre(precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3),
     }
 
 
 def _plan(probe: dict[str, float], chunk: int, repeats: int, remaining: float, smoke: bool):
-    """Windows that fit ``remaining`` seconds: (chunk, repeats, dropped contenders).
+    """Windows that fit ``remaining`` seconds: (repeats, dropped contenders).
 
     The interleaved run costs about sum(probe) * chunk * (repeats + 1) (one warm-up window).
-    Shrinks repeats to 3 (1 with --smoke), then chunk to 1, then drops the slowest
-    contenders other than SGD until it fits.
+    The window length stays ``chunk`` (a multiple of the default's recomputation period, so
+    that every window holds one recomputation); repeats shrink to 3 (1 with --smoke), then
+    the slowest contenders other than SGD are dropped until it fits.
     """
     min_repeats = 1 if smoke else min(3, repeats)
     kept = dict(probe)
     dropped = []
 
-    def cost(c, r):
-        return sum(kept.values()) * c * (r + 1)
+    def cost(r):
+        return sum(kept.values()) * chunk * (r + 1)
 
     while True:
-        c, r = chunk, repeats
-        while r > min_repeats and cost(c, r) > remaining:
+        r = repeats
+        while r > min_repeats and cost(r) > remaining:
             r -= 1
-        while c > 1 and cost(c, r) > remaining:
-            c -= 1
-        if cost(c, r) <= remaining or len(kept) <= 1:
-            return c, r, dropped
+        if cost(r) <= remaining or len(kept) <= 1:
+            return r, dropped
         slowest = max((n for n in kept if n != "sgd"), key=kept.get)
         dropped.append(slowest)
         del kept[slowest]
 
 
+def _compile_and_probe(step, carry, data_fn, limit: float | None = None):
+    """(compiled step, carry after two steps, seconds of compile + first step, of the second).
+
+    With ``limit``, compilation runs in a daemon thread and is abandoned after ``limit``
+    seconds (XLA cannot be interrupted): the compiled step is then None and the thread
+    runs on in the background until the process ends.
+    """
+    begin = time.perf_counter()
+    if limit is None:
+        compiled = step.lower(carry, *data_fn(0)).compile()
+    else:
+        done = {}
+
+        def work():
+            try:
+                done["compiled"] = step.lower(carry, *data_fn(0)).compile()
+            except Exception as error:  # re-raised in the caller's thread
+                done["error"] = error
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        thread.join(limit)
+        if thread.is_alive():
+            return None, carry, time.perf_counter() - begin, None
+        if "error" in done:
+            raise done["error"]
+        compiled = done["compiled"]
+    carry = jax.block_until_ready(compiled(carry, *data_fn(0)))
+    compile_s = time.perf_counter() - begin
+    begin = time.perf_counter()
+    carry = jax.block_until_ready(compiled(carry, *data_fn(1)))
+    return compiled, carry, compile_s, time.perf_counter() - begin
+
+
+def _empty_record(problem: dict, args: argparse.Namespace, chunk: int) -> dict:
+    return {
+        "shape": problem["shape"],
+        "N": args.N,
+        "chunk": chunk,
+        "repeats": {},
+        "seconds_per_step": {},
+        "ratio_to_sgd": {},
+        "window_seconds_per_step": {},
+        "compile_and_first_step_seconds": {},
+        "probe_seconds": {},
+        "skipped": {},
+        "failed": {},
+    }
+
+
+#: Per model, what section (a) built (problem, contenders, SGD's compiled step and carry),
+#: so that section (d) times the other contenders beside the same SGD.
+_MODEL_STATE: dict[str, dict] = {}
+
+
+def _model_state(name: str, args: argparse.Namespace) -> dict:
+    if name not in _MODEL_STATE:
+        problem = _problem(name, args, seed=MODELS.index(name))
+        txs = _optimizers(args.N, 1e-3, problem["mask"])
+        if args.quick:
+            txs = {n: tx for n, tx in txs.items() if n in SMOKE_CONTENDERS[name]}
+        _MODEL_STATE[name] = {
+            "problem": problem,
+            "txs": txs,
+            "steps": {},
+            "carries": {},
+            "probe_seconds": {},
+        }
+    return _MODEL_STATE[name]
+
+
+def _prepare(name, tx_name, state, rec, budget, limit=None) -> str:
+    """Compiles and probes one contender into ``state``: "ok", "failed" or "abandoned"."""
+    problem, tx = state["problem"], state["txs"][tx_name]
+    try:
+        step = timing.train_step(problem["loss_fn"], tx)
+        carry = (problem["params"], jax.jit(tx.init)(problem["params"]))
+        compiled, carry, compile_s, probe_s = _compile_and_probe(
+            step, carry, problem["data_fn"], limit
+        )
+    except Exception as error:  # e.g. out of memory: the others still run
+        if tx_name == "sgd":
+            raise
+        rec["failed"][tx_name] = {"error": repr(error)}
+        budget.log(f"{name}/{tx_name}: error {repr(error)[:300]}")
+        return "failed"
+    if compiled is None:
+        rec["skipped"][tx_name] = f"compilation abandoned after {compile_s:.0f} s"
+        budget.log(f"{name}/{tx_name}: compilation abandoned after {compile_s:.0f} s")
+        return "abandoned"
+    state["steps"][tx_name], state["carries"][tx_name] = compiled, carry
+    state["probe_seconds"][tx_name] = probe_s
+    rec["compile_and_first_step_seconds"][tx_name] = compile_s
+    rec["probe_seconds"][tx_name] = probe_s
+    budget.log(
+        f"{name}/{tx_name}: compile+first step {compile_s:.1f} s, one step {1e3 * probe_s:.1f} ms"
+    )
+    return "ok"
+
+
+def _time_group(name, names, state, rec, budget, chunk, repeats, room, smoke) -> None:
+    """Times ``names`` (SGD first) interleaved; a contender whose windows do not fit
+    ``room`` seconds is dropped (recorded); SGD's own numbers come from its first group."""
+    probe = {n: rec["probe_seconds"][n] for n in names}
+    r, dropped = _plan(probe, chunk, repeats, room, smoke)
+    for tx_name in dropped:
+        rec["skipped"][tx_name] = (
+            f"not timed: its windows did not fit the {room:.0f} s left to this model "
+            f"(slowest dropped first); one step {probe[tx_name]:.3g} s"
+        )
+    kept = [n for n in names if n not in dropped]
+    budget.log(f"{name}: timing {kept} in {r} windows of {chunk} steps")
+    medians, ratios, windows = timing.time_interleaved(
+        {n: state["steps"][n] for n in kept},
+        state["carries"],
+        chunk,
+        r,
+        state["problem"]["data_fn"],
+        "sgd",
+    )
+    for n in kept:
+        if n == "sgd" and "sgd" in rec["ratio_to_sgd"]:
+            continue
+        rec["seconds_per_step"][n] = medians[n]
+        rec["ratio_to_sgd"][n] = ratios[n]
+        rec["window_seconds_per_step"][n] = windows[n]
+        rec["repeats"][n] = r
+
+
+def _finish(name, rec, budget, begin) -> dict:
+    probe = rec["probe_seconds"]
+    rec["probe_ratio_to_sgd"] = {n: t / probe["sgd"] for n, t in probe.items() if "sgd" in probe}
+    rec["seconds"] = time.perf_counter() - begin
+    cells = "  ".join(f"{n} {v:.2f}x" for n, v in rec["ratio_to_sgd"].items())
+    budget.log(f"{name}: ratio to sgd: {cells}")
+    return rec
+
+
+def _windows(args):
+    return (1, 2) if args.quick else (args.chunk, args.repeats)
+
+
 def run_step_time(args: argparse.Namespace, budget: Budget) -> dict:
-    """Section (a): interleaved step-time ratios to SGD per model and contender."""
-    lr = 1e-3
-    chunk, repeats = (1, 2) if args.quick else (args.chunk, args.repeats)
+    """Section (a): SGD, AdamW, Muon and the defaults, interleaved, on every model.
+
+    These four are always compiled and timed with full windows, budget or not: they are
+    what the suite is for, and timing them takes seconds once compiled.
+    """
+    chunk, repeats = _windows(args)
     results = {}
-    for index, name in enumerate(args.models):
-        share = budget.remaining() / (len(args.models) - index)  # unspent time carries over
-        model_start = time.perf_counter()
-
-        def left(model_start=model_start, share=share):
-            return share - (time.perf_counter() - model_start)
-
+    for name in args.models:
+        begin = time.perf_counter()
         try:
-            problem = _problem(name, args, seed=index)
-            txs = _optimizers(args.N, lr, problem["mask"])
-            if args.quick:
-                txs = {n: tx for n, tx in txs.items() if n in SMOKE_CONTENDERS[name]}
-            budget.log(f"{name}: {problem['shape']}; {len(txs)} contenders, {share:.0f} s")
-            steps, carries, compile_s, probe_s, skipped, failures = {}, {}, {}, {}, {}, {}
-            for tx_name, tx in txs.items():
-                if tx_name != "sgd" and left() <= 0:
-                    skipped[tx_name] = "model budget spent while compiling"
-                    continue
-                try:
-                    step = timing.train_step(problem["loss_fn"], tx)
-                    carry = (problem["params"], jax.jit(tx.init)(problem["params"]))
-                    begin = time.perf_counter()
-                    carry = jax.block_until_ready(step(carry, *problem["data_fn"](0)))
-                    compile_s[tx_name] = time.perf_counter() - begin
-                    begin = time.perf_counter()
-                    carry = jax.block_until_ready(step(carry, *problem["data_fn"](1)))
-                    probe_s[tx_name] = time.perf_counter() - begin
-                except Exception as error:  # e.g. out of memory: the others still run
-                    if tx_name == "sgd":
-                        raise
-                    failures[tx_name] = {"error": repr(error)}
-                    budget.log(f"{name}/{tx_name}: error {repr(error)[:300]}")
-                    continue
-                steps[tx_name], carries[tx_name] = step, carry
-                budget.log(
-                    f"{name}/{tx_name}: compile+first step {compile_s[tx_name]:.1f} s, "
-                    f"one step {1e3 * probe_s[tx_name]:.1f} ms"
-                )
-            room = 0.9 * left()
-            c, r, dropped = _plan(probe_s, chunk, repeats, room, args.quick)
-            for tx_name in dropped:
-                skipped[tx_name] = (
-                    f"dropped (slowest first) to fit the {room:.0f} s left to this model; "
-                    f"one step {probe_s[tx_name]:.3g} s"
-                )
-                del steps[tx_name]
-            budget.log(f"{name}: timing {list(steps)} in {r} windows of {c} steps")
-            medians, ratios, windows = timing.time_interleaved(
-                steps, carries, c, r, problem["data_fn"], "sgd"
-            )
-            results[name] = {
-                "shape": problem["shape"],
-                "N": args.N,
-                "chunk": c,
-                "repeats": r,
-                "seconds_per_step": medians,
-                "ratio_to_sgd": ratios,
-                "window_seconds_per_step": windows,
-                "compile_and_first_step_seconds": compile_s,
-                "probe_seconds": probe_s,
-                "probe_ratio_to_sgd": {n: t / probe_s["sgd"] for n, t in probe_s.items()},
-                "skipped": skipped,
-                "failed": failures,
-                "seconds": time.perf_counter() - model_start,
-            }
-            cells = "  ".join(f"{n} {ratios[n]:.2f}x" for n in steps)
-            budget.log(f"{name}: ratio to sgd: {cells}")
+            state = _model_state(name, args)
+            core = [n for n in state["txs"] if n in CORE_CONTENDERS]
+            budget.log(f"{name}: {state['problem']['shape']}; {core}")
+            rec = _empty_record(state["problem"], args, chunk)
+            core = [n for n in core if _prepare(name, n, state, rec, budget) == "ok"]
+            _time_group(name, core, state, rec, budget, chunk, repeats, math.inf, args.quick)
+            results[name] = _finish(name, rec, budget, begin)
         except Exception as error:  # one model failing (e.g. out of memory) keeps the others
             traceback.print_exc()
-            results[name] = {"error": repr(error), "seconds": time.perf_counter() - model_start}
-    return {"learning_rate": lr, "models": results}
+            results[name] = {"error": repr(error), "seconds": time.perf_counter() - begin}
+    return {"learning_rate": 1e-3, "models": results}
+
+
+def run_step_methods(args: argparse.Namespace, budget: Budget) -> dict:
+    """Section (d), last: each other contender, timed beside SGD, while time is left.
+
+    Each model gets an equal share of what is left. A compilation is given what is left of
+    the share and abandoned after that; it then runs on in a background thread, so the
+    section stops there (later timings would share the machine with it).
+    """
+    chunk, repeats = _windows(args)
+    results = {}
+    stopped = None
+    for index, name in enumerate(args.models):
+        begin = time.perf_counter()
+        share = budget.remaining() / (len(args.models) - index)
+
+        def left(begin=begin, share=share):
+            return share - (time.perf_counter() - begin)
+
+        try:
+            state = _model_state(name, args)
+            rec = _empty_record(state["problem"], args, chunk)
+            others = [n for n in state["txs"] if n in STEP_EXTRAS]
+            budget.log(f"{name}: {others}, {share:.0f} s")
+            if "sgd" not in state["steps"]:  # section (a) did not run
+                _prepare(name, "sgd", state, rec, budget)
+            else:
+                rec["probe_seconds"]["sgd"] = state["probe_seconds"]["sgd"]
+            for tx_name in others:
+                if stopped:
+                    rec["skipped"][tx_name] = stopped
+                    continue
+                if left() <= 0:
+                    rec["skipped"][tx_name] = "not compiled: this model's share was spent"
+                    continue
+                limit = None if args.quick else left()
+                outcome = _prepare(name, tx_name, state, rec, budget, limit)
+                if outcome == "abandoned":
+                    stopped = (
+                        f"not compiled: the section stopped after the compilation of "
+                        f"{name}/{tx_name} was abandoned"
+                    )
+                elif outcome == "ok":
+                    room = 0.9 * left()
+                    _time_group(
+                        name, ["sgd", tx_name], state, rec, budget, chunk, repeats, room,
+                        args.quick,
+                    )  # fmt: skip
+            results[name] = _finish(name, rec, budget, begin)
+        except Exception as error:
+            traceback.print_exc()
+            results[name] = {"error": repr(error), "seconds": time.perf_counter() - begin}
+    return {"learning_rate": 1e-3, "models": results}
 
 
 # --------------------------------------------------------------------------------------
@@ -522,7 +687,11 @@ def run_linalg(args: argparse.Namespace, budget: Budget) -> dict:
     repeats = 2 if args.quick else args.linalg_repeats
     methods = [m for m in linalg.METHODS if m != "auto"]
     methods.sort(key=lambda m: m != "svd")  # svd first: the reference of every error
-    pairs = [(m, p) for m in methods for p in PRECISIONS]
+    # svd (the exact reference) and eigh at HIGHEST only: their cost is the decomposition,
+    # and lower-precision Gram matrices only lose accuracy; newton is all matmuls.
+    pairs = [(m, "HIGHEST") for m in methods if m != "newton"] + [
+        ("newton", p) for p in PRECISIONS
+    ]
     backend = jax.default_backend()
     note = (
         "on cpu XLA computes float32 matmuls in float32 at every precision: "
@@ -608,6 +777,7 @@ def run_linalg(args: argparse.Namespace, budget: Budget) -> dict:
         "matrix": "W = Q1 diag(logspace(0, -log10(condition), n)) Q2^T, G Gaussian, float32",
         "methods": methods,
         "precisions": list(PRECISIONS),
+        "entries": [f"{m}/{p}" for m, p in pairs],
         "call_budget_seconds": args.call_budget,
         "precision_note": note,
         "rows": rows,
@@ -752,6 +922,43 @@ def _fmt_ms(seconds) -> str:
     return f"{1e3 * seconds:.3g} ms"
 
 
+def _step_markdown(step: dict | None, heading: str) -> list[str]:
+    """The per-model tables of a step-time section (none if the section did not run)."""
+    if not step:
+        return []
+    lines = [heading, ""]
+    if "error" in step:
+        lines += [f"error: `{step['error']}`", ""]
+    for name, res in step.get("models", {}).items():
+        lines += [f"**{name}**: {res.get('shape', '')}", ""]
+        if "error" in res:
+            lines += [f"error: `{res['error']}`", ""]
+            continue
+        lines += [
+            "| contender | ms / step | / SGD | one-step probe / SGD |",
+            "|---|---|---|---|",
+        ]
+        for tx_name, probe in res["probe_ratio_to_sgd"].items():
+            if tx_name in res["ratio_to_sgd"]:
+                ms = _fmt_ms(res["seconds_per_step"][tx_name])
+                cells = f"{ms} | {res['ratio_to_sgd'][tx_name]:.2f}x"
+            else:
+                cells = f"skipped | {res['skipped'][tx_name]}"
+            lines.append(f"| {tx_name} | {cells} | {probe:.2f}x |")
+        for tx_name, reason in res["skipped"].items():
+            if tx_name not in res["probe_ratio_to_sgd"]:
+                lines.append(f"| {tx_name} | skipped | {reason} | |")
+        for tx_name, failure in res["failed"].items():
+            lines.append(f"| {tx_name} | error | `{failure['error'][:120]}` | |")
+        windows = sorted(set(res["repeats"].values()))
+        lines += [
+            "",
+            f"{'/'.join(map(str, windows))} windows of {res['chunk']} steps, N = {res['N']}.",
+            "",
+        ]
+    return lines
+
+
 def markdown(payload: dict) -> str:
     """The markdown tables of a suite record (what is in the JSON, for reading)."""
     env = payload["environment"]
@@ -762,34 +969,10 @@ def markdown(payload: dict) -> str:
         "",
     ]
     sections = payload["sections"]
-    step = sections.get("step_time")
-    if step:
-        lines += ["## Step time / plain SGD (interleaved, median of paired window ratios)", ""]
-        if "error" in step:
-            lines += [f"error: `{step['error']}`", ""]
-        for name, res in step.get("models", {}).items():
-            lines.append(f"**{name}**: {res.get('shape', '')}")
-            lines.append("")
-            if "error" in res:
-                lines += [f"error: `{res['error']}`", ""]
-                continue
-            lines += [
-                "| contender | ms / step | / SGD | one-step probe / SGD |",
-                "|---|---|---|---|",
-            ]
-            for tx_name, probe in res["probe_ratio_to_sgd"].items():
-                if tx_name in res["ratio_to_sgd"]:
-                    ms = _fmt_ms(res["seconds_per_step"][tx_name])
-                    cells = f"{ms} | {res['ratio_to_sgd'][tx_name]:.2f}x"
-                else:
-                    cells = f"skipped | {res['skipped'][tx_name]}"
-                lines.append(f"| {tx_name} | {cells} | {probe:.2f}x |")
-            for tx_name, reason in res["skipped"].items():
-                if tx_name not in res["probe_ratio_to_sgd"]:
-                    lines.append(f"| {tx_name} | skipped | {reason} | |")
-            for tx_name, failure in res["failed"].items():
-                lines.append(f"| {tx_name} | error | `{failure['error'][:120]}` | |")
-            lines += ["", f"{res['repeats']} windows of {res['chunk']} steps, N = {res['N']}.", ""]
+    lines += _step_markdown(
+        sections.get("step_time"),
+        "## Step time / plain SGD (interleaved, median of paired window ratios)",
+    )
     lin = sections.get("linalg")
     if lin:
         lines += [
@@ -799,7 +982,7 @@ def markdown(payload: dict) -> str:
         ]
         if "error" in lin:
             lines += [f"error: `{lin['error']}`", ""]
-        labels = [f"{m}/{p}" for m in lin.get("methods", []) for p in lin.get("precisions", [])]
+        labels = lin.get("entries", [])
         if labels:
             lines += [
                 "| n | " + " | ".join(labels) + " | auto |",
@@ -825,6 +1008,11 @@ def markdown(payload: dict) -> str:
                 f"Note: {lin['precision_note']}. The JSON gives the reason of every skip.",
             ]
         lines.append("")
+    lines += _step_markdown(
+        sections.get("step_methods"),
+        "## Step time of each method every step, and of the defaults at BF16_X3, / plain SGD "
+        "(each interleaved with SGD alone)",
+    )
     eq = sections.get("equivalence")
     if eq:
         lines += ["## Equivalence in float32: relative gap of the end-to-end kernels", ""]
@@ -889,7 +1077,12 @@ def errors(node, path: str = "") -> list[str]:
     return found
 
 
-RUNNERS = {"step_time": run_step_time, "linalg": run_linalg, "equivalence": run_equivalence}
+RUNNERS = {
+    "step_time": run_step_time,
+    "linalg": run_linalg,
+    "equivalence": run_equivalence,
+    "step_methods": run_step_methods,
+}
 
 
 def main(argv=None) -> dict:

@@ -12,6 +12,9 @@ N <= 8. Sections (each can be skipped):
   each repeat; the median of the per-repeat ratios), side by side with the relative error
   against the exact float64 P_W(G) for spectra of condition number 1, 1e1, 1e2, 1e3
   (log-spaced singular values, random singular vectors), and the traced matmul count.
+  ``--ratio-precisions`` (default HIGHEST) times and checks the method at each matmul
+  precision named (``jax.lax.Precision`` or ``jax.lax.DotAlgorithmPreset`` names; on a GPU
+  these are real lower-precision passes). Muon is also timed at "highest" precision.
 * ``precision``: the same errors with every matmul of the method computed from inputs
   rounded to bfloat16 (one bf16 pass, XLA's DEFAULT on TPU), to bf16 hi+lo with three
   products (HIGH on TPU) and to 10 mantissa bits (TF32, DEFAULT on NVIDIA GPUs), then
@@ -64,6 +67,12 @@ def parse_args(argv=None):
     parser.add_argument("--conditions", default="1,1e1,1e2,1e3")
     parser.add_argument("--shapes", default=None, help="e.g. 1024x1024,3136x512")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--ratio-precisions",
+        default="HIGHEST",
+        help="ratio: matmul precisions of the timed method, names of jax.lax.Precision or "
+        "jax.lax.DotAlgorithmPreset (e.g. HIGHEST,BF16_BF16_F32_X3,TF32_TF32_F32,DEFAULT)",
+    )
     parser.add_argument("--precision-depths", default="2,3,5,8")
     parser.add_argument("--cnn-repeats", type=int, default=15)
     parser.add_argument(
@@ -71,6 +80,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--cnn-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for name in args.ratio_precisions.split(","):
+        if _precision(name) is None:
+            parser.error(
+                f"--ratio-precisions: {name!r} is neither a jax.lax.Precision nor a "
+                "jax.lax.DotAlgorithmPreset name"
+            )
     for name in ("repeats", "cnn_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -81,13 +96,37 @@ def _shapes(text):
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
 
 
-def _muon_ns():
+def _precision(name):
+    """The jax.lax.Precision or DotAlgorithmPreset called ``name``, or None."""
+    import jax
+
+    for kind in (jax.lax.Precision, jax.lax.DotAlgorithmPreset):
+        if name in kind.__members__:
+            return kind[name]
+    return None
+
+
+def _muon_ns(matmul_precision=None):
+    """Muon's 5-step Newton-Schulz, jitted; its matmuls at jax's default precision (what
+    Muon users get), or under ``jax.default_matmul_precision(matmul_precision)``."""
+    import contextlib
+
     import jax
     import jax.numpy as jnp
     from optax.contrib._muon import _DEFAULT_NS_COEFFS, orthogonalize_via_newton_schulz
 
     coeffs = jnp.asarray(_DEFAULT_NS_COEFFS)
-    return jax.jit(lambda g: orthogonalize_via_newton_schulz(g, coeffs, 5))
+
+    def orthogonalize(g):
+        scope = (
+            contextlib.nullcontext()
+            if matmul_precision is None
+            else jax.default_matmul_precision(matmul_precision)
+        )
+        with scope:  # applies while jit traces
+            return orthogonalize_via_newton_schulz(g, coeffs, 5)
+
+    return jax.jit(orthogonalize)
 
 
 def _matrix(rng, m, n, condition):
@@ -201,62 +240,77 @@ def _time_interleaved(calls: dict, repeats: int, reference: str):
 
 
 def section_ratio(args, shapes, depths, conditions):
+    """Newton (factors + apply) against Muon's Newton-Schulz, per shape, depth and precision.
+
+    Muon is timed at jax's default matmul precision (``muon``, what its users get) and at
+    "highest" (``muon_highest``); the ratio is to the former. Each precision in
+    ``--ratio-precisions`` is a separate timed call of the method, with its own errors.
+    """
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from overparam_optax import linalg
 
-    muon = _muon_ns()
+    precisions = args.ratio_precisions.split(",")
     rows = []
     for m, n in shapes:
         rng = np.random.default_rng(m * 7 + n)
         g64 = rng.standard_normal((m, n))
         g = jnp.asarray(g64, jnp.float32)
         w_time = jnp.asarray(_matrix(rng, m, n, 1e2), jnp.float32)
-        calls = {"muon": (muon, (g,))}
+        calls = {"muon": (_muon_ns(), (g,)), "muon_highest": (_muon_ns("highest"), (g,))}
         newton = {}
         for N in depths:
-            newton[N] = jax.jit(
-                lambda w, g, N=N: linalg.apply_depth_factors(
-                    linalg.depth_factors(w, N, "newton"), g, N
+            for name in precisions:
+                precision = _precision(name)
+                newton[N, name] = jax.jit(
+                    lambda w, g, N=N, p=precision: linalg.apply_depth_factors(
+                        linalg.depth_factors(w, N, "newton", precision=p), g, N, precision=p
+                    )
                 )
-            )
-            calls[N] = (newton[N], (w_time, g))
+                calls[N, name] = (newton[N, name], (w_time, g))
         seconds, ratios = _time_interleaved(calls, args.repeats, "muon")
-        errors = {N: {} for N in depths}
+        errors = {key: {} for key in newton}
         eigh_errors = {N: {} for N in depths}
         for condition in conditions:
             w64 = _matrix(rng, m, n, condition)
             w = jnp.asarray(w64, jnp.float32)
             for N in depths:
                 exact = _exact(w64, g64, N)
-                errors[N][condition] = _rel(newton[N](w, g), exact)
+                for name in precisions:
+                    errors[N, name][condition] = _rel(newton[N, name](w, g), exact)
                 eigh = linalg.precondition_matrix(w, g, N, method="eigh")
                 eigh_errors[N][condition] = _rel(eigh, exact)
         muon_ma = muon_multiply_adds(m, n)
         for N in depths:
             counts = matmul_counts(m, n, N)
-            row = {
-                "m": m,
-                "n": n,
-                "N": N,
-                "seconds": seconds[N],
-                "muon_seconds": seconds["muon"],
-                "ratio_to_muon": ratios[N],
-                "matmuls": counts,
-                "multiply_add_ratio_to_muon": counts["multiply_adds"] / muon_ma,
-                "relative_error": {f"{c:g}": e for c, e in errors[N].items()},
-                "eigh_relative_error": {f"{c:g}": e for c, e in eigh_errors[N].items()},
-            }
-            rows.append(row)
-            cells = "  ".join(f"k={c:g}: {e:.1e}" for c, e in errors[N].items())
-            print(
-                f"{m}x{n} N={N}: {1e3 * seconds[N]:7.1f} ms, muon {1e3 * seconds['muon']:6.1f} ms,"
-                f" ratio {ratios[N]:4.2f} (counted {row['multiply_add_ratio_to_muon']:4.2f});"
-                f" error {cells}",
-                flush=True,
-            )
+            for name in precisions:
+                key = (N, name)
+                row = {
+                    "m": m,
+                    "n": n,
+                    "N": N,
+                    "precision": name,
+                    "seconds": seconds[key],
+                    "muon_seconds": seconds["muon"],
+                    "muon_highest_seconds": seconds["muon_highest"],
+                    "ratio_to_muon": ratios[key],
+                    "ratio_to_muon_highest": seconds[key] / seconds["muon_highest"],
+                    "matmuls": counts,
+                    "multiply_add_ratio_to_muon": counts["multiply_adds"] / muon_ma,
+                    "relative_error": {f"{c:g}": e for c, e in errors[key].items()},
+                    "eigh_relative_error": {f"{c:g}": e for c, e in eigh_errors[N].items()},
+                }
+                rows.append(row)
+                cells = "  ".join(f"k={c:g}: {e:.1e}" for c, e in errors[key].items())
+                print(
+                    f"{m}x{n} N={N} {name}: {1e3 * seconds[key]:7.1f} ms, muon "
+                    f"{1e3 * seconds['muon']:6.1f} ms (highest "
+                    f"{1e3 * seconds['muon_highest']:6.1f}), ratio {ratios[key]:4.2f} (counted "
+                    f"{row['multiply_add_ratio_to_muon']:4.2f}); error {cells}",
+                    flush=True,
+                )
     return rows
 
 

@@ -340,9 +340,13 @@ def resolve_method(
       "newton", whose XLA matmuls do not suffer from OpenBLAS's spinning threads: with
       threads unset on a loaded machine, eigh of 3136x512 took 2.7-8.8 s instead of
       ~0.1 s in 3 of 7 runs with busy processes, while newton stayed at 1.0-1.3x Muon.
-    * GPU/TPU (**projected** from matmul counts; no accelerator was measured): "newton"
-      when the smaller side is >= 128 (its ~20-70 products run near matmul peak, while
-      cuSOLVER/TPU eigensolvers do not), "eigh" below that.
+    * GPU (**measured**, one H100, jax 0.11.2, N = 3, benchmarks/results/*_gpu.*):
+      "newton" at every shape. It was the fastest method at every size measured: square
+      n x n and tall 4n x n for n = 16 ... 256 (0.2-0.6 ms against eigh's 0.5-2.4 ms and
+      svd's 0.7-7.6 ms), square 512 (0.78 ms against 5.3 ms) and 1024 (2.9 ms against
+      12 ms).
+    * TPU and other platforms (**projected**, not measured): as on GPU, "newton": its
+      products run on the matrix units, the eigensolvers do not.
     * "newton" is never picked for N > :data:`NEWTON_MAX_DEPTH` (when N is given).
 
     Args:
@@ -366,7 +370,7 @@ def resolve_method(
         if side <= AUTO_CPU_EIGH_MAX_SIDE or _blas_single_threaded():
             return "eigh"
         return "newton"
-    return "newton" if side >= 128 else "eigh"
+    return "newton"
 
 
 def _svd_basis(w: jax.Array) -> SpectralBasis:

@@ -46,7 +46,7 @@ def _walk(node, path=""):
         yield path, node
 
 
-def test_smoke_run_writes_every_section_with_finite_numbers(tmp_path):
+def test_smoke_run_writes_every_section_with_finite_numbers(suite, tmp_path):
     out = tmp_path / "suite.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run(
@@ -63,31 +63,38 @@ def test_smoke_run_writes_every_section_with_finite_numbers(tmp_path):
     assert record["environment"]["jax_version"] == jax.__version__
     assert "accelerator_suite.py --smoke" in record["environment"]["command"]
     sections = record["sections"]
-    assert set(sections) == {"step_time", "linalg", "equivalence"}
+    assert set(sections) == {"step_time", "linalg", "equivalence", "step_methods"}
     for path, leaf in _walk(record):
         assert not path.endswith("/error"), f"{path}: {leaf}"
         if isinstance(leaf, float):
             assert math.isfinite(leaf), path
 
-    # (a) every model, every contender somewhere, ratios to SGD from the interleaved run.
-    models = sections["step_time"]["models"]
-    assert set(models) == {"cnn", "mlp", "transformer"}
+    # (a) and (d): every model, every contender somewhere, ratios to SGD from the
+    # interleaved runs; the core four in (a), the others in (d).
     timed = set()
-    for res in models.values():
-        assert res["ratio_to_sgd"]["sgd"] == 1.0
-        assert not res["skipped"]
-        assert all(t > 0 for t in res["seconds_per_step"].values())
-        timed |= set(res["ratio_to_sgd"])
+    for section, contenders in (
+        ("step_time", set(suite.CORE_CONTENDERS)),
+        ("step_methods", {"sgd"} | set(suite.STEP_EXTRAS)),
+    ):
+        models = sections[section]["models"]
+        assert set(models) == {"cnn", "mlp", "transformer"}
+        for res in models.values():
+            assert res["ratio_to_sgd"]["sgd"] == 1.0
+            assert not res["skipped"]
+            assert all(t > 0 for t in res["seconds_per_step"].values())
+            assert set(res["ratio_to_sgd"]) <= contenders
+            timed |= set(res["ratio_to_sgd"])
     assert timed == {"sgd", "adamw", "muon"} | {
-        f"overparam_{m}" for m in ("default", "svd", "eigh", "newton")
+        f"overparam_{m}" for m in ("default", "svd", "eigh", "newton", "default_bf16x3")
     }
 
     # (b) every method x precision timed at the first size; the smoke call budget (1e-9 s)
     # skips the second size, and the skips are recorded with their reason.
     rows = sections["linalg"]["rows"]
     assert [row["n"] for row in rows] == [8, 16]
-    labels = {f"{m}/{p}" for m in ("svd", "eigh", "newton") for p in ("HIGHEST", "HIGH", "DEFAULT")}
-    assert labels <= set(rows[0]["entries"])
+    precisions = ("HIGHEST", "HIGH", "DEFAULT", "BF16_X3")
+    labels = {"svd/HIGHEST", "eigh/HIGHEST"} | {f"newton/{p}" for p in precisions}
+    assert labels == set(rows[0]["entries"]) == set(sections["linalg"]["entries"])
     for label in labels:
         entry = rows[0]["entries"][label]
         assert entry["seconds"] > 0
@@ -106,7 +113,13 @@ def test_smoke_run_writes_every_section_with_finite_numbers(tmp_path):
     assert eq["compare_trajectories"]["final_gap"] < 0.1 * runs["plain_sgd_control"]["final_gap"]
 
     table = out.with_suffix(".md").read_text()
-    for heading in ("## Step time", "## precondition_matrix", "## Equivalence", "## Sections"):
+    for heading in (
+        "## Step time /",
+        "## Step time of each method",
+        "## precondition_matrix",
+        "## Equivalence",
+        "## Sections",
+    ):
         assert heading in table
 
 
@@ -122,8 +135,9 @@ def test_default_paths(suite):
 
 def test_budget_defaults(suite):
     full = suite.parse_args([])
-    assert (full.step_time_budget, full.linalg_budget, full.equivalence_budget) == (210, 140, 40)
-    assert full.step_time_budget + full.linalg_budget + full.equivalence_budget <= 8 * 60 - 60
+    budgets = [getattr(full, f"{s}_budget") for s in suite.SECTIONS]
+    assert budgets == [180, 130, 30, 80]
+    assert sum(budgets) <= 8 * 60 - 60
     assert full.call_budget == 2.0
     assert full.sizes == [256, 512, 1024, 2048, 4096, 8192]
     assert suite.parse_args(["--linalg-budget", "30"]).linalg_budget == 30
@@ -141,13 +155,25 @@ def test_bad_arguments_exit_2(suite, argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_plan_shrinks_windows_then_drops_the_slowest(suite):
+def test_plan_shrinks_repeats_then_drops_the_slowest(suite):
+    # The window length is never shortened: it holds one recomputation of the defaults.
     probe = {"sgd": 0.01, "adamw": 0.012, "overparam_svd": 1.0}
-    assert suite._plan(probe, 5, 5, remaining=100.0, smoke=False) == (5, 5, [])
-    assert suite._plan(probe, 5, 5, remaining=10.0, smoke=False) == (2, 3, [])
-    chunk, repeats, dropped = suite._plan(probe, 5, 5, remaining=1.0, smoke=False)
+    assert suite._plan(probe, 5, 5, remaining=100.0, smoke=False) == (5, [])
+    assert suite._plan(probe, 5, 5, remaining=25.0, smoke=False) == (3, [])
+    repeats, dropped = suite._plan(probe, 5, 5, remaining=1.0, smoke=False)
     assert dropped == ["overparam_svd"]
-    assert 0.022 * chunk * (repeats + 1) <= 1.0
+    assert 0.022 * 5 * (repeats + 1) <= 1.0
+
+
+def test_a_compilation_past_its_limit_is_abandoned(suite):
+    step = jax.jit(lambda carry, x: (carry[0] + x, carry[1]))
+    carry = (jax.numpy.zeros(3), 0)
+    data_fn = lambda i: (jax.numpy.full(3, float(i)),)  # noqa: E731
+    compiled, same, seconds, probe = suite._compile_and_probe(step, carry, data_fn, limit=1e-9)
+    assert compiled is None and probe is None and same is carry and seconds >= 0
+    compiled, carry, _, probe = suite._compile_and_probe(step, carry, data_fn, limit=60.0)
+    assert compiled is not None and probe > 0
+    assert float(carry[0][0]) == 1.0  # steps 0 and 1 ran
 
 
 def test_errors_are_found_anywhere_in_a_record(suite):

@@ -328,3 +328,69 @@ def test_scaling_tables_match_the_recorded_sharding_checks():
             diff = f"{result['max_rel_diff']:.3g}".replace("e-0", "e-")
             expected = f"**{result['flops_ratio']:.3f}** ({diff})"
             assert row[column] == expected, (label, mode, row[column], expected)
+
+
+# docs/performance.md: the GPU tables (issue 12, items 4 and 5), from the H100 session.
+PERFORMANCE_GPU_STEP_ROWS = {
+    "cnn": "CNN, batch 128",
+    "mlp": "MLP 784-2048x3-10, batch 512",
+    "transformer": "2 transformer blocks, d_model 1024 (one-step probes)",
+}
+
+
+def _gpu_step_rows() -> dict:
+    """The step table: timed ratios where the model was timed, else one-step probes."""
+    models = _load("accelerator_suite_gpu_step_time.json")["sections"]["step_time"]["models"]
+    rows = {}
+    for name, label in PERFORMANCE_GPU_STEP_ROWS.items():
+        res = models[name]
+        timed = "overparam_default" in res["ratio_to_sgd"]
+        assert timed == ("probes" not in label), name
+        ratios = res["ratio_to_sgd"] if timed else res["probe_ratio_to_sgd"]
+        sgd = res["seconds_per_step"]["sgd"] if timed else res["probe_seconds"]["sgd"]
+        cells = [f"{1e3 * sgd:.3g} ms"]
+        cells += [_ratio_text(ratios[n]) for n in ("adamw", "muon", "overparam_default")]
+        rows[label] = cells
+    return rows
+
+
+def _gpu_precision_rows() -> dict:
+    columns = ("newton/HIGHEST", "newton/BF16_X3", "newton/HIGH", "newton/DEFAULT",
+               "eigh/HIGHEST", "svd/HIGHEST")  # fmt: skip
+    rows = {}
+    for row in _load("accelerator_suite_gpu_run1.json")["sections"]["linalg"]["rows"][:3]:
+        cells = []
+        for label in columns:
+            entry = row["entries"][label]
+            if "seconds" not in entry:
+                cells.append("skipped")
+                continue
+            text = f"{1e3 * entry['seconds']:.2f} ms"
+            if label != "svd/HIGHEST":
+                text += f" ({entry['relative_error_vs_svd_highest']:.1e})"
+            cells.append(text)
+        rows[str(row["n"])] = cells
+    return rows
+
+
+def _gpu_auto_rows() -> dict:
+    rows = {}
+    for row in _load("linalg_scaling_small_gpu.json")["rows"]:
+        seconds = row["seconds"]
+        rows[f"{row['m']} x {row['n']}"] = [
+            f"{1e3 * seconds[m]:.2f} ms" for m in ("svd", "eigh", "newton")
+        ]
+    return rows
+
+
+@pytest.mark.parametrize(
+    "marker, rows_fn",
+    [("gpu-step-table", _gpu_step_rows), ("gpu-precision-table", _gpu_precision_rows),
+     ("gpu-auto-table", _gpu_auto_rows)],
+)  # fmt: skip
+def test_gpu_tables_match_json(marker, rows_fn):
+    rows = _table(PERFORMANCE.read_text(), f"<!-- {marker} -->", f"<!-- /{marker} -->")
+    expected = rows_fn()
+    assert set(rows) - {next(iter(rows))} == set(expected)  # the header row aside
+    for label, cells in expected.items():
+        assert [c.strip("*") for c in rows[label][1:]] == cells, (marker, label)

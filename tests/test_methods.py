@@ -98,7 +98,11 @@ def test_resolve_method(monkeypatch):
     assert linalg.resolve_method("auto", 3136, 512, platform="cpu") == "eigh"
     assert linalg.resolve_method("auto", 3136, 512, platform="cpu", N=1000) == "eigh"
     assert linalg.resolve_method("auto", 3136, 512, platform="gpu") == "newton"
-    assert linalg.resolve_method("auto", 800, 64, platform="tpu") == "eigh"
+    # GPU (measured) and TPU (projected): matmul-only at every shape, within its depth limit.
+    for platform in ("gpu", "tpu"):
+        for shape in ((800, 64), (32, 25), (512, 10), (4096, 4096)):
+            assert linalg.resolve_method("auto", *shape, platform=platform) == "newton"
+        assert linalg.resolve_method("auto", 800, 64, platform=platform, N=1000) == "eigh"
     with pytest.raises(ValueError, match="method"):
         linalg.resolve_method("qr", 4, 4)
     with pytest.raises(ValueError, match="method"):
