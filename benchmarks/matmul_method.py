@@ -239,12 +239,14 @@ def _time_interleaved(calls: dict, repeats: int, reference: str):
     return {k: common.median(v) for k, v in seconds.items()}, ratios
 
 
-def section_ratio(args, shapes, depths, conditions):
+def section_ratio(args, shapes, depths, conditions, after_shape=lambda rows: None):
     """Newton (factors + apply) against Muon's Newton-Schulz, per shape, depth and precision.
 
     Muon is timed at jax's default matmul precision (``muon``, what its users get) and at
     "highest" (``muon_highest``); the ratio is to the former. Each precision in
     ``--ratio-precisions`` is a separate timed call of the method, with its own errors.
+    ``after_shape(rows)`` runs after each shape (main saves the rows so far: a run cut off
+    by a time limit keeps its finished shapes).
     """
     import jax
     import jax.numpy as jnp
@@ -311,6 +313,7 @@ def section_ratio(args, shapes, depths, conditions):
                     f"{row['multiply_add_ratio_to_muon']:4.2f}); error {cells}",
                     flush=True,
                 )
+        after_shape(rows)
     return rows
 
 
@@ -567,8 +570,17 @@ def main(argv=None) -> dict:
     if args.quick:
         depths, conditions = depths[:2], conditions[-1:]
     payload = {"args": vars(args)}
+
+    def save():
+        common.write_json(args, "matmul_method", payload, REPO / "benchmarks" / "results")
+
     if "ratio" in sections:
-        payload["ratio"] = section_ratio(args, shapes, depths, conditions)
+
+        def save_rows(rows):
+            payload["ratio"] = rows
+            save()
+
+        payload["ratio"] = section_ratio(args, shapes, depths, conditions, save_rows)
     if "precision" in sections:
         precision_depths = [int(d) for d in args.precision_depths.split(",")]
         payload["precision"] = section_precision(
@@ -580,7 +592,7 @@ def main(argv=None) -> dict:
         payload["depth"] = section_depth(args)
     if "cnn" in sections:
         payload["cnn"] = section_cnn(args)
-    common.write_json(args, "matmul_method", payload, REPO / "benchmarks" / "results")
+    save()
     return payload
 
 

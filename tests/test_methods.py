@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -299,7 +300,7 @@ def test_overparam_sgd_passes_method_through():
     [
         ("linalg_scaling.py", []),
         ("step_time.py", ["--targets", "2"]),
-        ("matmul_method.py", []),
+        ("matmul_method.py", ["--ratio-precisions", "HIGHEST,BF16_BF16_F32_X3"]),
     ],
 )
 def test_benchmark_smoke(script, extra, tmp_path):
@@ -308,6 +309,12 @@ def test_benchmark_smoke(script, extra, tmp_path):
     result = subprocess.run(command + extra, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.exists()
+    if script == "matmul_method.py":  # one timed, checked row per depth and precision
+        rows = json.loads(out.read_text())["ratio"]
+        assert {(r["N"], r["precision"]) for r in rows} == {
+            (N, p) for N in (2, 3) for p in ("HIGHEST", "BF16_BF16_F32_X3")
+        }
+        assert all(r["seconds"] > 0 and max(r["relative_error"].values()) < 1e-3 for r in rows)
 
 
 # --------------------------------------------------------------------------------------
