@@ -1089,6 +1089,7 @@ def main(argv=None) -> dict:
     """Runs the sections asked for, rewriting JSON and markdown after each; returns the record."""
     args = parse_args(argv)
     timing.setup_platform(args)
+    _MODEL_STATE.clear()  # built for these arguments only
     path = output_path(args)
     args.out = str(path)
     budgets = {section: getattr(args, f"{section}_budget") for section in SECTIONS}
