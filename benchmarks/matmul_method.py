@@ -36,7 +36,9 @@ Usage (from the repository root):
     python benchmarks/matmul_method.py --quick    # smoke run (small shapes), seconds
     python benchmarks/matmul_method.py --sections ratio --repeats 7
 
-Writes benchmarks/results/matmul_method_<backend>.json (device, jax version, command).
+Writes benchmarks/results/matmul_method_<backend>.json (device, jax version, command), or
+with --sections other than the default, matmul_method_<sections>_<backend>.json, so that a
+partial run never replaces the full record (--out overrides both).
 This script leaves OPENBLAS_NUM_THREADS alone in the main process (the cnn section sets
 it per subprocess); --blas-threads is ignored.
 """
@@ -57,12 +59,13 @@ from overparam_optax.experiments import timing as common
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CNN_SHAPES = ((25, 32), (800, 64), (3136, 512), (512, 10))
 PRECISIONS = ("float32", "bf16x3", "tf32", "bf16")
+DEFAULT_SECTIONS = ("ratio", "precision", "depth", "cnn")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser)
-    parser.add_argument("--sections", default="ratio,precision,depth,cnn")
+    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS))
     parser.add_argument("--depths", default="2,3,4,5,6,7,8")
     parser.add_argument("--conditions", default="1,1e1,1e2,1e3")
     parser.add_argument("--shapes", default=None, help="e.g. 1024x1024,3136x512")
@@ -90,6 +93,13 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
+
+
+def result_name(sections) -> str:
+    """The results file's stem: "matmul_method", suffixed with the sections of a subset."""
+    if list(sections) == list(DEFAULT_SECTIONS):
+        return "matmul_method"
+    return "_".join(("matmul_method", *sections))
 
 
 def _shapes(text):
@@ -572,7 +582,7 @@ def main(argv=None) -> dict:
     payload = {"args": vars(args)}
 
     def save():
-        common.write_json(args, "matmul_method", payload, REPO / "benchmarks" / "results")
+        common.write_json(args, result_name(sections), payload, REPO / "benchmarks" / "results")
 
     if "ratio" in sections:
 

@@ -317,6 +317,18 @@ def test_benchmark_smoke(script, extra, tmp_path):
         assert all(r["seconds"] > 0 and max(r["relative_error"].values()) < 1e-3 for r in rows)
 
 
+def test_matmul_method_partial_runs_do_not_replace_the_full_record():
+    import importlib.util
+
+    path = REPO / "benchmarks" / "matmul_method.py"
+    spec = importlib.util.spec_from_file_location("matmul_method", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.result_name(module.DEFAULT_SECTIONS) == "matmul_method"
+    assert module.result_name(["tune"]) == "matmul_method_tune"
+    assert module.result_name(["ratio", "cnn"]) == "matmul_method_ratio_cnn"
+
+
 # --------------------------------------------------------------------------------------
 # The matmul-only method ("newton") against the independent float64 reference
 # (issue 12, item 2): <= 1e-3 relative error for condition numbers up to 1e3, N <= 8.
