@@ -554,7 +554,7 @@ def _time_group(name, names, state, rec, budget, chunk, repeats, room, smoke) ->
 
 def _finish(name, rec, budget, begin) -> dict:
     probe = rec["probe_seconds"]
-    rec["probe_ratio_to_sgd"] = {n: t / probe["sgd"] for n, t in probe.items() if "sgd" in probe}
+    rec["probe_ratio_to_sgd"] = {n: t / probe["sgd"] for n, t in probe.items()}
     rec["seconds"] = time.perf_counter() - begin
     cells = "  ".join(f"{n} {v:.2f}x" for n, v in rec["ratio_to_sgd"].items())
     budget.log(f"{name}: ratio to sgd: {cells}")

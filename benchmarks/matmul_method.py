@@ -40,7 +40,7 @@ Writes benchmarks/results/matmul_method_<backend>.json (device, jax version, com
 with --sections other than the default, matmul_method_<sections>_<backend>.json, so that a
 partial run never replaces the full record (--out overrides both).
 This script leaves OPENBLAS_NUM_THREADS alone in the main process (the cnn section sets
-it per subprocess); --blas-threads is ignored.
+it per subprocess); --blas-threads is refused.
 """
 
 from __future__ import annotations
@@ -83,6 +83,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--cnn-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.blas_threads:
+        parser.error(
+            "--blas-threads is not supported here: the cnn section sets OPENBLAS_NUM_THREADS "
+            "per subprocess, and the main process leaves it as users have it"
+        )
     for name in args.ratio_precisions.split(","):
         if _precision(name) is None:
             parser.error(
@@ -117,10 +122,8 @@ def _precision(name):
 
 
 def _muon_ns(matmul_precision=None):
-    """Muon's 5-step Newton-Schulz, jitted; its matmuls at jax's default precision (what
-    Muon users get), or under ``jax.default_matmul_precision(matmul_precision)``."""
-    import contextlib
-
+    """Muon's 5-step Newton-Schulz, jitted, under ``jax.default_matmul_precision``
+    (None: jax's default, what Muon users get)."""
     import jax
     import jax.numpy as jnp
     from optax.contrib._muon import _DEFAULT_NS_COEFFS, orthogonalize_via_newton_schulz
@@ -128,12 +131,7 @@ def _muon_ns(matmul_precision=None):
     coeffs = jnp.asarray(_DEFAULT_NS_COEFFS)
 
     def orthogonalize(g):
-        scope = (
-            contextlib.nullcontext()
-            if matmul_precision is None
-            else jax.default_matmul_precision(matmul_precision)
-        )
-        with scope:  # applies while jit traces
+        with jax.default_matmul_precision(matmul_precision):  # applies while jit traces
             return orthogonalize_via_newton_schulz(g, coeffs, 5)
 
     return jax.jit(orthogonalize)
@@ -563,8 +561,7 @@ def section_cnn(args):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.platform:
-        os.environ["JAX_PLATFORMS"] = args.platform
+    common.setup_platform(args)  # jax is imported already: the environment alone is too late
     if args.cnn_worker:
         cnn_worker(args)
         return {}

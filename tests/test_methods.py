@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -317,7 +318,7 @@ def test_benchmark_smoke(script, extra, tmp_path):
         assert all(r["seconds"] > 0 and max(r["relative_error"].values()) < 1e-3 for r in rows)
 
 
-def test_matmul_method_partial_runs_do_not_replace_the_full_record():
+def test_matmul_method_partial_runs_do_not_replace_the_full_record(capsys):
     import importlib.util
 
     path = REPO / "benchmarks" / "matmul_method.py"
@@ -327,6 +328,21 @@ def test_matmul_method_partial_runs_do_not_replace_the_full_record():
     assert module.result_name(module.DEFAULT_SECTIONS) == "matmul_method"
     assert module.result_name(["tune"]) == "matmul_method_tune"
     assert module.result_name(["ratio", "cnn"]) == "matmul_method_ratio_cnn"
+    for argv in (["--blas-threads", "2"], ["--ratio-precisions", "HIGHEST,FOO"]):
+        with pytest.raises(SystemExit) as error:
+            module.parse_args(argv)
+        assert error.value.code == 2, argv
+        assert argv[0] in capsys.readouterr().err
+
+
+def test_matmul_method_honours_platform():
+    # jax is imported before main runs, so the platform must reach jax.config, not only
+    # the environment: asking for a TPU on this CPU-only machine must fail, not run on CPU.
+    command = [sys.executable, str(REPO / "benchmarks" / "matmul_method.py"), "--platform",
+               "tpu", "--quick", "--sections", "ratio", "--out", os.devnull]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "tpu" in result.stderr.lower()
 
 
 # --------------------------------------------------------------------------------------
