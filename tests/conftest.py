@@ -44,3 +44,22 @@ def tb():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Starts the sharding checks' subprocess now if a test of test_sharding.py will run.
+
+    It compiles for about a minute on one core; started here, that minute overlaps the
+    rest of the suite (tests/test_sharding.py waits for it).
+    """
+    if any(item.path.name == "test_sharding.py" for item in items):
+        from tests import test_sharding
+
+        test_sharding.start_checks()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    if "tests.test_sharding" in sys.modules:
+        sys.modules["tests.test_sharding"].stop_checks()

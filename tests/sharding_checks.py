@@ -111,7 +111,7 @@ def _make_tx(env, config):
     return optax.chain(pre, optax.sgd(0.05, momentum=0.9))
 
 
-def _train(jax, tx, params, grads_seq, state=None):
+def _train(jax, tx, params, grads_seq, state_sharding):
     import optax
 
     @jax.jit
@@ -120,9 +120,14 @@ def _train(jax, tx, params, grads_seq, state=None):
         # sharded arrays dispatches its own resharding program, which deadlocked the fake
         # CPU devices (seen here, stuck in apply_updates).
         updates, state = tx.update(grads, state, params)
+        # The state keeps the sharding it starts with, so every step runs the program the
+        # first one compiled (otherwise the second step compiles it again for the state
+        # shardings XLA chose). Updates and params are left to XLA: their shardings are
+        # what check_updates_keep_param_shardings looks at.
+        state = jax.lax.with_sharding_constraint(state, state_sharding)
         return updates, state, optax.apply_updates(params, updates)
 
-    state = tx.init(params) if state is None else state
+    state = jax.device_put(tx.init(params), state_sharding)
     history = []
     for grads in grads_seq:
         updates, state, params = step(grads, state, params)
@@ -173,7 +178,8 @@ def _single_device_run(env, config):
     dev = jax.devices()[0]
     tx = _make_tx(env, config)
     seq = [jax.device_put(g, dev) for g in _grads_seq(env)]
-    history, state = _train(jax, tx, jax.device_put(env["params"], dev), seq)
+    params = jax.device_put(env["params"], dev)
+    history, state = _train(jax, tx, params, seq, jax.sharding.SingleDeviceSharding(dev))
     return history, state
 
 
@@ -183,8 +189,10 @@ def _sharded_run(env, config, axis_type):
     tx = _make_tx(env, config)
     params = jax.device_put(env["params"], shardings)
     seq = [jax.device_put(g, shardings) for g in _grads_seq(env)]
+    replicated = env["NamedSharding"](mesh, env["P"]())
+    state_sharding = env["opx"].state_shardings(tx, env["params"], shardings, replicated)
     with jax.set_mesh(mesh):
-        history, state = _train(jax, tx, params, seq)
+        history, state = _train(jax, tx, params, seq, state_sharding)
     return history, state, shardings, mesh
 
 
