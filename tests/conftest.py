@@ -46,6 +46,7 @@ def tb():
     return module
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only tests that will run
 def pytest_collection_modifyitems(session, config, items):
     """Starts the sharding checks' subprocess now if a test of test_sharding.py will run.
 
