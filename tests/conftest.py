@@ -60,6 +60,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    """Stops the sharding subprocess if the session ended before waiting for it (-x, ^C)."""
     import sys
 
     if "tests.test_sharding" in sys.modules:
