@@ -36,14 +36,9 @@ def no_leaked_x64():
 @pytest.fixture(scope="module")
 def tb():
     """``benchmarks/tuned_baselines.py`` as a module, for the tests of its pure helpers."""
-    import importlib.util
-    import pathlib
+    from tests.scripts import load_script
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "tuned_baselines.py"
-    spec = importlib.util.spec_from_file_location("tuned_baselines", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/tuned_baselines.py")
 
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: only tests that will run

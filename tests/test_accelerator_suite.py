@@ -4,7 +4,6 @@ The smoke run is one subprocess (about 35 CPU-seconds, mostly compilation); the 
 import the script and call its argument parsing and budget planning directly.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,8 @@ import tempfile
 import jax
 import pytest
 
+from tests.scripts import load_script
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "accelerator_suite.py"
 
@@ -24,14 +25,11 @@ SCRIPT = REPO / "benchmarks" / "accelerator_suite.py"
 def suite():
     """The script as a module (registered while the tests use it: flax's dataclasses look
     their module up in sys.modules)."""
-    spec = importlib.util.spec_from_file_location("accelerator_suite", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    module = load_script("benchmarks/accelerator_suite.py")
     try:
-        spec.loader.exec_module(module)
         yield module
     finally:
-        del sys.modules[spec.name]
+        del sys.modules[module.__name__]
 
 
 def _walk(node, path=""):

@@ -9,6 +9,7 @@ import pytest
 import overparam_optax.experiments.training
 import overparam_optax.linalg
 import overparam_optax.transform
+from tests.scripts import load_script
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 
@@ -32,13 +33,7 @@ def test_docstring_examples(module):
 
 
 def _load_benchmark(name):
-    import importlib.util
-
-    path = DOCS.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 def test_transformer_md_tables_are_those_of_the_results_json():

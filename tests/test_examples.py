@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests.scripts import load_script
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -344,13 +346,7 @@ def test_transformer_lm_text_too_short_fails_before_training(tmp_path):
 
 
 def test_transformer_lm_long_flag_sets_the_longer_run_unless_overridden():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "transformer_lm_example", REPO / "examples" / "transformer_lm.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("examples/transformer_lm.py", "transformer_lm_example")
     default = module.parse_args([])
     assert (default.steps, default.d_model, default.layers) == (300, 64, 2)
     long = module.parse_args(["--long"])

@@ -18,6 +18,7 @@ import pytest
 import overparam_optax as opx
 from overparam_optax import linalg
 from overparam_optax.experiments.reference import reference_precondition
+from tests.scripts import load_script
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -319,12 +320,7 @@ def test_benchmark_smoke(script, extra, tmp_path):
 
 
 def test_matmul_method_partial_runs_do_not_replace_the_full_record(capsys):
-    import importlib.util
-
-    path = REPO / "benchmarks" / "matmul_method.py"
-    spec = importlib.util.spec_from_file_location("matmul_method", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/matmul_method.py")
     assert module.result_name(module.DEFAULT_SECTIONS) == "matmul_method"
     assert module.result_name(["tune"]) == "matmul_method_tune"
     assert module.result_name(["ratio", "cnn"]) == "matmul_method_ratio_cnn"
