@@ -176,8 +176,8 @@ def main(argv=None):
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=param_sh[k])
             for k, v in params0.items()
         }
-        # State shardings (docs/scaling.md): momentum follows its param; the step count
-        # and the cached factors are replicated.
+        # State shardings (docs/scaling.md): momentum follows its param, the cached
+        # factors are split by rows like it, the step count is replicated.
         replicated = NamedSharding(mesh, P())
         state_sh = opx.state_shardings(tx, abstract, param_sh, replicated)
         step = _Step(

@@ -5,6 +5,8 @@ itself. Under ``Explicit`` axes (``jax.sharding.AxisType.Explicit``) a sharding 
 an array's type and those ops refuse sharded operands, so the transform gathers each
 preconditioned leaf first and gives its update the leaf's sharding back. Under either, the
 batch of same-shaped matrices is then split between the devices (:func:`map_over_mesh`).
+The optimizer state is sharded like the params (:func:`state_shardings`), the cached
+factors included.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ import optax
 
 from overparam_optax import linalg
 
-__all__ = ["explicit_spec", "gathered", "map_over_mesh", "state_shardings"]
+__all__ = [
+    "explicit_spec",
+    "gathered",
+    "keep_explicit_shardings",
+    "map_over_mesh",
+    "state_shardings",
+    "whole_on_every_device",
+]
 
 
 def _axis_names(entry) -> tuple:
@@ -50,6 +59,34 @@ def gathered(x: jax.Array) -> jax.Array:
     if explicit_spec(x) is None:
         return x
     return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
+def whole_on_every_device(x: jax.Array) -> jax.Array:
+    """x replicated over the mesh in context, Auto axes included (else x as it is).
+
+    For the cached factors, which ``state_shardings`` splits by rows while the spread
+    decomposition splits them by matrices: going through the whole array (an all-gather,
+    then local slices) is what XLA's partitioner would do anyway, but said here it does
+    not warn of an "involuntary full rematerialization" for each of them.
+    """
+    if explicit_spec(x) is not None:
+        return gathered(x)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or jax.sharding.AxisType.Auto not in mesh.axis_types:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
+
+
+def keep_explicit_shardings(new: Any, old: Any) -> Any:
+    """``new`` (a tree like ``old``), each leaf resharded as its ``old`` leaf is over an
+    Explicit mesh: what the transform computed from gathered matrices goes back to the
+    sharding it came in with (updates, cached factors)."""
+
+    def keep(new_leaf, old_leaf):
+        spec = explicit_spec(old_leaf)
+        return new_leaf if spec is None else jax.sharding.reshard(new_leaf, spec)
+
+    return jax.tree.map(keep, new, old)
 
 
 def _spread_axes(mesh) -> tuple[tuple, bool]:
@@ -119,20 +156,51 @@ def _is_factors(x: Any) -> bool:
     return isinstance(x, (linalg.SpectralBasis, linalg.PolarRoot, optax.MaskedNode))
 
 
+def _mesh_axes_used(param_sharding: Any) -> tuple:
+    """The mesh axes a NamedSharding splits its array over, in the order of its spec."""
+    spec = getattr(param_sharding, "spec", None)
+    if spec is None or getattr(param_sharding, "mesh", None) is None:
+        return ()
+    return tuple(a for entry in spec if entry is not None for a in _axis_names(entry))
+
+
+def _factor_sharding(factor: Any, param_sharding: Any, replicated: Any) -> Any:
+    """A cached factor's sharding: split like its parameter, or ``replicated``.
+
+    The matrices of a factor (``u``/``q``: long side x short side; ``v``/``root``: short x
+    short, one per matrix of the leaf) are split by rows over the mesh axes that the
+    parameter's sharding uses, so that a parameter split k ways keeps 1/k of its factors
+    per device; vectors (``s``, ``scale``), factors of replicated parameters and row counts
+    that do not divide stay ``replicated``.
+    """
+    axes = _mesh_axes_used(param_sharding)
+    if len(factor.shape) != 3 or not axes:
+        return replicated
+    mesh = param_sharding.mesh
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if ways == 1 or factor.shape[1] % ways:
+        return replicated
+    rows = axes if len(axes) > 1 else axes[0]
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, rows, None))
+
+
 def state_shardings(
     tx: optax.GradientTransformation, params: Any, param_shardings: Any, replicated: Any
 ) -> Any:
     """Shardings for ``tx.init(params)``: each parameter-like state leaf like its parameter.
 
-    This is ``optax.tree.map_params`` with one rule: a state leaf that mirrors a parameter
-    (momentum, Adam's moments, ...) takes that parameter's sharding; every other state leaf
-    (step counts, and the cached factors of ``precondition_every``, whose shapes differ
-    from the parameter's) is ``replicated``.
+    This is ``optax.tree.map_params`` with two rules: a state leaf that mirrors a
+    parameter (momentum, Adam's moments, ...) takes that parameter's sharding, and the
+    cached factors of ``precondition_every`` (whose shapes differ from the parameter's)
+    are split by rows over the mesh axes the parameter is split over (their vectors, and
+    rows that do not divide, are ``replicated``); every other state leaf (step counts) is
+    ``replicated``.
 
     Args:
       tx: the optimizer (any chain containing :func:`overparam_precondition`).
       params: the parameters, or ``jax.ShapeDtypeStruct`` s of them.
-      param_shardings: a tree like ``params`` of shardings.
+      param_shardings: a tree like ``params`` of shardings (``NamedSharding`` s; any other
+        kind gives replicated factors).
       replicated: the sharding for every other leaf, e.g. ``NamedSharding(mesh, P())``.
 
     Returns:
@@ -155,7 +223,9 @@ def state_shardings(
 
     def like_param(state_leaf, param_sharding):
         if _is_factors(state_leaf):
-            return jax.tree.map(lambda _: replicated, state_leaf)
+            return jax.tree.map(
+                lambda f: _factor_sharding(f, param_sharding, replicated), state_leaf
+            )
         return param_sharding
 
     return optax.tree.map_params(

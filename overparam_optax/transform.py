@@ -149,7 +149,7 @@ def _precondition_leaves(rule: _Rule, views, params, updates, entries, recompute
     zero_flags = []
     for group in _groups(views, params, rule.method, rule.N):
         count = sum(views[i].count for i in group.indices)
-        stale = _concat([entries[i] for i in group.indices]) if rule.cached else None
+        stale = _stacked_cache([entries[i] for i in group.indices]) if rule.cached else None
         # Each device of a mesh computes its share of the group's matrices.
         fresh, out, is_zero = sharding.map_over_mesh(
             functools.partial(_group_update, rule, group.method),
@@ -162,7 +162,8 @@ def _precondition_leaves(rule: _Rule, views, params, updates, entries, recompute
         )
         if rule.at_zero and rule.cached:
             zero_flags.append(jnp.any(is_zero))
-        if rule.cached:
+        if rule.cached:  # whole, then each leaf's factors take the state's sharding
+            fresh = jax.tree.map(sharding.whole_on_every_device, fresh)
             for i, entry in zip(group.indices, _split(group, views, fresh), strict=True):
                 entries[i] = entry
         for i, piece in zip(group.indices, _split(group, views, out), strict=True):
@@ -171,8 +172,14 @@ def _precondition_leaves(rule: _Rule, views, params, updates, entries, recompute
     return new_leaves, entries, saw_zero
 
 
-def _concat(entries: list[Any]) -> Any:
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *entries)
+def _stacked_cache(entries: list[Any]) -> Any:
+    """The cached factors of a group's leaves as one stack, whole on every device.
+
+    ``state_shardings`` splits each leaf's factors by rows; the decomposition spread over
+    the mesh splits the stack by matrices.
+    """
+    whole = lambda *xs: [sharding.whole_on_every_device(x) for x in xs]  # noqa: E731
+    return jax.tree.map(lambda *xs: jnp.concatenate(whole(*xs), axis=0), *entries)
 
 
 def _group_update(rule: _Rule, method: str, batched, recompute):
@@ -420,7 +427,7 @@ def overparam_precondition(
         # 1. Which matrices each leaf holds, and the cached factors that go with them.
         _, views, treedef = views_of(params)
         expected = jax.eval_shape(init_fn, params).factors
-        entries = _restore_entries(state.factors, expected, treedef)
+        stale_entries = _restore_entries(state.factors, expected, treedef)
         recompute = amortize.recompute_now(state.count, state.factors_age, every, rule.warmup)
         # 2. Precondition them (gathered first if an Explicit mesh shards them).
         update_leaves = treedef.flatten_up_to(updates)
@@ -429,16 +436,12 @@ def overparam_precondition(
             views,
             _gathered(views, treedef.flatten_up_to(params)),
             _gathered(views, update_leaves),
-            entries,
+            stale_entries,
             recompute,
         )
-        # 3. Each update gets back the sharding it came with.
-        new_leaves = [
-            leaf if spec is None else jax.sharding.reshard(leaf, spec)
-            for leaf, spec in zip(
-                new_leaves, map(sharding.explicit_spec, update_leaves), strict=True
-            )
-        ]
+        # 3. Each update, and each cache entry, gets back the sharding it came with.
+        new_leaves = sharding.keep_explicit_shardings(new_leaves, update_leaves)
+        entries = sharding.keep_explicit_shardings(entries, stale_entries)
         age = amortize.next_age(state.factors_age, recompute, saw_zero, every)
         new_state = OverparamPreconditionState(count, age, treedef.unflatten(entries))
         return treedef.unflatten(new_leaves), new_state

@@ -42,7 +42,8 @@ RTOL = 1e-5
 STEPS = 3  # with precondition_every=2: a recomputation, a cached step, a recomputation
 
 CONFIGS = {
-    "exact": {},
+    "exact": {"method": "svd"},
+    "defaults": {},  # method="auto", factors cached for 10 updates
     "every2": {"precondition_every": 2},
     "blocks16": {"block_size": 16},
 }
@@ -237,9 +238,10 @@ def check_state_follows_params(env, config, axis_type_name):
 
     With the shardings of the documented recipe, ``opx.state_shardings``, pinned on init
     and update (as a sharded training step does), (1) init and update produce exactly those
-    shardings, (2) leaves shaped like a parameter (momentum) are sharded like it, and (3)
-    no state leaf at least as large as the largest weight matrix is fully replicated.
-    (2) and (3) exempt the cached factors, replicated by design (docs/scaling.md).
+    shardings, (2) leaves shaped like a parameter (momentum) are sharded like it, (3) no
+    state leaf at least as large as the largest weight matrix is fully replicated, and (4)
+    each device holds 1/k of the rows of a cached factor matrix whose parameter is split k
+    ways (every such row count here divides).
     """
     jax = env["jax"]
     mesh, shardings = env["mesh_and_shardings"](getattr(env["AxisType"], axis_type_name))
@@ -259,6 +261,7 @@ def check_state_follows_params(env, config, axis_type_name):
         _, new_state = update(grads, state, params)
 
     problems, report = [], {}
+    split_ways = {k: sh.num_devices // _copies(sh) for k, sh in shardings.items()}
     param_shapes = {tuple(v.shape): shardings[k] for k, v in env["params"].items() if v.ndim >= 2}
     large = max(int(np.prod(v.shape)) for v in env["params"].values() if v.ndim >= 2)
     for (path, leaf), new_leaf, expected in zip(
@@ -273,14 +276,35 @@ def check_state_follows_params(env, config, axis_type_name):
             if not got.sharding.is_equivalent_to(expected, leaf.ndim):
                 problems.append(f"{name}: {what} gave {got.sharding}, asked {expected}")
         cached_factor = ".factors[" in name
-        if leaf.size >= large and leaf.sharding.is_fully_replicated and not cached_factor:
+        if leaf.size >= large and leaf.sharding.is_fully_replicated:
             problems.append(f"{name} {leaf.shape}: fully replicated")
+        if cached_factor and leaf.ndim == 3:
+            ways = split_ways[name.split(".factors['")[1].split("'")[0]]
+            for what, got in (("init", leaf), ("update", new_leaf)):
+                rows = got.addressable_shards[0].data.shape[1]
+                if rows * ways != leaf.shape[1]:
+                    problems.append(f"{name}: {what} holds {rows} of {leaf.shape[1]} rows "
+                                    f"per device, its param is split {ways} ways")
         if tuple(leaf.shape) in param_shapes and leaf.ndim >= 2 and not cached_factor:
             like = param_shapes[tuple(leaf.shape)]
             if not leaf.sharding.is_equivalent_to(like, leaf.ndim):
                 problems.append(f"{name}: {leaf.sharding.spec}, its param has {like.spec}")
     assert not problems, "; ".join(problems)
-    return {"state_leaves": report}
+    factors = [leaf for name, leaf in zip(report, jax.tree.leaves(new_state), strict=True)
+               if ".factors[" in name]
+    return {
+        "state_leaves": report,
+        # What one device holds of the cached factors, against a replicated copy.
+        "factor_bytes_per_device": sum(f.addressable_shards[0].data.nbytes for f in factors),
+        "factor_bytes": sum(f.nbytes for f in factors),
+    }
+
+
+def _copies(sharding) -> int:
+    """How many devices hold each element of an array with this sharding."""
+    spec = [e for e in sharding.spec if e is not None]
+    used = {a for e in spec for a in (e if isinstance(e, tuple) else (e,))}
+    return int(np.prod([n for a, n in sharding.mesh.shape.items() if a not in used]))
 
 
 def check_abstract_init_and_update(env, config, axis_type_name):
@@ -371,6 +395,8 @@ for _config in CONFIGS:
             check_abstract_init_and_update, _config, _mode,
         )
     CHECKS[f"state_follows_params[{_config}-Auto]"] = (check_state_follows_params, _config, "Auto")
+# The cached factors' shardings are part of their types under Explicit axes.
+CHECKS["state_follows_params[every2-Explicit]"] = (check_state_follows_params, "every2", "Explicit")
 
 
 def run_all(names=None) -> dict:

@@ -305,6 +305,36 @@ def test_python_scalars_and_empty_matrices_pass_through():
     assert updates["scale"] == pytest.approx(-0.025)
 
 
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_state_shardings_split_cached_factors_like_their_parameter(method):
+    mesh = jax.sharding.AbstractMesh((4, 2), ("data", "model"))  # the rule needs no devices
+    shapes_specs = {
+        "fsdp": ((8, 4), P("data", None)),  # split 4 ways: long and short sides divide
+        "wide": ((6, 16), P(None, ("data", "model"))),  # 8 ways; tall view 16 x 6
+        "odd": ((6, 5), P("model", None)),  # 2 ways; the short side 5 does not divide
+        "dp": ((8, 8), P()),  # replicated parameter, replicated factors
+    }
+    params = {k: jnp.ones(shape) for k, (shape, _) in shapes_specs.items()}
+    param_sh = {k: NamedSharding(mesh, spec) for k, (_, spec) in shapes_specs.items()}
+    replicated = NamedSharding(mesh, P())
+    tx = opx.overparam_precondition(2, method=method, precondition_every=2)
+    factors = opx.state_shardings(tx, params, param_sh, replicated).factors
+
+    def rows(*axes):
+        return NamedSharding(mesh, P(None, *axes, None))
+
+    expected = {  # (long x short matrices, short x short matrices); vectors replicated
+        "fsdp": (rows("data"), rows("data")),
+        "wide": (rows(("data", "model")), replicated),
+        "odd": (rows("model"), replicated),
+        "dp": (replicated, replicated),
+    }
+    names = ("u", "v", "s") if method == "eigh" else ("q", "root", "scale")
+    for name, (long_side, short_side) in expected.items():
+        got = tuple(getattr(factors[name], field) for field in names)
+        assert got == (long_side, short_side, replicated), (name, got)
+
+
 def test_state_shardings_follow_the_params():
     mesh = jax.make_mesh((1,), ("data",))
     params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
@@ -315,7 +345,7 @@ def test_state_shardings_follow_the_params():
     )
     shardings = opx.state_shardings(tx, params, param_sh, replicated)
     assert shardings[1][0].trace["w"] is param_sh["w"]  # momentum follows its parameter
-    assert all(s is replicated for s in shardings[0].factors["w"])  # cached factors
+    assert all(s is replicated for s in shardings[0].factors["w"])  # split 1 way: not split
     assert jax.tree.structure(shardings) == jax.tree.structure(tx.init(params))
     assert shardings[0].count is replicated
     state = jax.jit(tx.init, out_shardings=shardings)(params)

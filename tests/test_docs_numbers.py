@@ -315,6 +315,8 @@ def test_scaling_tables_match_the_recorded_sharding_checks():
     text = SCALING.read_text()
     single = _table(text, "<!-- single-device-table -->", "<!-- /single-device-table -->")
     for label, config in (('exact (`method="svd"`)', "exact"),
+                          ('the defaults (`method="auto"`, factors cached for 10 updates)',
+                           "defaults"),
                           ("`precondition_every=2`", "every2"), ("`block_size=16`", "blocks16")):
         for column, mode in ((1, "Auto"), (2, "Explicit")):
             diff = results[f"matches_single_device[{config}-{mode}]"]["max_rel_diff"]
@@ -328,6 +330,10 @@ def test_scaling_tables_match_the_recorded_sharding_checks():
             diff = f"{result['max_rel_diff']:.3g}".replace("e-0", "e-")
             expected = f"**{result['flops_ratio']:.3f}** ({diff})"
             assert row[column] == expected, (label, mode, row[column], expected)
+    cache = results["state_follows_params[every2-Auto]"]
+    held = f"one device holds {cache['factor_bytes_per_device']:,} of the cache's"
+    assert held in " ".join(text.split()), held
+    assert f"{cache['factor_bytes']:,} bytes" in " ".join(text.split())
 
 
 # docs/performance.md: the GPU tables (issue 12, items 4 and 5), from the H100 session.
