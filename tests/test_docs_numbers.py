@@ -330,6 +330,19 @@ def test_scaling_tables_match_the_recorded_sharding_checks():
             diff = f"{result['max_rel_diff']:.3g}".replace("e-0", "e-")
             expected = f"**{result['flops_ratio']:.3f}** ({diff})"
             assert row[column] == expected, (label, mode, row[column], expected)
+    memory = results["state_memory[defaults-Auto]"]
+    table = _table(text, "<!-- state-memory-table -->", "<!-- /state-memory-table -->")
+    prose = " ".join(text.split())
+    for label, kind in (("split like", "split"), ("replicated", "replicated")):
+        row = next(cells for key, cells in table.items() if key.startswith(label))
+        got = memory["memory"][kind]
+        assert row[1:] == [f"{got['argument_bytes']:,} bytes", f"{got['temp_bytes']:,} bytes"]
+    total = {k: sum(v.values()) for k, v in memory["memory"].items()}
+    assert f"from {total['replicated']:,} to {total['split']:,} bytes" in prose
+    assert f"factors are {memory['factor_bytes']:,} bytes whole" in prose
+    temp = memory["memory"]
+    growth = temp["split"]["temp_bytes"] / temp["replicated"]["temp_bytes"] - 1
+    assert f"grow by {100 * growth:.1f}%" in prose
     cache = results["state_follows_params[every2-Auto]"]
     held = f"one device holds {cache['factor_bytes_per_device']:,} of the cache's"
     assert held in " ".join(text.split()), held
