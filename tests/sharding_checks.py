@@ -355,7 +355,7 @@ def check_state_memory(env, config, axis_type_name):
     factor_bytes = sum(x.size * x.dtype.itemsize for x in factors)
     saved = {kind: report["replicated"][kind] - report["split"][kind] for kind in report["split"]}
     # Split 8 ways, all but an eighth of the factors' matrices leave each device (their
-    # singular-value vectors, 1/65 of the bytes, stay replicated).
+    # singular-value vectors, 1/129 of the bytes here, stay replicated).
     assert saved["argument_bytes"] >= 0.85 * factor_bytes, (factor_bytes, report)
     assert sum(saved.values()) > 0, report
     return {"memory": report, "factor_bytes": factor_bytes}
