@@ -64,10 +64,24 @@ def gathered(x: jax.Array) -> jax.Array:
 def whole_on_every_device(x: jax.Array) -> jax.Array:
     """x replicated over the mesh in context, Auto axes included (else x as it is).
 
-    For the cached factors, which ``state_shardings`` splits by rows while the spread
+    For the cached factors, which :func:`state_shardings` splits by rows while the spread
     decomposition splits them by matrices: going through the whole array (an all-gather,
     then local slices) is what XLA's partitioner would do anyway, but said here it does
     not warn of an "involuntary full rematerialization" for each of them.
+
+    Args:
+      x: an array, inside or outside ``jax.jit``.
+
+    Returns:
+      x resharded to replicated over an Explicit mesh, constrained to replicated under a
+      mesh with Auto axes (``jax.set_mesh``), or x itself without a mesh (or inside a
+      ``shard_map`` whose axes are all Manual).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.ones((4, 3))
+      >>> whole_on_every_device(x) is x  # no mesh in context
+      True
     """
     if explicit_spec(x) is not None:
         return gathered(x)
@@ -78,9 +92,26 @@ def whole_on_every_device(x: jax.Array) -> jax.Array:
 
 
 def keep_explicit_shardings(new: Any, old: Any) -> Any:
-    """``new`` (a tree like ``old``), each leaf resharded as its ``old`` leaf is over an
-    Explicit mesh: what the transform computed from gathered matrices goes back to the
-    sharding it came in with (updates, cached factors)."""
+    """``new``, each leaf given the Explicit-mesh sharding of the matching leaf of ``old``.
+
+    What the transform computes from gathered matrices (the updates, the cached factors)
+    goes back to the sharding its input came with; under Auto axes or without a mesh a
+    sharding is not part of the type and the leaf is left as it is.
+
+    Args:
+      new: a tree with the structure of ``old``.
+      old: the inputs whose shardings the outputs keep.
+
+    Returns:
+      ``new`` with each leaf resharded (``jax.sharding.reshard``) to its ``old`` leaf's
+      spec where that leaf is sharded over an Explicit mesh axis, else unchanged.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> out = keep_explicit_shardings({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})
+      >>> float(out["w"][0])  # no Explicit mesh: unchanged
+      0.0
+    """
 
     def keep(new_leaf, old_leaf):
         spec = explicit_spec(old_leaf)

@@ -279,7 +279,8 @@ def check_state_follows_params(env, config, axis_type_name):
         if leaf.size >= large and leaf.sharding.is_fully_replicated:
             problems.append(f"{name} {leaf.shape}: fully replicated")
         if cached_factor and leaf.ndim == 3:
-            ways = split_ways[name.split(".factors['")[1].split("'")[0]]
+            param = next(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+            ways = split_ways[param]
             for what, got in (("init", leaf), ("update", new_leaf)):
                 rows = got.addressable_shards[0].data.shape[1]
                 if rows * ways != leaf.shape[1]:
@@ -310,7 +311,7 @@ def _copies(sharding) -> int:
 def check_state_memory(env, config, axis_type_name):
     """Per device, the cached factors split like FSDP params take 1/8 of the replicated ones.
 
-    Eight 64 x 64 kernels split by rows over 8 devices, the defaults, momentum: XLA's
+    Eight 64 x 64 kernels split by rows over 8 devices, ``CONFIGS[config]``, momentum: XLA's
     compiled memory analysis of one jitted training step (state and params donated), with
     the state's shardings from ``opx.state_shardings`` and with the cached factors
     replicated instead (the rule before they were split). The temporaries (each group's
@@ -320,13 +321,13 @@ def check_state_memory(env, config, axis_type_name):
     import optax
 
     jax, P, NamedSharding = env["jax"], env["P"], env["NamedSharding"]
-    del config
     rng = np.random.default_rng(3)
     params = {f"w{i}": (rng.normal(size=(64, 64)) * 0.1).astype(np.float32) for i in range(8)}
     mesh = jax.make_mesh((8,), ("data",), axis_types=(getattr(env["AxisType"], axis_type_name),))
     param_sh = {k: NamedSharding(mesh, P("data", None)) for k in params}
     replicated = NamedSharding(mesh, P())
-    tx = optax.chain(env["opx"].overparam_precondition(3), optax.sgd(0.01, momentum=0.9))
+    pre = env["opx"].overparam_precondition(3, **CONFIGS[config])
+    tx = optax.chain(pre, optax.sgd(0.01, momentum=0.9))
 
     def step(grads, state, params):
         updates, state = tx.update(grads, state, params)

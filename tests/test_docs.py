@@ -8,6 +8,7 @@ import pytest
 
 import overparam_optax.experiments.training
 import overparam_optax.linalg
+import overparam_optax.sharding
 import overparam_optax.transform
 from tests.scripts import load_script
 
@@ -24,7 +25,12 @@ def test_api_md_examples_run():
 
 @pytest.mark.parametrize(
     "module",
-    [overparam_optax.linalg, overparam_optax.transform, overparam_optax.experiments.training],
+    [
+        overparam_optax.linalg,
+        overparam_optax.sharding,
+        overparam_optax.transform,
+        overparam_optax.experiments.training,
+    ],
 )
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
