@@ -239,13 +239,46 @@ def _check_options(method, block_size, precision, plain_gradient_at_zero) -> Non
         raise ValueError(f"plain_gradient_at_zero must be a bool, got {plain_gradient_at_zero!r}.")
 
 
-def _state_misfit(factors: Any, expected: Any) -> ValueError:
+def _state_misfit(detail: str) -> ValueError:
     return ValueError(
         "the optimizer state does not fit these params (or was made with other options): "
-        "re-run tx.init(params). Cached factors in the state: "
-        f"{jax.tree_util.tree_structure(factors)}; expected: "
-        f"{jax.tree_util.tree_structure(expected)}."
+        f"{detail}. Re-run tx.init(params)."
     )
+
+
+def _leaf_paths(treedef) -> list[str]:
+    """The key path of each leaf of ``treedef``, as ``jax.tree_util.keystr`` writes it."""
+    numbered = treedef.unflatten(range(treedef.num_leaves))
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(numbered)]
+
+
+def _rebuilt_entry(path: str, entry: Any, want: Any) -> Any:
+    """One leaf's cached factors as ``init`` makes them (``want``), or a ValueError."""
+    if isinstance(want, optax.MaskedNode):
+        if jax.tree.leaves(entry):
+            raise _state_misfit(f"it caches factors for parameter {path}, these options do not")
+        return want
+    if hasattr(entry, "_fields") and type(entry) is not type(want):
+        raise _state_misfit(
+            f"parameter {path} has cached {type(entry).__name__} factors, these options "
+            f"need {type(want).__name__}"
+        )
+    try:
+        if isinstance(entry, Mapping):
+            entry = type(want)(**{name: entry[name] for name in want._fields})
+        entry = type(want)(*entry)
+    except (KeyError, TypeError):
+        raise _state_misfit(
+            f"the entry for parameter {path} is not a {type(want).__name__} with fields "
+            f"{want._fields}"
+        ) from None
+    for name, got, shape in zip(want._fields, entry, want, strict=True):
+        if (jnp.shape(got), jnp.result_type(got)) != (shape.shape, shape.dtype):
+            raise _state_misfit(
+                f"parameter {path}: cached {name} has shape {jnp.shape(got)} and dtype "
+                f"{jnp.result_type(got)}, expected {shape.shape} and {shape.dtype}"
+            )
+    return entry
 
 
 def _restore_entries(factors: Any, expected: Any, treedef) -> list[Any]:
@@ -253,30 +286,21 @@ def _restore_entries(factors: Any, expected: Any, treedef) -> list[Any]:
 
     Wrappers may hand the state back in other containers (flax's ``nnx.Optimizer`` turns
     NamedTuples into its own State mappings, with sorted keys): an entry must hold the
-    fields, shapes and dtypes that ``init`` gives it for these params and options.
+    fields, shapes and dtypes that ``init`` gives it for these params and options. A misfit
+    is reported with the parameter's path.
     """
     try:
         entries = treedef.flatten_up_to(factors)
     except (TypeError, ValueError):
-        raise _state_misfit(factors, expected) from None
-    restored = []
-    for entry, want in zip(entries, treedef.flatten_up_to(expected), strict=True):
-        if isinstance(want, optax.MaskedNode):
-            if jax.tree.leaves(entry):
-                raise _state_misfit(factors, expected)
-            restored.append(want)
-            continue
-        try:
-            if isinstance(entry, Mapping):
-                entry = type(want)(**{name: entry[name] for name in want._fields})
-            entry = type(want)(*entry)
-        except (KeyError, TypeError):
-            raise _state_misfit(factors, expected) from None
-        for got, shape in zip(entry, want, strict=True):
-            if (jnp.shape(got), jnp.result_type(got)) != (shape.shape, shape.dtype):
-                raise _state_misfit(factors, expected)
-        restored.append(entry)
-    return restored
+        raise _state_misfit(
+            f"its cached factors have the structure {jax.tree_util.tree_structure(factors)}, "
+            f"these params need {jax.tree_util.tree_structure(expected)}"
+        ) from None
+    wanted = treedef.flatten_up_to(expected)
+    return [
+        _rebuilt_entry(path, entry, want)
+        for path, entry, want in zip(_leaf_paths(treedef), entries, wanted, strict=True)
+    ]
 
 
 def overparam_precondition(

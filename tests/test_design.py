@@ -186,16 +186,39 @@ def test_mask_accepts_numpy_and_jax_bool_scalars():
     assert _rel(out["w"], reference_precondition(params["w"], grads["w"], 2)) < 1e-5
 
 
-def test_state_for_other_params_is_a_clear_error():
-    rng = np.random.default_rng(3)
-    params = _params(rng)
-    tx = opx.overparam_precondition(3, precondition_every=2)
-    other = dict(params, wide=jnp.ones((5, 7)))
-    with pytest.raises(ValueError, match="state does not fit"):
-        tx.update(_grads(params), tx.init(other), params)
-    tx_eigh = opx.overparam_precondition(3, method="newton", precondition_every=2)
-    with pytest.raises(ValueError, match="state does not fit"):
-        tx_eigh.update(_grads(params), tx.init(params), params)
+@pytest.mark.parametrize(
+    "make_state, match",
+    [
+        # Another shape for one parameter: the path, the field and both shapes.
+        (
+            lambda tx, p: tx.init(dict(p, wide=jnp.ones((5, 7)))),
+            r"parameter \['wide'\]: cached u has shape \(1, 7, 5\) and dtype float32, "
+            r"expected \(1, 9, 5\)",
+        ),
+        # Made with another method: the factor types.
+        (
+            lambda tx, p: opx.overparam_precondition(3, method="newton", precondition_every=2).init(
+                p
+            ),
+            r"parameter \['conv'\] has cached PolarRoot factors, these options need SpectralBasis",
+        ),
+        # A parameter cached that these options mask out.
+        (
+            lambda tx, p: opx.overparam_precondition(3, precondition_every=2).init(
+                dict(p, dense=dict(p["dense"], bias=jnp.ones((6, 6))))
+            ),
+            r"caches factors for parameter \['dense'\]\['bias'\], these options do not",
+        ),
+        # Another tree: both structures.
+        (lambda tx, p: tx.init({"w": jnp.ones((3, 3))}), r"structure .*these params need"),
+    ],
+    ids=["shape", "method", "masked", "structure"],
+)
+def test_state_misfit_names_the_parameter_and_what_was_expected(make_state, match):
+    params = _params(np.random.default_rng(3))
+    tx = opx.overparam_precondition(3, method="eigh", precondition_every=2)
+    with pytest.raises(ValueError, match=match):
+        tx.update(_grads(params), make_state(tx, params), params)
 
 
 @pytest.mark.parametrize("every", [None, 3])
