@@ -246,12 +246,6 @@ def _state_misfit(detail: str) -> ValueError:
     )
 
 
-def _leaf_paths(treedef) -> list[str]:
-    """The key path of each leaf of ``treedef``, as ``jax.tree_util.keystr`` writes it."""
-    numbered = treedef.unflatten(range(treedef.num_leaves))
-    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(numbered)]
-
-
 def _rebuilt_entry(path: str, entry: Any, want: Any) -> Any:
     """One leaf's cached factors as ``init`` makes them (``want``), or a ValueError."""
     if isinstance(want, optax.MaskedNode):
@@ -281,13 +275,13 @@ def _rebuilt_entry(path: str, entry: Any, want: Any) -> Any:
     return entry
 
 
-def _restore_entries(factors: Any, expected: Any, treedef) -> list[Any]:
+def _restore_entries(factors: Any, expected: Any, treedef, paths: list[str]) -> list[Any]:
     """Per leaf, the state's cached factors, checked against and rebuilt as ``init`` makes them.
 
     Wrappers may hand the state back in other containers (flax's ``nnx.Optimizer`` turns
     NamedTuples into its own State mappings, with sorted keys): an entry must hold the
     fields, shapes and dtypes that ``init`` gives it for these params and options. A misfit
-    is reported with the parameter's path.
+    is reported with the parameter's path (``paths``, as ``resolve_views`` gives them).
     """
     try:
         entries = treedef.flatten_up_to(factors)
@@ -299,7 +293,7 @@ def _restore_entries(factors: Any, expected: Any, treedef) -> list[Any]:
     wanted = treedef.flatten_up_to(expected)
     return [
         _rebuilt_entry(path, entry, want)
-        for path, entry, want in zip(_leaf_paths(treedef), entries, wanted, strict=True)
+        for path, entry, want in zip(paths, entries, wanted, strict=True)
     ]
 
 
@@ -449,9 +443,9 @@ def overparam_precondition(
         if N == 1:
             return updates, state._replace(count=count)
         # 1. Which matrices each leaf holds, and the cached factors that go with them.
-        _, views, treedef = views_of(params)
+        paths, views, treedef = views_of(params)
         expected = jax.eval_shape(init_fn, params).factors
-        stale_entries = _restore_entries(state.factors, expected, treedef)
+        stale_entries = _restore_entries(state.factors, expected, treedef, paths)
         recompute = amortize.recompute_now(state.count, state.factors_age, every, rule.warmup)
         # 2. Precondition them (gathered first if an Explicit mesh shards them).
         update_leaves = treedef.flatten_up_to(updates)
