@@ -178,8 +178,11 @@ def _stacked_cache(entries: list[Any]) -> Any:
     ``state_shardings`` splits each leaf's factors by rows; the decomposition spread over
     the mesh splits the stack by matrices.
     """
-    whole = lambda *xs: [sharding.whole_on_every_device(x) for x in xs]  # noqa: E731
-    return jax.tree.map(lambda *xs: jnp.concatenate(whole(*xs), axis=0), *entries)
+
+    def stack(*leaves):
+        return jnp.concatenate([sharding.whole_on_every_device(x) for x in leaves], axis=0)
+
+    return jax.tree.map(stack, *entries)
 
 
 def _group_update(rule: _Rule, method: str, batched, recompute):
@@ -260,7 +263,8 @@ def _rebuilt_entry(path: str, entry: Any, want: Any) -> Any:
     try:
         if isinstance(entry, Mapping):
             entry = type(want)(**{name: entry[name] for name in want._fields})
-        entry = type(want)(*entry)
+        else:
+            entry = type(want)(*entry)
     except (KeyError, TypeError):
         raise _state_misfit(
             f"the entry for parameter {path} is not a {type(want).__name__} with fields "
