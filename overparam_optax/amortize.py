@@ -57,7 +57,7 @@ AUTO_EVERY = 10
 def check_every(every, method: str) -> int:
     """``precondition_every`` as a Python int in [1, 2**31 - 1].
 
-    None (the default) means :data:`AUTO_EVERY` with ``method="auto"`` and 1 (the factors
+    None (the default) means ``AUTO_EVERY`` with ``method="auto"`` and 1 (the factors
     of the current W every update) with a method named explicitly, so that
     ``method="svd"`` alone is the exact rule.
     """

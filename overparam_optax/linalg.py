@@ -27,7 +27,7 @@ because k depends on the values only, never on the (non-unique) singular vectors
 Singular values below numpy's rank tolerance, max(m, n) * eps * s_max, are taken to be
 exactly zero (see `_truncate_below_rank_tolerance`).
 
-Scale. P is homogeneous: P_{cW}(G) = |c|^{2-2/N} P_W(G). Every path divides W by a scalar
+Scale. P is homogeneous: ``P_{cW}(G) = |c|^{2-2/N} P_W(G)``. Every path divides W by a scalar
 (its largest entry, then a norm bound) before any product or decomposition, works with
 singular values at most 1, and applies the factor scale^{2-2/N} in two halves,
 t P_hat(t G) with t = scale^{1-1/N}, so that no intermediate overflows or falls into the

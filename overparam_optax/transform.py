@@ -523,7 +523,9 @@ def overparam_sgd(
     for every preconditioned matrix W (Arora et al., 2018, eq. 24), and the plain rule
     W <- (1 - eta * lambda) W - eta * grad for the other leaves. With ``momentum`` the
     same direction is fed to heavy-ball (or Nesterov) momentum. It is
-    ``optax.chain(overparam_precondition(N, ...), <the decay>, optax.sgd(...))``.
+    ``optax.chain(overparam_precondition(N, ...), <the decay>, optax.sgd(...))``. Its other
+    keyword options are those of :func:`overparam_precondition`, with the same defaults,
+    and are passed on to it.
 
     Args:
       learning_rate: eta, a float or an optax schedule.
@@ -532,8 +534,6 @@ def overparam_sgd(
       weight_decay: lambda, the decay applied to each factor in the factorized view.
       momentum: optional momentum coefficient (as in ``optax.sgd``).
       nesterov: whether to use Nesterov momentum.
-      method, precondition_every, warmup_steps, dimension_numbers, mask, block_size,
-        precision, plain_gradient_at_zero: as in :func:`overparam_precondition`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires params.
