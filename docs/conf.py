@@ -10,8 +10,11 @@ import inspect
 import pathlib
 import sys
 
-# The checkout's package, also when it is not installed.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# The checkout's package (also when it is not installed), and api_coverage beside this file.
+_DOCS = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(_DOCS.parent), str(_DOCS)]
+
+from api_coverage import public_modules  # noqa: E402
 
 import overparam_optax  # noqa: E402
 
@@ -29,7 +32,7 @@ extensions = [
     "sphinx.ext.napoleon",
 ]
 
-exclude_patterns = ["_build", "README.md"]
+exclude_patterns = ["_build"]
 templates_path = ["_templates"]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 
@@ -39,8 +42,6 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(jax|jaxlib|optax|flax|numpy|np|jnp|chex|orbax|matplotlib)(\..*)?"),
     (r"py:.*", r"(collections\.abc|typing|types|pathlib|argparse|os|dataclasses)\..*"),
-    (r"py:.*", r"(Array|ArrayLike|PyTree|Any|Callable|Sequence|Mapping|Path|PRNGKey)"),
-    (r"py:class", r"(optional|callable|pytree|array|array-like|scalar|default .*)"),
     (r"py:class", r"Params"),  # experiments.training's alias of Any in its annotations
 ]
 
@@ -50,6 +51,7 @@ autosummary_ignore_module_all = False  # a module's public names are its __all__
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
+maximum_signature_line_length = 88  # longer signatures: one parameter per line
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
@@ -63,9 +65,7 @@ def _reexported():
     """
     top = {id(getattr(overparam_optax, n)): n for n in overparam_optax.__all__}
     names = {}
-    for module_name in sorted(sys.modules):
-        if not module_name.startswith("overparam_optax.") or "._" in module_name:
-            continue
+    for module_name in public_modules()[1:]:  # the submodules, not the package
         module = importlib.import_module(module_name)
         for name in getattr(module, "__all__", ()):
             obj = getattr(module, name)
@@ -74,15 +74,6 @@ def _reexported():
     return names
 
 
-def _import_public_modules():
-    import pkgutil
-
-    for info in pkgutil.walk_packages(overparam_optax.__path__, "overparam_optax."):
-        if not any(part.startswith("_") for part in info.name.split(".")):
-            importlib.import_module(info.name)
-
-
-_import_public_modules()
 autosummary_context = {"reexported": _reexported()}
 
 # -- Doctest: the >>> examples of every documented docstring ---------------------------

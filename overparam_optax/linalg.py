@@ -654,7 +654,7 @@ def precondition_matrix(
       P_W(G) = \sum_{j=1}^{N} (W W^\top)^{\frac{j-1}{N}} \, G \, (W^\top W)^{\frac{N-j}{N}}
 
     This is the direction in which gradient flow on a depth-N balanced linear
-    factorization W = W_N \cdots W_1 moves the end-to-end matrix (Arora et al., 2018,
+    factorization :math:`W = W_N \cdots W_1` moves the end-to-end matrix (Arora et al., 2018,
     Theorem 1). It is computed exactly from a thin SVD of W (rank-aware: a tall or wide
     matrix never needs a square SVD). Leading axes, if any, are batch axes.
 

@@ -315,7 +315,7 @@ def overparam_precondition(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions gradients as depth-N linear over-parameterization would.
 
-    Replacing a weight matrix W by a product of N matrices W_N \cdots W_1, and running
+    Replacing a weight matrix W by a product of N matrices :math:`W_N \cdots W_1`, and running
     gradient descent with a small step on the factors from a balanced initialization,
     moves the end-to-end matrix along
 
