@@ -119,7 +119,7 @@ def _as_matrix(kernel: jax.Array) -> jax.Array:
 
 
 def end_to_end(kernels: Sequence[jax.Array], *, precision=_HIGHEST) -> jax.Array:
-    """The collapsed kernel ``K_0 @ K_1 @ ... @ K_{N-1}`` in the shape of a Dense/Conv kernel.
+    """The product of the factors K_0, ..., K_{N-1}, in the shape of a Dense/Conv kernel.
 
     ``kernels[0]`` may have leading (spatial) axes, as a conv kernel; the others are matrices
     (a trailing axis layout ``(..., h_i, h_{i+1})`` with size-1 leading axes is accepted too).
@@ -256,7 +256,7 @@ def factor_kernels(
     key: jax.Array | None = None,
     truncate: bool = False,
 ) -> list[jax.Array]:
-    """Balanced factors of a Dense kernel (in, out) or Conv kernel (*kernel_size, in, out).
+    """Balanced factors of a Dense kernel (in, out) or Conv kernel ``(*kernel_size, in, out)``.
 
     The kernel is flattened to (prod(leading axes), out), split by :func:`balanced_factors`,
     and ``K_0`` is reshaped back to ``kernel.shape[:-1] + (h_1,)``; so
@@ -391,7 +391,7 @@ def pair_balancedness(
 
 
 def balancedness(params: Any, *, relative: bool = True, precision=_HIGHEST) -> jax.Array:
-    """The worst imbalance ``max_{layer, i}`` of :func:`pair_balancedness` over a tree.
+    """The worst imbalance over a tree: the largest :func:`pair_balancedness` of its layers.
 
     Theory assumes 0 (exact balance at init, which gradient flow then preserves); plain GD
     with step size eta lets it drift by O(eta^2) per step, which is the source of the gap
@@ -455,7 +455,7 @@ def _apply_factors(y: jax.Array, kernels: Sequence[jax.Array], precision) -> jax
 
 
 class FactorizedDense(nn.Module):
-    """A drop-in replacement for ``nn.Dense`` holding N factors: ``x @ K_0 @ ... @ K_{N-1} + b``.
+    """A drop-in replacement for ``nn.Dense`` holding N factors K_0, ..., K_{N-1} of its kernel.
 
     Attributes:
       features: output width.
@@ -543,8 +543,8 @@ class FactorizedConv(nn.Module):
     ``padding`` ('SAME', 'VALID', an int, or per-dimension ints / (low, high) pairs),
     ``input_dilation`` and ``kernel_dilation`` as in ``nn.Conv``. Grouped and circular
     convolutions are not supported. ``hidden`` defaults to
-    ``min(prod(kernel_size) * in, features)``. Inputs are (batch..., *spatial, in) or
-    unbatched (*spatial, in).
+    ``min(prod(kernel_size) * in, features)``. Inputs are ``(batch..., *spatial, in)`` or
+    unbatched ``(*spatial, in)``.
     """
 
     features: int

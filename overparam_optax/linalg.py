@@ -27,7 +27,7 @@ because k depends on the values only, never on the (non-unique) singular vectors
 Singular values below numpy's rank tolerance, max(m, n) * eps * s_max, are taken to be
 exactly zero (see `_truncate_below_rank_tolerance`).
 
-Scale. P is homogeneous: P_{cW}(G) = |c|^{2-2/N} P_W(G). Every path divides W by a scalar
+Scale. P is homogeneous: ``P_{cW}(G) = |c|^{2-2/N} P_W(G)``. Every path divides W by a scalar
 (its largest entry, then a norm bound) before any product or decomposition, works with
 singular values at most 1, and applies the factor scale^{2-2/N} in two halves,
 t P_hat(t G) with t = scale^{1-1/N}, so that no intermediate overflows or falls into the
@@ -813,7 +813,7 @@ def precondition_matrix(
       P_W(G) = \sum_{j=1}^{N} (W W^\top)^{\frac{j-1}{N}} \, G \, (W^\top W)^{\frac{N-j}{N}}
 
     This is the direction in which gradient flow on a depth-N balanced linear
-    factorization W = W_N \cdots W_1 moves the end-to-end matrix (Arora et al., 2018,
+    factorization :math:`W = W_N \cdots W_1` moves the end-to-end matrix (Arora et al., 2018,
     Theorem 1). It is computed exactly from a thin SVD of W (rank-aware: a tall or wide
     matrix never needs a square SVD). Leading axes, if any, are batch axes.
 

@@ -323,7 +323,7 @@ def overparam_precondition(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions gradients as depth-N linear over-parameterization would.
 
-    Replacing a weight matrix W by a product of N matrices W_N \cdots W_1, and running
+    Replacing a weight matrix W by a product of N matrices :math:`W_N \cdots W_1`, and running
     gradient descent with a small step on the factors from a balanced initialization,
     moves the end-to-end matrix along
 
@@ -521,7 +521,9 @@ def overparam_sgd(
     for every preconditioned matrix W (Arora et al., 2018, eq. 24), and the plain rule
     W <- (1 - eta * lambda) W - eta * grad for the other leaves. With ``momentum`` the
     same direction is fed to heavy-ball (or Nesterov) momentum. It is
-    ``optax.chain(overparam_precondition(N, ...), <the decay>, optax.sgd(...))``.
+    ``optax.chain(overparam_precondition(N, ...), <the decay>, optax.sgd(...))``. Its other
+    keyword options are those of :func:`overparam_precondition`, with the same defaults,
+    and are passed on to it.
 
     Args:
       learning_rate: eta, a float or an optax schedule.
@@ -531,8 +533,6 @@ def overparam_sgd(
         float or an optax schedule (as ``optax.add_decayed_weights`` takes).
       momentum: optional momentum coefficient (as in ``optax.sgd``).
       nesterov: whether to use Nesterov momentum.
-      method, tolerance, dimension_numbers, mask, block_size, precision,
-        plain_gradient_at_zero: as in :func:`overparam_precondition`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires params.

@@ -163,9 +163,9 @@ def kernel_mask(params, precondition_conv: bool):
 # A small transformer language model.
 # --------------------------------------------------------------------------------------
 
-#: A (..., d_model, heads, head_dim) query/key/value kernel: one matrix per projection.
+#: A (..., d_model, heads, head_dim) query/key/value kernel, one matrix per projection.
 ATTENTION_IN = MatrixDimensionNumbers(reduction_axis=-3, output_axis=(-2, -1))
-#: A (..., heads, head_dim, d_model) output-projection kernel: one matrix per projection.
+#: A (..., heads, head_dim, d_model) output-projection kernel, one matrix per projection.
 ATTENTION_OUT = MatrixDimensionNumbers(reduction_axis=(-3, -2), output_axis=-1)
 #: A (..., in, out) dense kernel (or (..., vocab, d_model) embedding table).
 DENSE = MatrixDimensionNumbers(reduction_axis=-2, output_axis=-1)
