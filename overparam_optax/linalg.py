@@ -698,7 +698,11 @@ def precondition_matrix(
     method = resolve_method(method, *W.shape[-2:], N=N)
     if method == "newton":
         _check_newton_depth(N)
-    return _precondition_jit(W, G, N, precision, method)
+    # Differentiable in W and G for every method, also at repeated and zero singular values:
+    # the JVP comes from an SVD basis (spectral_jvp, which imports this module: import here).
+    from overparam_optax.spectral_jvp import differentiable_precondition
+
+    return differentiable_precondition(W, G, N, precision, method)
 
 
 @functools.partial(jax.jit, static_argnames=("N", "precision", "method"))
