@@ -129,7 +129,9 @@ def _triple_sum(mu, y_left, gamma, y_right, N: int, precision):
 def _check_basis_shapes(u, s, v, g, dw, dg) -> None:
     *batch, m, n = u.shape
     if m < n:
-        raise ValueError(f"precondition_tangent expects a tall basis u (rows >= cols), got {u.shape}.")
+        raise ValueError(
+            f"precondition_tangent expects a tall basis u (rows >= cols), got {u.shape}."
+        )
     expected = {"s": (*batch, n), "v": (*batch, n, n), "g": (*batch, m, n), "dw": (*batch, m, n)}
     given = {"s": s.shape, "v": v.shape, "g": g.shape, "dw": dw.shape}
     if dg is not None:
