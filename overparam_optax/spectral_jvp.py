@@ -13,20 +13,21 @@ Z_L = (W W^T)^{1/N}, Z_R = (W^T W)^{1/N}. Then
     dP = sum_{p+q+r=N-2} [Z_L^p dZ_L Z_L^q G Z_R^r + Z_L^p G Z_R^q dZ_R Z_R^r]
          + sum_{p+r=N-1} Z_L^p dG Z_R^r.
 
-Take the full SVD W = U_f [S; 0] V^T, mu = s^{2/N} (mu = 0 on the left complement), and hats
-for coordinates in these bases: Om = U_f^T dW V, Ga = U_f^T G V. The derivative of the spectral
-function x -> x^{1/N} at W W^T (Daleckii-Krein) is its first divided difference times the
-perturbation E_L = U_f^T (dW W^T + W dW^T) U_f = Om S^T + S Om^T; as x = mu^N,
+Take the full SVD W = U_f Sh V^T, Sh = [diag(s); 0], eigenvalues l = s^2 of W W^T and W^T W,
+mu = l^{1/N} = s^{2/N} (mu = 0 on the left complement), and hats for coordinates in these
+bases: Om = U_f^T dW V, Ga = U_f^T G V. The derivative of the spectral function
+f(x) = x^{1/N} at W W^T (Daleckii-Krein) is its first divided difference times the
+perturbation E_L = U_f^T (dW W^T + W dW^T) U_f = Om Sh^T + Sh Om^T; as x = mu^N,
 
     f[l_a, l_c] = (mu_a - mu_c) / (mu_a^N - mu_c^N) = 1 / k(s_a, s_c),
     k(s_a, s_c) = sum_{p+r=N-1} mu_a^p mu_c^r   (`linalg.depth_kernel`),
 
 which is also the limit f'(l_a) = 1 / (N mu_a^{N-1}) on equal values: the divided difference
 is evaluated as 1/k, never as a difference quotient, so equal values need no limit. Hence
-dZ_L^ = E_L / k and dZ_R^ = E_R / k with E_R = S Om + Om^T S (elementwise division). Since the
-Z's are diagonal in these bases, dP^[a, b] is a sum over one more index c:
+Y_L := dZ_L^ = E_L / k and Y_R := dZ_R^ = E_R / k with E_R = Sh^T Om + Om^T Sh (elementwise
+division). Since the Z's are diagonal in these bases, dP^[a, b] is a sum over one more index c:
 
-    dP^[a,b] = sum_c T(a,c,b) (dZ_L^[a,c] Ga[c,b] + Ga[a,c] dZ_R^[c,b]) + k(a,b) dG^[a,b],
+    dP^[a,b] = sum_c T(a,c,b) (Y_L[a,c] Ga[c,b] + Ga[a,c] Y_R[c,b]) + k(a,b) dG^[a,b],
     T(a,c,b) = h_{N-2}(mu_a, mu_c, mu_b) = sum_{p+q+r=N-2} mu_a^p mu_c^q mu_b^r,
 
 the complete homogeneous polynomial, i.e. the second divided difference of x^N. It is a sum of
@@ -42,7 +43,7 @@ R (zero singular values and the complement of U) has mu = 0, and they are handle
 through the projector Pi_0 = I - U_R U_R^T, so U may hold zero columns where s = 0. With
 psi(s) = s / k(s, 0) = s^{(2-N)/N}, d(s) = k(0, s) = s^{2(N-1)/N} and B = G V, Bd = dW V:
 
-    rows in R:   S_{N-2} + psi_a H_{N-2} o (Bd^T Pi_0 B) + K o (U_R^T dG V),
+    rows in R:   S_{N-2} + psi_a H_{N-2} o (Bd^T Pi_0 B) + K o (U_R^T dG V),   K = [k(s_a, s_b)]
     null rows:   (Pi_0 Bd) (psi Ga o H_{N-2}) + (Pi_0 B)(Y_R o H_{N-2}) + (Pi_0 dG V) diag(d),
 
 and dP = [U_R (rows in R) + (null rows)] V^T, matmuls only given the basis.
