@@ -219,27 +219,39 @@ def differentiable_precondition(W, G, N: int, precision, method: str) -> jax.Arr
     return linalg._precondition_jit(W, G, N, precision, method)
 
 
-@differentiable_precondition.defjvp
 def _differentiable_precondition_jvp(N, precision, method, primals, tangents):
     W, G = primals
-    dW, dG = tangents
+    # A tangent that is zero by construction (grad in W only, or in G only) is skipped.
+    dW, dG = (None if isinstance(x, jax.custom_derivatives.SymbolicZero) else x for x in tangents)
     return _value_and_tangent(W, G, dW, dG, N, precision, method)
+
+
+differentiable_precondition.defjvp(_differentiable_precondition_jvp, symbolic_zeros=True)
 
 
 @functools.partial(jax.jit, static_argnames=("N", "precision", "method"))
 def _value_and_tangent(W, G, dW, dG, N: int, precision, method: str):
+    """(P_W(G), D_W P[dW] + P_W(dG)); dW or dG may be None (zero)."""
     dtype = linalg.compute_dtype(jnp.promote_types(W.dtype, G.dtype))
-    w, g, dw, dg = (x.astype(dtype) for x in (W, G, dW, dG))
+    w, g = W.astype(dtype), G.astype(dtype)
+    dw = jnp.zeros_like(w) if dW is None else dW.astype(dtype)
+    dg = None if dG is None else dG.astype(dtype)
     wide = w.shape[-2] < w.shape[-1]
     if wide:  # P is invariant under transposing W and G together
-        w, g, dw, dg = (_mT(x) for x in (w, g, dw, dg))
+        w, g, dw = _mT(w), _mT(g), _mT(dw)
+        dg = None if dg is None else _mT(dg)
     basis = linalg.depth_factors(w, N, "svd", precision=precision)
     if method == "svd":  # the primal's own path, sharing the decomposition
         out = linalg.apply_depth_factors(basis, g, N, precision=precision)
         out = (_mT(out) if wide else out).astype(G.dtype)
     else:
         out = linalg._precondition_jit(W, G, N, precision, method)
-    tangent = precondition_tangent(*basis, g, dw, N, dg=dg, precision=precision)
+    if dW is None and dg is None:
+        tangent = jnp.zeros_like(g)
+    elif dW is None:
+        tangent = linalg.apply_depth_factors(basis, dg, N, precision=precision)
+    else:
+        tangent = precondition_tangent(*basis, g, dw, N, dg=dg, precision=precision)
     return out, (_mT(tangent) if wide else tangent).astype(G.dtype)
 
 
