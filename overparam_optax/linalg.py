@@ -861,7 +861,11 @@ def precondition_matrix(
         )
     if method == "newton":
         check_newton_depth(N)
-    return _precondition_jit(W, G, N, precision, method)
+    # Differentiable in W and G for every method, also at repeated and zero singular values:
+    # the JVP comes from an SVD basis (spectral_jvp, which imports this module: import here).
+    from overparam_optax.spectral_jvp import differentiable_precondition
+
+    return differentiable_precondition(W, G, N, precision, method)
 
 
 @functools.partial(jax.jit, static_argnames=("N", "precision", "method"))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from overparam_optax import cache, linalg, sharding
+from overparam_optax import cache, linalg, sharding, spectral_jvp
 from overparam_optax.views import (
     MatrixDimensionNumbers,
     MatrixView,
@@ -193,13 +193,21 @@ def _group_update(rule: _Rule, batched, _):
     Each matrix is handled on its own, so a mesh can split the stack between devices.
     """
     w, g, basis = batched
+    # Derivatives through the update (meta-learning, unrolled optimization) come from the
+    # spectral formula of spectral_jvp, finite at repeated and zero singular values, not
+    # from differentiating the decompositions.
     if rule.cached:
         out, basis, fresh = linalg.tracked_precondition(
-            w, g, basis, rule.N, tolerance=rule.tolerance, precision=rule.precision
+            jax.lax.stop_gradient(w),
+            jax.lax.stop_gradient(g),
+            basis,
+            rule.N,
+            tolerance=rule.tolerance,
+            precision=rule.precision,
         )
+        out = spectral_jvp.with_basis_tangent(w, g, out, basis.v, rule.N, rule.precision)
     else:
-        factors = linalg.depth_factors(w, rule.N, rule.method, precision=rule.precision)
-        out = linalg.apply_depth_factors(factors, g, rule.N, precision=rule.precision)
+        out = spectral_jvp.differentiable_precondition(w, g, rule.N, rule.precision, rule.method)
         basis = fresh = None
     if rule.at_zero:
         out = jnp.where(_is_zero(w)[:, None, None], g, out)
