@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["check_real_floating"]
 
@@ -33,9 +34,9 @@ def check_real_floating(name: str, x: Any, remedy: str | None = None) -> None:
     Raises:
       ValueError: for complex, integer and bool dtypes (and any other non-floating one).
     """
-    has_dtype = hasattr(x, "dtype")
-    dtype = jnp.dtype(x.dtype if has_dtype else x)
-    found = f"{name} has dtype {dtype}" if has_dtype else f"{name} is {dtype}"
+    is_dtype = isinstance(x, (type, np.dtype, str))  # jnp.int32, np.dtype("int32"), "int32"
+    dtype = jnp.dtype(x if is_dtype else x.dtype)
+    found = f"{name} is {dtype}" if is_dtype else f"{name} has dtype {dtype}"
     if jnp.issubdtype(dtype, jnp.complexfloating):
         raise ValueError(
             f"{found}, complex; expected a real floating-point dtype (the library implements "
