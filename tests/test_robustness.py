@@ -159,3 +159,15 @@ def test_frozen_dict_params_with_frozen_dict_updates_work():
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     assert isinstance(updates, flax.core.FrozenDict)
     assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params)
+
+
+@pytest.mark.parametrize("dtype", BAD_DTYPES)
+def test_selected_leaves_of_other_dtypes_are_named(dtype):
+    """docs/robustness.md: "integer or bool matrix selected" (and complex), by the transform."""
+    tx = opx.overparam_precondition(2)
+    with pytest.raises(ValueError, match=_expected(r"Parameter \['layer'\]\['w'\]", dtype)):
+        tx.init({"layer": {"w": jnp.ones((3, 2), dtype)}, "b": jnp.zeros(2)})
+    # Masked out, or a vector (never a matrix), the same leaf passes through.
+    masked = opx.overparam_precondition(2, mask={"layer": {"w": False}, "b": True})
+    masked.init({"layer": {"w": jnp.ones((3, 2), dtype)}, "b": jnp.zeros(2)})
+    tx.init({"b": jnp.ones(2, dtype)})
