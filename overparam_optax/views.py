@@ -298,6 +298,16 @@ def _container_difference(updates: Any, params: Any, path: str = "") -> str | No
     return None
 
 
+def _check_leaf_shapes(u_leaves: list, p_leaves: list) -> None:
+    """Names the first leaf whose update and parameter shapes differ (paths already agree)."""
+    for (_, u), (path, p) in zip(u_leaves, p_leaves, strict=True):
+        if jnp.shape(u) != jnp.shape(p):
+            raise ValueError(
+                f"Parameter {jax.tree_util.keystr(path)}: the update has shape "
+                f"{jnp.shape(u)} but the parameter has shape {jnp.shape(p)}."
+            )
+
+
 def check_same_structure(updates: Any, params: Any) -> None:
     """Raises a ValueError naming the first path where the two trees disagree.
 
@@ -307,17 +317,13 @@ def check_same_structure(updates: Any, params: Any) -> None:
     """
     u_leaves, u_def = jax.tree_util.tree_flatten_with_path(updates)
     p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
+    if u_def == p_def:  # the usual case: no path strings are built
+        _check_leaf_shapes(u_leaves, p_leaves)
+        return
     u_paths = [jax.tree_util.keystr(p) for p, _ in u_leaves]
     p_paths = [jax.tree_util.keystr(p) for p, _ in p_leaves]
     if u_paths == p_paths:
-        for path, (_, u), (_, p) in zip(p_paths, u_leaves, p_leaves, strict=True):
-            if jnp.shape(u) != jnp.shape(p):
-                raise ValueError(
-                    f"Parameter {path}: the update has shape {jnp.shape(u)} but the parameter "
-                    f"has shape {jnp.shape(p)}."
-                )
-        if u_def == p_def:
-            return
+        _check_leaf_shapes(u_leaves, p_leaves)
         where = _container_difference(updates, params)
         raise ValueError(
             "updates and params hold the same leaves at the same paths but in different "

@@ -153,6 +153,14 @@ def test_updates_in_other_containers_say_so(updates, params, where):
         optax.apply_updates(params, updates)
 
 
+def test_a_shape_mismatch_is_named_before_the_containers():
+    params = flax.core.freeze(_tree())
+    grads = {"dense": {"kernel": jnp.ones((2, 2))}, "bias": jnp.zeros(2)}
+    tx = opx.overparam_precondition(2)
+    with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\]: the update has shape"):
+        tx.update(grads, tx.init(params), params)
+
+
 def test_frozen_dict_params_with_frozen_dict_updates_work():
     params = flax.core.freeze(_tree())
     tx = opx.overparam_precondition(2)
