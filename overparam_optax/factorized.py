@@ -512,7 +512,8 @@ class FactorizedDense(nn.Module):
       hidden: hidden width(s), see :func:`hidden_widths`; default ``min(in, features)``.
       use_bias: one bias, added after the last factor.
       dtype: computation dtype (inferred from inputs and params if None).
-      param_dtype: parameter dtype.
+      param_dtype: parameter dtype; bfloat16 and float16 work (the balanced split is
+        computed in float32 and rounded once).
       precision: matmul precision.
       kernel_init: initializer of the *end-to-end* kernel (in, features); it is then split
         into balanced factors (:func:`balanced_factors`, random frames), so at init the layer
