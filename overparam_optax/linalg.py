@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from overparam_optax.checks import check_real_floating
+
 __all__ = [
     "DEFAULT_TOLERANCE",
     "METHODS",
@@ -80,6 +82,17 @@ def check_depth(N) -> int:
         f"N (the depth) must be a positive Python int, got {N!r} of type {type(N).__name__}. "
         "With optax.inject_hyperparams, pass static_args=('N',)."
     )
+
+
+def _check_real(function: str, **arrays) -> None:
+    """Refuses complex, integer and bool arguments of a public function, naming each."""
+    for name, x in arrays.items():
+        check_real_floating(f"{function}: {name}", x)
+
+
+def _fields(name: str, factors: tuple) -> dict:
+    """The arrays of a SpectralBasis / PolarRoot, named for :func:`_check_real`."""
+    return {f"{name}.{field}": value for field, value in factors._asdict().items()}
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -130,7 +143,7 @@ def depth_kernel(s_left: jax.Array, s_right: jax.Array, N: int) -> jax.Array:
     identity factors: k(0, s) = k(s, 0) = s^{2(N-1)/N}, and k(0, 0) = 0 for N >= 2.
 
     Args:
-      s_left: singular values indexing rows, shape (..., k1), non-negative.
+      s_left: singular values indexing rows, shape (..., k1), non-negative, real floating.
       s_right: singular values indexing columns, shape (..., k2), non-negative.
       N: the depth, a positive int.
 
@@ -138,6 +151,8 @@ def depth_kernel(s_left: jax.Array, s_right: jax.Array, N: int) -> jax.Array:
       An array of shape (..., k1, k2).
     """
     N = check_depth(N)
+    s_left, s_right = jnp.asarray(s_left), jnp.asarray(s_right)
+    _check_real("depth_kernel", s_left=s_left, s_right=s_right)
     a = jnp.maximum(s_left, 0)[..., :, None]
     b = jnp.maximum(s_right, 0)[..., None, :]
     if N == 1:
@@ -454,6 +469,7 @@ def depth_factors(
       A :class:`SpectralBasis` ("svd", "eigh") or a :class:`PolarRoot` ("newton").
     """
     N = check_depth(N)
+    _check_real("depth_factors", w=w)
     if w.shape[-2] < w.shape[-1]:
         raise ValueError(f"depth_factors expects a tall matrix (rows >= cols), got {w.shape}.")
     if method == "svd":
@@ -472,6 +488,7 @@ def depth_factors_like(shape, dtype, N: int, method: str) -> SpectralBasis | Pol
     ``shape`` is (..., m, n) with m >= n. No linear algebra is done.
     """
     N = check_depth(N)
+    _check_real("depth_factors_like", dtype=dtype)
     *batch, m, n = shape
     if method in ("svd", "eigh"):
         return SpectralBasis(
@@ -556,6 +573,7 @@ def apply_depth_factors(
 ) -> jax.Array:
     """Applies cached factors of a tall W to a tall gradient g: P_W(g), matmuls only."""
     N = check_depth(N)
+    _check_real("apply_depth_factors", g=g, **_fields("factors", factors))
     if N == 1:
         return g
     if isinstance(factors, SpectralBasis):
@@ -788,6 +806,7 @@ def tracked_precondition(
       with non-finite entries keeps its previous basis (its result is not finite).
     """
     N = check_depth(N)
+    _check_real("tracked_precondition", w=w, g=g, basis_v=basis.v)
     alpha = _max_abs(w)
     w_hat = w / alpha
     tracked = _frame(w_hat, g, basis.v, _TRACKING_ROUNDS, precision)
@@ -847,6 +866,7 @@ def precondition_matrix(
     N = check_depth(N)
     W = jnp.asarray(W)
     G = jnp.asarray(G)
+    _check_real("precondition_matrix", W=W, G=G)
     if W.ndim < 2 or W.shape != G.shape:
         raise ValueError(
             f"precondition_matrix expects W and G of the same shape (..., m, n); got W "
@@ -909,6 +929,7 @@ def precondition_vector(w: jax.Array, g: jax.Array, N: int) -> jax.Array:
     N = check_depth(N)
     w = jnp.asarray(w)
     g = jnp.asarray(g)
+    _check_real("precondition_vector", w=w, g=g)
     if w.shape != g.shape or w.ndim < 1:
         raise ValueError(
             f"precondition_vector expects w and g of the same shape (..., n); got {w.shape} "

@@ -326,6 +326,31 @@ def test_mnist_cnn_sizes_beyond_the_data(mnist_dir, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("problem", ["no images", "pixels out of range"])
+def test_mnist_cnn_bad_data_is_a_one_line_error(tmp_path, problem):
+    """A DataError from the loader is a usage error naming the file: no traceback."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    if problem == "no images":
+        for prefix in ("train", "t10k"):
+            _write_idx(data_dir / f"{prefix}-images-idx3-ubyte.gz", np.zeros((0, 28, 28)), 2051)
+            _write_idx(data_dir / f"{prefix}-labels-idx1-ubyte.gz", np.zeros(0), 2049)
+        expected = "train-images-idx3-ubyte.gz' holds 0 items"
+    else:
+        images = np.full((3, 28, 28), 500.0, np.float32)
+        labels = np.zeros(3, np.int64)
+        np.savez(data_dir / "mnist.npz", x_train=images, y_train=labels, x_test=images,
+                 y_test=labels)  # fmt: skip
+        expected = "image 0 has pixel values in [500, 500]"
+    out = tmp_path / "out"
+    result = _run("examples/mnist_cnn.py", "--data-dir", str(data_dir), "--output-dir",
+                  str(out), status=2)  # fmt: skip
+    assert "Traceback" not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert f"--data-dir: '{data_dir}" in error and expected in error
+    assert not out.exists()
+
+
 def test_transformer_lm_output_dir_that_is_a_file_fails_before_training(tmp_path):
     existing = tmp_path / "results"
     existing.write_text("not a folder")
