@@ -166,7 +166,7 @@ def define_enum_list(
             raise ValueError(text)
         return text
 
-    parser = _ListParser(item, f"names from {{{", ".join(choices)}}}", dedupe=True)
+    parser = _ListParser(item, "names from {" + ", ".join(choices) + "}", dedupe=True)
     _define_list(name, default, help, parser, flag_values)
 
 
