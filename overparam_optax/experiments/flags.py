@@ -63,6 +63,7 @@ __all__ = [
     "parse",
     "require",
     "require_ordered",
+    "require_depth_for_methods",
     "require_valid_method_depth",
     "run",
     "setup_platform",
@@ -332,29 +333,48 @@ def require_ordered(
     )
 
 
+def _depth_problem(depths, method: str, depth_flag: str, method_text: str) -> str | None:
+    """The library's objection to any of ``depths`` with ``method``, as a flag error."""
+    import overparam_optax as opx  # the library's own check of N against the method
+
+    for N in depths if isinstance(depths, list) else [depths]:
+        try:
+            opx.overparam_precondition(N, method=method)
+        except ValueError as error:
+            return f"--{depth_flag}={N} with {method_text}: {error}"
+    return None
+
+
 def require_valid_method_depth(
     depth: str, method: str, *, flag_values: flags.FlagValues = FLAGS
 ) -> None:
     """``--depth`` (an int or a list of ints) must be one the library accepts for ``--method``.
 
     The check is the library's own: ``overparam_precondition(N, method=...)`` is built
-    (which computes nothing) and its ``ValueError`` becomes the flag error. It imports the
-    library, hence jax, only for the methods that limit the depth.
+    (which computes nothing) and its ``ValueError`` becomes the flag error.
     """
 
     def check(depths, method_value):
         if method_value is None or depths is None:
             return True
-        import overparam_optax as opx  # the library's check of N against method
-
-        for N in depths if isinstance(depths, list) else [depths]:
-            try:
-                opx.overparam_precondition(N, method=method_value)
-            except ValueError as error:
-                return f"--{depth}={N} with --{method}={method_value}: {error}"
-        return True
+        return _depth_problem(depths, method_value, depth, f"--{method}={method_value}") or True
 
     require([depth, method], check, "", flag_values=flag_values)
+
+
+def require_depth_for_methods(
+    depth: str, methods: Sequence[str], *, flag_values: flags.FlagValues = FLAGS
+) -> None:
+    """``--depth`` must suit every one of ``methods`` (a script that runs them all)."""
+
+    def check(depths):
+        for method in methods:
+            problem = _depth_problem(depths, method, depth, f'method="{method}"')
+            if problem:
+                raise flags.ValidationError(problem)
+        return True
+
+    flags.register_validator(depth, check, flag_values=flag_values)
 
 
 # ------------------------------------------------------------------ platform
