@@ -47,7 +47,7 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 
 __all__ = [
     "define_enum_list",
@@ -468,6 +468,8 @@ def run(define: Callable[[flags.FlagValues], None], main: Callable[[Any], Any]) 
     def app_main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        if not FLAGS["verbosity"].present:  # jax's INFO lines (absent TPU...) are noise here
+            logging.set_verbosity(logging.WARNING)
         main(_namespace(FLAGS, names))
 
     app.run(app_main)
