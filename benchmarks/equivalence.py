@@ -28,7 +28,6 @@ docs/equivalence.md.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -39,69 +38,58 @@ import re
 import shlex
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
+from absl import flags
 
-from overparam_optax.experiments import cli
+from overparam_optax.experiments import flags as xflags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_CURVE_POINTS = 400
 TASKS = ("ethanol_l2", "ethanol_l4", "mnist_softmax", "mnist_mlp")
 
 
-def _task(text: str) -> str:
-    if text not in TASKS:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(TASKS)}, got {text!r}")
-    return text
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line; absl checks every value (and reads --replot's JSON) while parsing."""
+    fv = flag_values
+    flags.DEFINE_enum("platform", None, xflags.PLATFORMS,
+                      "the jax platform (default: jax's own choice)", flag_values=fv)
+    flags.DEFINE_boolean("float32", False, "run in float32 (default: float64 via x64)",
+                         flag_values=fv)  # fmt: skip
+    flags.DEFINE_boolean("quick", False, "tiny CI-sized smoke run", flag_values=fv)
+    flags.DEFINE_string("data-dir", None, "folder with the gas-sensor batchK.dat files "
+                        "(default: shared/data/gas_sensor_drift)", flag_values=fv)  # fmt: skip
+    flags.DEFINE_string("mnist-dir", None, "folder with the MNIST IDX files (default: shared)",
+                        flag_values=fv)  # fmt: skip
+    flags.DEFINE_boolean("synthetic", False, "use random data of the same shapes instead of "
+                         "the data sets (for CI without data)", flag_values=fv)  # fmt: skip
+    xflags.define_enum_list("tasks", ",".join(TASKS), TASKS, "subset of the tasks",
+                            flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("seed", 0, "initial weights", lower_bound=0, flag_values=fv)
+    xflags.define_output_file("out-json", None, "JSON path (default: see module doc)",
+                              flag_values=fv)  # fmt: skip
+    xflags.define_output_file("out-png", None, "plot path (default: see module doc)",
+                              flag_values=fv)  # fmt: skip
+    flags.DEFINE_boolean("no-plot", False, "skip the PNG", flag_values=fv)
+    flags.DEFINE_string("replot", None, "only redraw the PNG from a results JSON",
+                        flag_values=fv)  # fmt: skip
+    flags.register_validator("replot", _replot_problem, flag_values=fv)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--platform",
-        choices=["cpu", "gpu", "cuda", "rocm", "tpu"],
-        default=None,
-        help="the jax platform (default: jax's own choice)",
-    )
-    parser.add_argument(
-        "--float32", action="store_true", help="run in float32 (default: float64 via x64)"
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny CI-sized smoke run")
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder with the gas-sensor batchK.dat files (default: shared/data/gas_sensor_drift)",
-    )
-    parser.add_argument(
-        "--mnist-dir", default=None, help="folder with the MNIST IDX files (default: shared)"
-    )
-    parser.add_argument(
-        "--synthetic",
-        action="store_true",
-        help="use random data of the same shapes instead of the data sets (for CI without data)",
-    )
-    parser.add_argument(
-        "--tasks",
-        type=cli.comma_list(_task),
-        default=",".join(TASKS),
-        help="comma-separated subset of the tasks",
-    )
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
-    parser.add_argument(
-        "--out-json", type=cli.output_file, default=None, help="JSON path (default: see module doc)"
-    )
-    parser.add_argument(
-        "--out-png", type=cli.output_file, default=None, help="plot path (default: see module doc)"
-    )
-    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    parser.add_argument(
-        "--replot", default=None, metavar="JSON", help="only redraw the PNG from a results JSON"
-    )
-    args = parser.parse_args(argv)
-    if args.replot is not None and not pathlib.Path(args.replot).is_file():
-        parser.error(f"--replot: no such file {args.replot!r}")
-    return args
+def _replot_problem(path) -> bool:
+    """--replot must name a results JSON of this benchmark (read once here, while parsing)."""
+    if path is None:
+        return True
+    try:
+        report = json.loads(pathlib.Path(path).read_text())
+    except OSError as error:
+        raise flags.ValidationError(f"cannot read it ({error.strerror or error})") from None
+    except ValueError as error:
+        raise flags.ValidationError(f"is not valid JSON ({error})") from None
+    if not isinstance(report, dict) or not {"runs", "device", "dtype"} <= set(report):
+        raise flags.ValidationError("is not a results JSON of this benchmark")
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -398,9 +386,8 @@ def _title(report: dict) -> str:
     )
 
 
-def main(argv=None) -> dict:
+def main(args) -> dict:
     """Runs the grid (float64 unless --float32); writes and returns the report."""
-    args = parse_args(argv)
     if args.replot:
         report = json.loads(pathlib.Path(args.replot).read_text())
         out_png = pathlib.Path(args.out_png or pathlib.Path(args.replot).with_suffix(".png"))
@@ -409,13 +396,12 @@ def main(argv=None) -> dict:
         return report
     import jax
 
-    if args.platform is not None:
-        jax.config.update("jax_platforms", args.platform)
+    xflags.setup_platform(SimpleNamespace(platform=args.platform, blas_threads=0))
     with jax.enable_x64(not args.float32):
-        return _run_all(args, argv)
+        return _run_all(args)
 
 
-def _run_all(args, argv) -> dict:
+def _run_all(args) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -429,7 +415,7 @@ def _run_all(args, argv) -> dict:
     out_png = pathlib.Path(args.out_png or REPO / "docs" / "figures" / f"equivalence_{suffix}.png")
 
     script = os.path.relpath(pathlib.Path(__file__).resolve(), pathlib.Path.cwd())
-    command = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", script, *sys.argv[1:]])
     grid = _grid(args.quick)
     started = time.perf_counter()
     results = []
@@ -516,4 +502,4 @@ def _run_all(args, argv) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    xflags.run(define_flags, main)
