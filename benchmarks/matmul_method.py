@@ -45,7 +45,6 @@ it per subprocess); --blas-threads is refused.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -54,50 +53,57 @@ import sys
 import tempfile
 import time
 
+from absl import flags
+
+from overparam_optax.experiments import flags as xflags
 from overparam_optax.experiments import timing as common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CNN_SHAPES = ((25, 32), (800, 64), (3136, 512), (512, 10))
 PRECISIONS = ("float32", "bf16x3", "tf32", "bf16")
 DEFAULT_SECTIONS = ("ratio", "precision", "depth", "cnn")
+ALL_SECTIONS = (*DEFAULT_SECTIONS, "tune")
+ERROR_DEPTHS = (9, 16, 32, 64, 128, 200, 500, 1000)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(parser)
-    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS))
-    parser.add_argument("--depths", default="2,3,4,5,6,7,8")
-    parser.add_argument("--conditions", default="1,1e1,1e2,1e3")
-    parser.add_argument("--shapes", default=None, help="e.g. 1024x1024,3136x512")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--ratio-precisions",
-        default="HIGHEST",
-        help="ratio: matmul precisions of the timed method, names of jax.lax.Precision or "
-        "jax.lax.DotAlgorithmPreset (e.g. HIGHEST,BF16_BF16_F32_X3,TF32_TF32_F32,DEFAULT)",
-    )
-    parser.add_argument("--precision-depths", default="2,3,5,8")
-    parser.add_argument("--cnn-repeats", type=int, default=15)
-    parser.add_argument(
-        "--busy-processes", default="0,1", help="cnn: spinning processes beside the timing"
-    )
-    parser.add_argument("--cnn-worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.blas_threads:
-        parser.error(
-            "--blas-threads is not supported here: the cnn section sets OPENBLAS_NUM_THREADS "
-            "per subprocess, and the main process leaves it as users have it"
-        )
-    for name in args.ratio_precisions.split(","):
-        if _precision(name) is None:
-            parser.error(
-                f"--ratio-precisions: {name!r} is neither a jax.lax.Precision nor a "
-                "jax.lax.DotAlgorithmPreset name"
-            )
-    for name in ("repeats", "cnn_repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    return args
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line; absl checks every value (depths against newton) while parsing."""
+    fv = flag_values
+    xflags.define_platform_flags(flag_values=fv)
+    xflags.require(["blas-threads"], lambda threads: threads == 0, "--blas-threads is not "
+                   "supported here: the cnn section sets OPENBLAS_NUM_THREADS per subprocess, "
+                   "and the main process leaves it as users have it", flag_values=fv)
+    xflags.define_enum_list("sections", ",".join(DEFAULT_SECTIONS), ALL_SECTIONS,
+                            "sections to run", flag_values=fv)  # fmt: skip
+    xflags.define_int_list("depths", "2,3,4,5,6,7,8", "ratio: depths N", flag_values=fv)
+    xflags.require_depth_for_methods("depths", ("newton",), flag_values=fv)
+    xflags.define_float_list("conditions", "1,1e1,1e2,1e3", "ratio: condition numbers",
+                             lower_bound=1.0, flag_values=fv)  # fmt: skip
+    xflags.define_size_list("shapes", None, "e.g. 1024x1024,3136x512", flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "timed calls", lower_bound=1, flag_values=fv)
+    xflags.define_enum_list(
+        "ratio-precisions", "HIGHEST", _precision_names(), "ratio: matmul precisions of the "
+        "timed method, names of jax.lax.Precision or jax.lax.DotAlgorithmPreset (e.g. "
+        "HIGHEST,BF16_BF16_F32_X3,TF32_TF32_F32,DEFAULT)", flag_values=fv,
+    )  # fmt: skip
+    xflags.define_int_list("precision-depths", "2,3,5,8", "precision: depths N", flag_values=fv)
+    xflags.require_depth_for_methods("precision-depths", ("newton",), flag_values=fv)
+    xflags.define_int_list(
+        "error-depths", ",".join(map(str, ERROR_DEPTHS)), "depth: depths N of the error "
+        "table (newton beyond its limit too, through the private path)", flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_integer("cnn-repeats", 15, "cnn: timed calls", lower_bound=1, flag_values=fv)
+    xflags.define_int_list("busy-processes", "0,1", "cnn: spinning processes beside the "
+                           "timing", lower_bound=0, upper_bound=64, flag_values=fv)  # fmt: skip
+    flags.DEFINE_string("cnn-worker", None, "(internal) the cnn worker's JSON path",
+                        flag_values=fv)  # fmt: skip
+
+
+def _precision_names() -> tuple[str, ...]:
+    import jax
+
+    names = (*jax.lax.Precision.__members__, *jax.lax.DotAlgorithmPreset.__members__)
+    return tuple(dict.fromkeys(names))
 
 
 def result_name(sections) -> str:
@@ -105,10 +111,6 @@ def result_name(sections) -> str:
     if list(sections) == list(DEFAULT_SECTIONS):
         return "matmul_method"
     return "_".join(("matmul_method", *sections))
-
-
-def _shapes(text):
-    return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
 
 
 def _precision(name):
@@ -262,7 +264,7 @@ def section_ratio(args, shapes, depths, conditions, after_shape=lambda rows: Non
 
     from overparam_optax import linalg
 
-    precisions = args.ratio_precisions.split(",")
+    precisions = args.ratio_precisions
     rows = []
     for m, n in shapes:
         rng = np.random.default_rng(m * 7 + n)
@@ -367,7 +369,7 @@ def section_depth(args):
     from overparam_optax import linalg
 
     m, n = (24, 16) if args.quick else (96, 64)
-    depths = [9, 16, 32] if args.quick else [9, 16, 32, 64, 128, 200, 500, 1000]
+    depths = args.error_depths[:3] if args.quick else args.error_depths
     rng = np.random.default_rng(5)
     w64 = _matrix(rng, m, n, 1e3)
     g64 = rng.standard_normal((m, n))
@@ -545,7 +547,7 @@ def _cnn_subprocess(args, blas: str | None, busy: int) -> dict:
 
 
 def section_cnn(args):
-    busy_counts = [int(b) for b in args.busy_processes.split(",")]
+    busy_counts = args.busy_processes
     configurations = [(blas, busy) for blas in (None, "1") for busy in busy_counts]
     if args.quick:  # one subprocess, no busy process: a smoke run
         configurations = [(None, 0)]
@@ -559,24 +561,22 @@ def section_cnn(args):
     return results
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    common.setup_platform(args)  # jax is imported already: the environment alone is too late
+def main(args) -> dict:
+    """Runs the chosen sections, saving the record after each."""
+    xflags.setup_platform(args)  # jax is imported already: the environment alone is too late
     if args.cnn_worker:
         cnn_worker(args)
         return {}
-    sections = [s for s in args.sections.split(",") if s]
-    depths = [int(d) for d in args.depths.split(",")]
-    conditions = [float(c) for c in args.conditions.split(",")]
+    sections, depths, conditions = args.sections, args.depths, args.conditions
     if args.shapes:
-        shapes = _shapes(args.shapes)
+        shapes = args.shapes
     elif args.quick:
         shapes = [(48, 24)]
     else:
         shapes = [(1024, 1024), (3136, 512)]
     if args.quick:
         depths, conditions = depths[:2], conditions[-1:]
-    payload = {"args": vars(args)}
+    payload = {"args": _recorded_args(args)}
 
     def save():
         common.write_json(args, result_name(sections), payload, REPO / "benchmarks" / "results")
@@ -589,7 +589,7 @@ def main(argv=None) -> dict:
 
         payload["ratio"] = section_ratio(args, shapes, depths, conditions, save_rows)
     if "precision" in sections:
-        precision_depths = [int(d) for d in args.precision_depths.split(",")]
+        precision_depths = args.precision_depths
         payload["precision"] = section_precision(
             args, shapes, precision_depths[:1] if args.quick else precision_depths
         )
@@ -603,5 +603,16 @@ def main(argv=None) -> dict:
     return payload
 
 
+def _recorded_args(args) -> dict:
+    """The flags as the record has always stored them: lists as comma text."""
+    def text(value):
+        if isinstance(value, list):
+            return ",".join("x".join(map(str, v)) if isinstance(v, tuple) else f"{v:g}"
+                            if isinstance(v, float) else str(v) for v in value)  # fmt: skip
+        return value
+
+    return {name: text(value) for name, value in vars(args).items()}
+
+
 if __name__ == "__main__":
-    main()
+    xflags.run(define_flags, main)
