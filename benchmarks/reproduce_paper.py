@@ -36,10 +36,8 @@ re-training.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -48,14 +46,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 
 import overparam_optax as opx
 from overparam_optax import factorized
-from overparam_optax.experiments import cli, data, training
+from overparam_optax.experiments import data, timing, training
+from overparam_optax.experiments import flags as xflags
 from overparam_optax.experiments.trajectories import compare_trajectories
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTIONS = ("regression", "seeds", "mnist")
+LR_EXPONENTS = (-10.0, 1.0)  # log10 range of the grid (as examples/lp_regression.py)
 NEAR_ZERO_SCALE = 1e-3  # end-to-end init scale of the near-zero implicit runs
 NEAR_ZERO_FACTOR_STDDEV = 0.05  # per-factor stddev of the near-zero explicit networks
 EXPLICIT_HIDDEN = 16  # hidden width of the explicit networks (>= min(128, 1) = 1 suffices)
@@ -507,68 +508,44 @@ def plot_figures(results: dict, args) -> list[str]:
     return written
 
 
-def _mnist_optimizer(text: str) -> str:
-    if text not in MNIST_OPTIMIZERS:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(MNIST_OPTIMIZERS)}")
-    return text
-
-
-def _section(text: str) -> str:
-    if text not in SECTIONS:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(SECTIONS)}")
-    return text
-
-
-def make_parser() -> argparse.ArgumentParser:
-    """The command line; every value is checked here, before any work."""
-    positive, seeds = cli.positive_int, cli.comma_list(cli.nonnegative_int)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", type=cli.comma_list(_section), default=",".join(SECTIONS))
-    parser.add_argument("--data-dir", default=None, help="gas-sensor folder (batchK.dat)")
-    parser.add_argument("--p", type=cli.comma_list(cli.positive_float), default="4,2")
-    parser.add_argument(
-        "--depths", type=cli.comma_list(positive), default="2,3,4", help="implicit depths >= 2"
-    )
-    parser.add_argument("--steps", type=positive, default=10_000)
-    parser.add_argument("--lr-min", type=cli.finite_float, default=-5.0, help="log10")
-    parser.add_argument("--lr-max", type=cli.finite_float, default=0.0, help="log10")
-    parser.add_argument("--lr-per-decade", type=positive, default=4)
-    parser.add_argument("--init-scale", type=cli.positive_float, default=0.05)
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
-    parser.add_argument("--seeds", type=seeds, default="0,1,2,3,4")
-    parser.add_argument("--mnist-data-dir", default=None)
-    parser.add_argument("--mnist-steps", type=positive, default=1000)
-    parser.add_argument("--mnist-batch-size", type=positive, default=50)
-    parser.add_argument(
-        "--mnist-optimizers", type=cli.comma_list(_mnist_optimizer), default="momentum,adam",
-        help="comma list",
-    )  # fmt: skip
-    parser.add_argument("--mnist-seeds", type=seeds, default="0,1,2,3", help="comma list")
-    parser.add_argument(
-        "--mnist-reuse-logs", action="store_true",
-        help="summarize the logs of earlier runs with the same command instead of re-running",
-    )  # fmt: skip
-    parser.add_argument("--mnist-lr", type=cli.positive_float, default=None)
-    parser.add_argument("--mnist-train-size", type=positive, default=None)
-    parser.add_argument("--mnist-dense-width", type=positive, default=None, help="for smoke tests")
-    parser.add_argument("--mnist-test-size", type=positive, default=None)
-    parser.add_argument(
-        "--results-dir", type=cli.output_dir, default=str(REPO / "benchmarks" / "results")
-    )
-    parser.add_argument(
-        "--figures-dir", type=cli.output_dir, default=str(REPO / "docs" / "figures")
-    )
-    return parser
-
-
-def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
-    parser = parser or make_parser()
-    args = parser.parse_args(argv)
-    cli.require_ordered(parser, args.lr_min, args.lr_max, "--lr-min", "--lr-max")
-    if min(args.depths) < 2:
-        parser.error("--depths takes depths >= 2 (depth 1 is the baseline of every comparison)")
-    return args
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line; absl checks every value and combination while parsing."""
+    fv = flag_values
+    positive = {"lower_bound": 1, "flag_values": fv}
+    xflags.define_enum_list("sections", ",".join(SECTIONS), SECTIONS, "sections to run",
+                            flag_values=fv)  # fmt: skip
+    flags.DEFINE_string("data-dir", None, "gas-sensor folder (batchK.dat)", flag_values=fv)
+    xflags.define_float_list("p", "4,2", "loss exponents", positive=True, flag_values=fv)
+    xflags.define_int_list("depths", "2,3,4", "implicit depths N (depth 1 is the baseline of "
+                           "every comparison)", lower_bound=2, flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("steps", 10_000, "GD steps", **positive)
+    for name, default in (("lr-min", -5.0), ("lr-max", 0.0)):
+        flags.DEFINE_float(name, default, "log10 of the grid's end", lower_bound=LR_EXPONENTS[0],
+                           upper_bound=LR_EXPONENTS[1], flag_values=fv)  # fmt: skip
+    xflags.require_ordered("lr-min", "lr-max", flag_values=fv)
+    flags.DEFINE_integer("lr-per-decade", 4, "grid points per decade", upper_bound=100,
+                         **positive)  # fmt: skip
+    flags.DEFINE_float("init-scale", 0.05, "stddev of the initial w", lower_bound=1e-12,
+                       upper_bound=10.0, flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("seed", 0, "initial w of the regression", lower_bound=0, flag_values=fv)
+    xflags.define_int_list("seeds", "0,1,2,3,4", "seeds section", lower_bound=0, flag_values=fv)
+    flags.DEFINE_string("mnist-data-dir", None, "MNIST folder", flag_values=fv)
+    flags.DEFINE_integer("mnist-steps", 1000, "MNIST steps", **positive)
+    flags.DEFINE_integer("mnist-batch-size", 50, "MNIST batch", **positive)
+    xflags.define_enum_list("mnist-optimizers", "momentum,adam", MNIST_OPTIMIZERS,
+                            "MNIST base optimizers", flag_values=fv)  # fmt: skip
+    xflags.define_int_list("mnist-seeds", "0,1,2,3", "MNIST seeds", lower_bound=0, flag_values=fv)
+    flags.DEFINE_boolean("mnist-reuse-logs", False, "summarize the logs of earlier runs with "
+                         "the same command instead of re-running", flag_values=fv)  # fmt: skip
+    flags.DEFINE_float("mnist-lr", None, "MNIST learning rate", lower_bound=1e-12,
+                       upper_bound=1e3, flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("mnist-train-size", None, "first K training digits", **positive)
+    flags.DEFINE_integer("mnist-dense-width", None, "for smoke tests", **positive)
+    flags.DEFINE_integer("mnist-test-size", None, "first K test digits", **positive)
+    xflags.define_output_dir("results-dir", str(REPO / "benchmarks" / "results"),
+                             "JSON and tables", flag_values=fv)  # fmt: skip
+    xflags.define_output_dir("figures-dir", str(REPO / "docs" / "figures"), "figures",
+                             flag_values=fv)  # fmt: skip
 
 
 def _merge_with_earlier_runs(path: pathlib.Path, results: dict, run: dict) -> dict:
@@ -588,27 +565,27 @@ def _merge_with_earlier_runs(path: pathlib.Path, results: dict, run: dict) -> di
     return log
 
 
-def main(argv=None) -> dict:
+def main(args) -> dict:
     """Runs the sections asked for (the regressions in float64); returns the merged log."""
-    parser = make_parser()
-    args = parse_args(argv, parser)
+    xflags.make_output_dir(args.results_dir, "results-dir")
+    xflags.make_output_dir(args.figures_dir, "figures-dir")
     X = y = None
     if {"regression", "seeds"} & set(args.sections):
         data_dir = args.data_dir or data.default_data_dir("gas_sensor_drift")
         if data_dir is None:
-            parser.error("no gas-sensor data: pass --data-dir or set OVERPARAM_DATA_DIR")
+            xflags.fail("data-dir", None, "no gas-sensor data: pass it or set OVERPARAM_DATA_DIR")
         try:
             X, y = data.ethanol_regression(data_dir)
         except data.DataError as error:
-            parser.error(f"--data-dir: {error}")
+            xflags.fail("data-dir", data_dir, str(error))
         print(f"Ethanol: {X.shape[0]} rows (the paper: 2,565) from {data_dir}", flush=True)
     if "mnist" in args.sections and args.mnist_data_dir is None:
         args.mnist_data_dir = data.default_data_dir("mnist")
     with jax.enable_x64(True):  # the paper's regression runs are float64
-        return _run_sections(args, argv, X, y)
+        return _run_sections(args, X, y)
 
 
-def _run_sections(args, argv, X, y) -> dict:
+def _run_sections(args, X, y) -> dict:
     results: dict = {}
     learning_rates = training.log_grid(args.lr_min, args.lr_max, args.lr_per_decade)
     if X is not None:
@@ -622,19 +599,12 @@ def _run_sections(args, argv, X, y) -> dict:
         results["mnist"] = mnist_section(args)
 
     results_dir = pathlib.Path(args.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
     figures = plot_figures(results, args)
     run = {
-        "command": " ".join(["python benchmarks/reproduce_paper.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python benchmarks/reproduce_paper.py", *sys.argv[1:]]),
         "config": {k: v for k, v in vars(args).items()},
         "learning_rates": learning_rates.tolist(),
-        "environment": {
-            "jax": jax.__version__,
-            "optax": optax.__version__,
-            "device": str(jax.devices()[0]),
-            "platform": platform.platform(),
-            "x64": True,
-        },
+        "environment": {**timing.environment(), "optax": optax.__version__, "x64": True},
         "figures": figures,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -647,4 +617,4 @@ def _run_sections(args, argv, X, y) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    xflags.run(define_flags, main)
