@@ -81,7 +81,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 def main(args) -> dict:
     """Runs the comparison in float64; returns the JSON log (also written to --output-dir)."""
-    output_dir = xflags.make_output_dir(args.output_dir)
     data_dir = args.data_dir or data.default_data_dir("gas_sensor_drift")
     if data_dir is None:
         xflags.fail(
@@ -92,6 +91,7 @@ def main(args) -> dict:
         X, y = data.ethanol_regression(data_dir)
     except data.DataError as error:
         xflags.fail("data-dir", data_dir, str(error))
+    output_dir = xflags.make_output_dir(args.output_dir)
     with jax.enable_x64(True):  # the paper's regression runs are float64
         return _run(args, data_dir, X, y, output_dir)
 

