@@ -18,7 +18,6 @@ import jax
 import numpy as np
 import pytest
 
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

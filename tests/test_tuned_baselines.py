@@ -97,8 +97,8 @@ def test_mnist_smoke_runs_and_resumes(tb, tmp_path):
     # (In this process: a second subprocess would spend ~10 s on the smoke's step timing.)
     args = tb.parse_args(options)
     runner = tuned_mnist.MnistRunner(args, 48)
-    plan = [r for mode in ("none", "implicit") for r in tuned_mnist.mnist_plan(args, mode, args.mnist_lrs,
-                                                                     args.seeds)]  # fmt: skip
+    plan = [run for mode in ("none", "implicit")
+            for run in tuned_mnist.mnist_plan(args, mode, args.mnist_lrs, args.seeds)]  # fmt: skip
     reused = runner(plan)
     assert runner.pool is None
     stamps = {json.loads(p.read_text())["timestamp"] for p in logs}
