@@ -22,7 +22,7 @@ Usage (from the repository root; needs the MNIST IDX files, found through
 ``overparam_optax.experiments.data.default_data_dir("mnist")`` or ``--data-dir``):
 
     python benchmarks/blocks.py                 # 200 steps: ~30-60 min on 2 busy CPU cores
-    python benchmarks/blocks.py --steps 20      # smoke run
+    python benchmarks/blocks.py --steps 25      # smoke run
 
 Writes ``benchmarks/results/blocks_<platform>.json`` (device, versions, the exact command,
 the summary and the subsampled curves) and ``docs/figures/blocks_<platform>.png``; see
