@@ -187,7 +187,7 @@ def _run_all(args) -> dict:
             "flax": __import__("flax").__version__,
             "numpy": np.__version__,
         },
-        "device": equivalence_grid.device_info(jax),
+        "device": equivalence_grid.device_info(),
         "total_seconds": total,
         "gap_definition": "||W_e^explicit - W_e^implicit||_F / ||W_e^implicit||_F over all "
         "factorized kernels, at the parameters before each update",

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
-import platform
 import re
 import time
 
@@ -233,22 +231,21 @@ def runs_for(task_name: str, grid: dict) -> list[tuple]:
     return [(n, g["lr"] / d, g["steps"] * d, h) for n, d, h in g["runs"]]
 
 
-def device_info(jax) -> dict:
-    devices = jax.devices()
+def device_info() -> dict:
+    """The device part of the report, from :func:`~overparam_optax.experiments.timing.
+    environment` (the keys this benchmark's JSON has always had)."""
+    from overparam_optax.experiments import timing
+
+    env = timing.environment()
     info = {
-        "platform": devices[0].platform,
-        "device_kind": devices[0].device_kind,
-        "device_count": len(devices),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
+        "platform": env["backend"],
+        "device_kind": env["device"],
+        "device_count": env["num_devices"],
+        "cpu_count": env["cpu_count"],
+        "machine": env["machine"],
     }
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    if env["cpu_model"]:
+        info["cpu_model"] = env["cpu_model"]
     return info
 
 
