@@ -34,7 +34,6 @@ from __future__ import annotations
 import datetime
 import json
 import pathlib
-import platform
 import shlex
 import sys
 
@@ -119,7 +118,7 @@ def main(args) -> dict:
     import optax
 
     import overparam_optax as opx
-    from overparam_optax.experiments import data, training
+    from overparam_optax.experiments import data, timing, training
 
     data_dir = args.data_dir or data.default_data_dir("mnist")
     if data_dir is None:
@@ -207,20 +206,21 @@ def main(args) -> dict:
         args.out_png or REPO / "docs" / "figures" / f"blocks_{platform_name}.png"
     )
     stride = max(1, len(smooth["exact"]) // 400)
+    env = timing.environment()
     report = {
         "benchmark": "block-diagonal vs exact preconditioner, MNIST MLP 784-512-512-10",
         "command": shlex.join(["python", "benchmarks/blocks.py", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {
-            "python": platform.python_version(),
-            "jax": jax.__version__,
+            "python": env["python"],
+            "jax": env["jax_version"],
             "optax": optax.__version__,
             "numpy": np.__version__,
         },
         "device": {
-            "platform": platform_name,
-            "device_kind": jax.devices()[0].device_kind,
-            "device_count": jax.device_count(),
+            "platform": env["backend"],
+            "device_kind": env["device"],
+            "device_count": env["num_devices"],
         },
         "config": {
             "steps": args.steps,
