@@ -464,6 +464,8 @@ def run(define: Callable[[flags.FlagValues], None], main: Callable[[Any], Any]) 
     ``args`` is a namespace of the script's own flags (``-`` in names becomes ``_``).
     """
     names = _define(define, FLAGS)
+    for name in names:  # --helpshort lists the main module's key flags, wherever defined
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
     def app_main(argv):
         if len(argv) > 1:
