@@ -30,50 +30,46 @@ Writes benchmarks/results/quality_<backend>.json and docs/figures/quality_<backe
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 
 import overparam_optax as opx
-from overparam_optax.experiments import cli, data, timing, training
+from overparam_optax.experiments import data, timing, training
+from overparam_optax.experiments import flags as xflags
 from overparam_optax.experiments.models import MLP, logits_fn_for
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 FIGURES_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "figures"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    timing.add_common_args(parser)
-    parser.add_argument("--N", type=cli.positive_int, default=3)
-    parser.add_argument("--steps", type=cli.positive_int, default=400)
-    parser.add_argument("--ethanol-steps", type=cli.positive_int, default=3000)
-    parser.add_argument("--ethanol-lr", type=cli.positive_float, default=1e-3)
-    parser.add_argument("--lr", type=cli.positive_float, default=0.05)
-    parser.add_argument(
-        "--everies", type=cli.comma_list(cli.positive_int), default="5,10,25,100",
-        help="k values of the sweep",
-    )  # fmt: skip
-    parser.add_argument(
-        "--fast-every", type=cli.positive_int, default=10, help="k of the fast config"
-    )
-    parser.add_argument(
-        "--warmup", type=cli.nonnegative_int, default=100,
-        help="warmup_steps of the fast config",
-    )  # fmt: skip
-    parser.add_argument("--window", type=cli.positive_int, default=25)
-    parser.add_argument("--mnist-dir", default=None)
-    parser.add_argument("--gas-dir", default=None)
-    parser.add_argument("--plot", type=cli.output_file, default=None)
-    args = parser.parse_args(argv)
-    if not args.quick and args.window > args.steps:
-        parser.error(f"--window {args.window} exceeds --steps {args.steps}")
-    return args
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line; absl checks every value and combination while parsing."""
+    fv = flag_values
+    positive = {"lower_bound": 1, "flag_values": fv}
+    xflags.define_platform_flags(flag_values=fv)
+    flags.DEFINE_integer("N", 3, "the depth", **positive)
+    flags.DEFINE_integer("steps", 400, "MNIST steps", **positive)
+    flags.DEFINE_integer("ethanol-steps", 3000, "Ethanol steps", **positive)
+    flags.DEFINE_float("ethanol-lr", 1e-3, "Ethanol learning rate", lower_bound=1e-12,
+                       upper_bound=1e3, flag_values=fv)  # fmt: skip
+    flags.DEFINE_float("lr", 0.05, "MNIST learning rate", lower_bound=1e-12, upper_bound=1e3,
+                       flag_values=fv)  # fmt: skip
+    xflags.define_int_list("everies", "5,10,25,100", "recomputation intervals k",
+                           flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("fast-every", 10, "k of the fast config", **positive)
+    flags.DEFINE_integer("warmup", 100, "exact steps before the fast config caches",
+                         lower_bound=0, flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("window", 25, "smoothing window (<= --steps)", **positive)
+    flags.DEFINE_string("mnist-dir", None, "MNIST folder", flag_values=fv)
+    flags.DEFINE_string("gas-dir", None, "gas-sensor folder", flag_values=fv)
+    xflags.define_output_file("plot", None, "PNG path", flag_values=fv)
+    xflags.require(["window", "steps", "quick"], lambda w, s, q: q or w <= s,
+                   "--window must not exceed --steps", flag_values=fv)  # fmt: skip
 
 
 def smooth(values, window):
@@ -92,10 +88,9 @@ def gaps(curve, reference, window):
     return float(rel.max()), float(rel[-1])
 
 
-def main(argv=None) -> dict:
+def main(args) -> dict:
     """Trains every configuration; writes and returns the JSON record."""
-    args = parse_args(argv)
-    timing.setup_platform(args)
+    xflags.setup_platform(args)
     N = args.N
     steps = 20 if args.quick else args.steps
     window = 5 if args.quick else args.window
@@ -254,4 +249,4 @@ def _plot(results, args, backend) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    xflags.run(define_flags, main)

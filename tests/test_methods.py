@@ -168,16 +168,19 @@ def test_benchmark_smoke(script, extra, tmp_path):
         assert all(r["seconds"] > 0 and max(r["relative_error"].values()) < 1e-3 for r in rows)
 
 
-def test_matmul_method_partial_runs_do_not_replace_the_full_record(capsys):
+def test_matmul_method_partial_runs_do_not_replace_the_full_record():
     module = load_script("benchmarks/matmul_method.py")
     assert module.result_name(module.DEFAULT_SECTIONS) == "matmul_method"
     assert module.result_name(["tune"]) == "matmul_method_tune"
     assert module.result_name(["ratio", "cnn"]) == "matmul_method_ratio_cnn"
+    from absl import flags
+
+    from overparam_optax.experiments import flags as xflags
+
     for argv in (["--blas-threads", "2"], ["--ratio-precisions", "HIGHEST,FOO"]):
-        with pytest.raises(SystemExit) as error:
-            module.parse_args(argv)
-        assert error.value.code == 2, argv
-        assert argv[0] in capsys.readouterr().err
+        with pytest.raises(flags.Error, match=argv[0][2:]):
+            xflags.parse(module.define_flags, argv)
+    assert xflags.parse(module.define_flags, ["--error-depths", "9,16"]).error_depths == [9, 16]
 
 
 def test_matmul_method_honours_platform():
