@@ -9,8 +9,6 @@ Contenders, each a jitted full training step (forward, backward, optimizer):
 * ``default``        overparam_precondition(N) with no option: what users get (the tracked
                      basis, recomputed when it cannot hold its tolerance);
 * ``svd``            method="svd": the exact thin SVD every step;
-* ``eigh``           method="eigh" (Gram matrix eigendecomposition) every step;
-* ``newton``         method="newton" (matmul-only) every step;
 * ``muon``           optax.contrib.muon, with every conv and dense kernel orthogonalized.
 
 Nothing is set that users would not set: OPENBLAS_NUM_THREADS is left as the environment has
@@ -140,8 +138,6 @@ def cnn_target(args) -> dict:
         "sgd": optax.sgd(lr),
         "default": pre(),  # what the one-line README usage gets
         "svd": pre(method="svd"),
-        "eigh": pre(method="eigh"),
-        "newton": pre(method="newton"),
         "muon": optax.contrib.muon(lr, muon_weight_dimension_numbers=muon_dims),
     }
     if args.quick:  # smoke run: the default and the two baselines only

@@ -129,7 +129,7 @@ def _define_mnist_flags(fv: flags.FlagValues) -> None:
                          **positive)  # fmt: skip
     flags.DEFINE_integer("mnist-timing-windows", 10, "interleaved windows of the step-time "
                          "measurement", **positive)  # fmt: skip
-    flags.DEFINE_enum("mnist-method", "auto", ("svd", "eigh", "newton", "auto"),
+    flags.DEFINE_enum("mnist-method", "tracked", ("tracked", "svd", "eigh", "newton"),
                       "implicit mode's fast path", flag_values=fv)  # fmt: skip
     flags.DEFINE_integer("mnist-every", 10, "its recomputation interval", **positive)
     flags.DEFINE_integer("mnist-dense-width", 512, "dense width of the CNN", **positive)

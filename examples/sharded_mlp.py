@@ -47,8 +47,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        flag_values=flag_values)  # fmt: skip
     flags.DEFINE_integer("model-parallel", None, "size of 'model' (default 2 if it divides "
                          "the devices, else 1)", **positive)  # fmt: skip
-    flags.DEFINE_integer("precondition-every", None, "recompute the factors every k steps",
-                         **positive)  # fmt: skip
     flags.DEFINE_integer("cpu-devices", None, "run on this many host CPU devices (default: "
                          "the devices jax finds)", **positive)  # fmt: skip
     xflags.require(
@@ -173,9 +171,7 @@ def main(args):
         idx = rng.choice(len(y_all), size=args.batch_size, replace=False)
         batches.append((x_all[idx], y_all[idx]))
     params0 = jax.device_get(init_params(dim, args.hidden, classes))
-    tx = opx.overparam_sgd(
-        args.lr, N=args.depth, momentum=0.9, precondition_every=args.precondition_every
-    )
+    tx = opx.overparam_sgd(args.lr, N=args.depth, momentum=0.9)
 
     # --- one device ---
     one = devices[0]

@@ -274,9 +274,10 @@ def precondition_with_derivative(
         )
     if N == 1:
         return g
-    method = linalg.resolve_method(method, *w.shape[-2:], N=N)
+    if method not in linalg.STATELESS_METHODS:
+        raise ValueError(f"method must be one of {linalg.STATELESS_METHODS}, got {method!r}.")
     if method == "newton":
-        linalg._check_newton_depth(N)
+        linalg.check_newton_depth(N)
     return differentiable_precondition(w, g, N, precision, method)
 
 

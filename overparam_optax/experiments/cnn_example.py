@@ -55,7 +55,6 @@ def build_run(mode: str, args, plain_params):
             args.depth,
             mask=mask,
             method=args.method,
-            precondition_every=args.precondition_every,
         )
         tx = optax.chain(precondition, base)
         return logits_fn_for(TutorialCNN(dense_width=args.dense_width)), plain_params, tx
@@ -131,11 +130,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          flag_values=fv)  # fmt: skip
     flags.DEFINE_boolean("progress", False, "show a tqdm progress bar", flag_values=fv)
     flags.DEFINE_enum(
-        "method", "svd", ("svd", "eigh", "newton", "auto"),
-        "how the implicit mode computes P_W (docs/performance.md); svd is exact", flag_values=fv,
+        "method", "svd", ("tracked", "svd", "eigh", "newton"),
+        "how the implicit mode computes P_W (docs/performance.md): svd is the exact rule, as "
+        "in the recorded runs; tracked is the library's default", flag_values=fv,
     )  # fmt: skip
-    flags.DEFINE_integer("precondition-every", None, "recompute the implicit mode's "
-                         "decomposition every k steps (default: every step)", **positive)
     xflags.require_valid_method_depth("depth", "method", flag_values=fv)
     xflags.require(
         ["depth", "modes"], lambda depth, modes: depth >= 2 or "explicit" not in modes,

@@ -230,7 +230,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float("validation-fraction", 0.1, "share of the text that validates",
                        lower_bound=1e-6, upper_bound=0.999, flag_values=fv)  # fmt: skip
     flags.DEFINE_enum(
-        "method", "svd", ("svd", "eigh", "newton", "auto"), "how the overparam modes compute "
+        "method", "svd", ("tracked", "svd", "eigh", "newton"), "how the overparam modes compute "
         "P_W (docs/performance.md); svd, the default here, is the exact rule every step, as "
         "in the measured runs", flag_values=fv,
     )  # fmt: skip
