@@ -4,7 +4,7 @@ For square n x n and tall 4n x n matrices W (Gaussian entries / sqrt(n): a fresh
 initialized layer, condition number ~n for the square ones, the hard case for "eigh") and a
 Gaussian gradient G, times one jitted ``precondition_matrix(W, G, N, method=m)`` call for
 m in svd, eigh, newton, plus ``apply``: applying cached factors
-(``linalg.apply_depth_factors``), the per-step cost with ``precondition_every > 1``. Reports
+(``linalg.apply_depth_factors``), the cost of applying factors already computed. Reports
 the relative Frobenius error of each method against the exact path (method="svd") and the
 exponent b of a least-squares fit time ~ a * n^b over the sizes >= --fit-from.
 

@@ -593,7 +593,7 @@ def apply_depth_factors(
 # left, ||off(B)||_F / ||B||_F, is measured on every update: it is the relative Frobenius
 # distance between W^T W and the Gram matrix whose exact preconditioner is applied. Where it
 # exceeds the tolerance (the first update, a jump, a crossing or a cluster of singular
-# values that moves too fast) the basis is recomputed from an eigendecomposition instead.
+# values that moves too fast) the basis is recomputed from a thin SVD instead.
 # --------------------------------------------------------------------------------------
 
 #: The default ``tolerance`` of the tracked basis (docs/performance.md, "Fidelity").
@@ -654,11 +654,11 @@ def _resolved_pairs(b: jax.Array, shape) -> jax.Array:
     return big[..., :, None] | big[..., None, :]
 
 
-def _jacobi_rotation(b: jax.Array, resolved: jax.Array) -> jax.Array:
+def _jacobi_rotation(b: jax.Array, resolved: jax.Array, precision) -> jax.Array:
     """The orthogonal Q that removes the off-diagonal of a nearly diagonal B to first order.
 
     Q^T B Q = diag + O(E^2) with X_ab = E_ab / (b_bb - b_aa) (antisymmetric), mapped to an
-    exactly orthogonal matrix by the Cayley transform (I - X/2)^{-1} (I + X/2).
+    orthogonal matrix by the Cayley transform (I - X/2)^{-1} (I + X/2).
     """
     lam = jnp.diagonal(b, axis1=-2, axis2=-1)
     gap = lam[..., None, :] - lam[..., :, None]
@@ -668,6 +668,9 @@ def _jacobi_rotation(b: jax.Array, resolved: jax.Array) -> jax.Array:
     usable = resolved & (jnp.abs(off) < _MAX_ROTATION * jnp.abs(gap))
     x = jnp.where(usable, off / jnp.where(usable, gap, 1), 0)
     eye = jnp.eye(b.shape[-1], dtype=b.dtype)
+    # The Cayley transform of the antisymmetric X is orthogonal to rounding, however large
+    # X is (a matmul-only exp(X) lost accuracy on rank-deficient W, measured).
+    del precision
     return jnp.linalg.solve(eye - 0.5 * x, eye + 0.5 * x)
 
 
@@ -678,10 +681,14 @@ def _frame(w: jax.Array, g: jax.Array, v: jax.Array, rounds: int, precision) -> 
     yy_yg = _mm(_mT(y), jnp.concatenate([y, g], axis=-1), precision)  # one pass over y
     b, c = _sym(yy_yg[..., :n]), yy_yg[..., n:]
     q = jnp.broadcast_to(jnp.eye(n, dtype=w.dtype), b.shape)
-    for _ in range(rounds):
-        r = _jacobi_rotation(b, _resolved_pairs(b, w.shape[-2:]))
-        b = _sym(_mm(_mT(r), _mm(b, r, precision), precision))
-        q = _mm(q, r, precision)
+
+    def rotate(_, carry):  # a loop, not unrolled: the round is compiled once
+        b, q = carry
+        r = _jacobi_rotation(b, _resolved_pairs(b, w.shape[-2:]), precision)
+        return _sym(_mm(_mT(r), _mm(b, r, precision), precision)), _mm(q, r, precision)
+
+    if rounds:
+        b, q = jax.lax.fori_loop(0, rounds, rotate, (b, q))
     return _Frame(v, q, y, b, c)
 
 
@@ -700,9 +707,16 @@ def _is_orthonormal(v: jax.Array) -> jax.Array:
 
 
 def _fresh_frame(w: jax.Array, g: jax.Array, precision) -> _Frame:
-    """The frame of a basis computed afresh (eigh of the Gram matrix): no rotation left."""
-    _, v = jnp.linalg.eigh(_gram(w, precision))
-    return _frame(w, g, v, rounds=_TRACKING_ROUNDS, precision=precision)
+    """The frame of a basis computed afresh, from a thin SVD of W.
+
+    An SVD resolves small singular values to eps * s_max, where the eigendecomposition of
+    W^T W resolves them only to sqrt(eps) * s_max (measured: 2.3x the exact rule's
+    distance to the explicit network on an ill-conditioned start with eigh, see
+    docs/performance.md); the basis is computed afresh rarely, so the SVD's cost matters
+    little.
+    """
+    _, _, vt = jnp.linalg.svd(w, full_matrices=False)
+    return _frame(w, g, _mT(vt), rounds=0, precision=precision)
 
 
 def _select(which: jax.Array, new: Any, old: Any) -> Any:
@@ -789,7 +803,7 @@ def tracked_precondition(
     and n x n work only). Where the rotated basis still leaves a relative off-diagonal
     ||off(V^T W^T W V)||_F / ||W^T W||_F above ``tolerance``, or where ``basis`` is not
     an orthonormal basis (the first update, a state rebuilt from zeros), the basis is
-    recomputed from an eigendecomposition of W^T W. So the preconditioner applied is the
+    recomputed from a thin SVD of W. So the preconditioner applied is the
     exact P for a Gram matrix within relative Frobenius distance ``tolerance`` of W^T W,
     singular values taken as the column norms of W V.
 

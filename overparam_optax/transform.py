@@ -358,7 +358,7 @@ def overparam_precondition(
 
     By default each matrix carries its right singular basis from one update to the next
     and rotates it toward the current W with matmuls and small n x n work (n the shorter
-    side); the basis is computed afresh (an eigendecomposition of W^T W) only when the
+    side); the basis is computed afresh (a thin SVD of W) only when the
     rotation cannot hold ``tolerance``: the update is then the exact P for a Gram matrix
     within relative Frobenius distance ``tolerance`` of W^T W. docs/performance.md has its
     distance to the exact rule and to the explicit depth-N network over whole trainings,

@@ -131,8 +131,6 @@ def _cases(tmp: pathlib.Path) -> list[tuple[str, list[str], str]]:
         ("benchmarks/equivalence.py", ["--tasks", "ethanol_l2,foo"], "tasks"),
         ("benchmarks/accuracy.py", ["--platform", absent_platform], "platform"),
         ("benchmarks/accuracy.py", ["--sizes", "3x"], "sizes"),
-        ("benchmarks/quality.py", ["--lr", "-1"], "lr"),
-        ("benchmarks/quality.py", ["--window", "500"], "window"),
         ("benchmarks/blocks.py", ["--steps", "0"], "steps"),
         ("benchmarks/blocks.py", ["--momentum", "2"], "momentum"),
         ("benchmarks/reproduce_paper.py", ["--depths", "1,2"], "depths"),

@@ -4,7 +4,7 @@
   non-linear experiment (``examples/mnist_cnn.py``, ``benchmarks/step_time.py``,
   ``benchmarks/reproduce_paper.py`` through the example).
 * :class:`MLP` — a ReLU multi-layer perceptron over flattened inputs
-  (``benchmarks/step_time.py``, ``benchmarks/quality.py``).
+  (``benchmarks/step_time.py``, ``benchmarks/fidelity.py``).
 * :class:`TransformerLM` — a small decoder-only byte-level transformer with
   (d_model, heads, head_dim) attention kernels and ``nn.scan``-stacked blocks
   (``examples/transformer_lm.py``), with :func:`transformer_dimension_numbers`, the

@@ -1,7 +1,7 @@
 """Timing and result records shared by the performance benchmarks.
 
-Used by ``benchmarks/step_time.py``, ``benchmarks/linalg_scaling.py`` and
-``benchmarks/quality.py``:
+Used by ``benchmarks/step_time.py``, ``benchmarks/linalg_scaling.py``,
+``benchmarks/cost.py`` and ``benchmarks/fidelity.py``:
 
 * :func:`add_common_args` and :func:`setup_platform` — the ``--platform``,
   ``--blas-threads``, ``--quick`` and ``--out`` options (argparse, for step_time and
