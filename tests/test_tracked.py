@@ -251,3 +251,29 @@ def test_weight_decay_takes_a_schedule():
     np.testing.assert_allclose(out["b"], -0.1 * np.ones(3), rtol=1e-6)  # lambda elsewhere
     out, state = tx.update(zeros, state, params)
     np.testing.assert_allclose(out["b"], -0.09 * np.ones(3), rtol=1e-5)  # the schedule moved
+
+
+@pytest.mark.parametrize("method", ["tracked", "svd", "eigh"])
+@pytest.mark.parametrize("start", ["identity", "scaled_orthogonal"])
+def test_grad_through_the_update_is_finite_at_repeated_singular_values(method, start):
+    """Meta-learning through tx.update at the paper's near-identity start: was NaN."""
+    rng = np.random.default_rng(6)
+    w0 = np.eye(4) if start == "identity" else 2.0 * np.linalg.qr(rng.standard_normal((4, 4)))[0]
+    g = rng.standard_normal((4, 4))
+    tx = opx.overparam_precondition(3, method=method)
+
+    def loss(w):
+        out, _ = tx.update({"w": jnp.asarray(g, jnp.float32)}, tx.init({"w": w}), {"w": w})
+        return jnp.sum(jnp.sin(out["w"]))
+
+    got = np.asarray(jax.grad(loss)(jnp.asarray(w0, jnp.float32)))
+    eps, want = 1e-6, np.zeros((4, 4))
+    for i in range(4):
+        for j in range(4):
+            d = np.zeros((4, 4))
+            d[i, j] = eps
+            plus = np.sum(np.sin(reference.reference_precondition(w0 + d, g, 3)))
+            minus = np.sum(np.sin(reference.reference_precondition(w0 - d, g, 3)))
+            want[i, j] = (plus - minus) / (2 * eps)
+    assert np.all(np.isfinite(got))
+    assert np.abs(got - want).max() < 2e-5 * max(1.0, np.abs(want).max())
