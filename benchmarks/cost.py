@@ -95,8 +95,10 @@ def flops_section(quick: bool) -> dict:
         rows = [matrix_flops(*shape) for shape in shapes if min(shape) > 1]
         totals = {k: sum(r[k] for r in rows) for k in ("tracked", "fresh_matmuls", "muon")}
         out[model] = {"matrices": rows, "total": totals}
-        print(f"{model:>24}: tracked {totals['tracked']:.3g}, fresh (matmuls) "
-              f"{totals['fresh_matmuls']:.3g}, muon {totals['muon']:.3g} FLOPs per update")  # fmt: skip
+        print(
+            f"{model:>24}: tracked {totals['tracked']:.3g}, fresh (matmuls) "
+            f"{totals['fresh_matmuls']:.3g}, muon {totals['muon']:.3g} FLOPs per update"
+        )
     return out
 
 

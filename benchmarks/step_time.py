@@ -29,10 +29,11 @@ every contender are recorded, with the default's decompositions per matrix updat
 
 Timing (``overparam_optax.experiments.timing.time_interleaved``): contenders are interleaved
 step by step, each step timed alone with jax.block_until_ready (state carried, so a cached
-contender pays one recomputation per window of k steps); compilation and one warm-up window
-are excluded. Each ratio is the median over windows of (contender's window time / baseline's
-window time at the same step indices; a window is --every steps): on a shared, busy machine neighbouring steps see the
-same load, while absolute times drift by 2x or more (docs/performance.md).
+contender's fresh decompositions fall where its tolerance asks for them); compilation and
+one warm-up window are excluded. Each ratio is the median over windows (of --every steps)
+of (contender's window time / baseline's window time at the same step indices): on a
+shared, busy machine neighbouring steps see the same load, while absolute times drift by
+2x or more (docs/performance.md).
 
 Usage (from the repository root):
 

@@ -258,26 +258,3 @@ class _DropTrain:
     def apply(self, variables, x, train):
         del train
         return self.model.apply(variables, x)
-
-
-def markdown_table(record: dict) -> str:
-    """The fidelity table of docs/performance.md, rendered from the benchmark's JSON."""
-    lines = [
-        "| task | N | exact rule to explicit | default to explicit (/ exact's) | default to "
-        "exact | fresh decompositions | tolerance 1e-4: to explicit (/ exact's) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, task in record["tasks"].items():
-        configs = task["configs"]
-        exact, default = configs["exact"], configs["default"]
-        tight = configs.get("tolerance_1e-4")
-        tight_cell = (
-            f"{tight['to_explicit'][-1]:.2e} ({tight['ratio_to_exact_gap']:.2f})" if tight else "—"
-        )
-        lines.append(
-            f"| {name} | {task['N']} | {exact['to_explicit'][-1]:.2e} | "
-            f"{default['to_explicit'][-1]:.2e} ({default['ratio_to_exact_gap']:.2f}) | "
-            f"{default['to_exact'][-1]:.1e} | {default['decompositions']:,} of "
-            f"{default['matrix_updates']:,} | {tight_cell} |"
-        )
-    return "\n".join(lines)

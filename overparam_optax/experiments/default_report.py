@@ -1,0 +1,59 @@
+"""The tables of docs/performance.md's section on the default, rendered from the JSON records.
+
+``benchmarks/fidelity.py`` and ``benchmarks/cost.py`` write the records; the docs show these
+renderings, and ``tests/test_docs_numbers.py`` checks that they match.
+"""
+
+from __future__ import annotations
+
+__all__ = ["cost_tables", "fidelity_table"]
+
+
+def fidelity_table(record: dict) -> str:
+    """The fidelity table of docs/performance.md, rendered from the benchmark's JSON."""
+    lines = [
+        "| task | N | exact rule to explicit | default to explicit (/ exact's) | default to "
+        "exact | fresh decompositions | tolerance 1e-4: to explicit (/ exact's) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, task in record["tasks"].items():
+        configs = task["configs"]
+        exact, default = configs["exact"], configs["default"]
+        tight = configs.get("tolerance_1e-4")
+        tight_cell = (
+            f"{tight['to_explicit'][-1]:.2e} ({tight['ratio_to_exact_gap']:.2f})" if tight else "—"
+        )
+        lines.append(
+            f"| {name} | {task['N']} | {exact['to_explicit'][-1]:.2e} | "
+            f"{default['to_explicit'][-1]:.2e} ({default['ratio_to_exact_gap']:.2f}) | "
+            f"{default['to_exact'][-1]:.1e} | {default['decompositions']:,} of "
+            f"{default['matrix_updates']:,} | {tight_cell} |"
+        )
+    return "\n".join(lines)
+
+
+def cost_tables(record: dict) -> str:
+    """The FLOPs, compile and memory tables of docs/performance.md, from the JSON."""
+    lines = [
+        "| model | tracked update | fresh update (matmuls; + an SVD) | Muon | tracked / Muon |",
+        "|---|---|---|---|---|",
+    ]
+    for model, entry in record["flops"].items():
+        t = entry["total"]
+        lines.append(f"| {model} | {t['tracked']:.3g} | {t['fresh_matmuls']:.3g} | "
+                     f"{t['muon']:.3g} | {t['tracked'] / t['muon']:.2f} |")  # fmt: skip
+    lines += ["", "| model | SGD | default | Muon | default / Muon | dot ops: SGD, default, Muon |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for model, entry in record["compile"].items():
+        m, d = entry["median_seconds"], entry["dot_ops"]
+        lines.append(f"| {model} | {m['sgd']:.1f} s | {m['default']:.1f} s | {m['muon']:.1f} s | "
+                     f"{entry['default_over_muon']:.2f} | {d['sgd']}, {d['default']}, "
+                     f"{d['muon']} |")  # fmt: skip
+    mem = record["memory"]
+    b = mem["state_bytes"]
+    lines += ["", "| state | bytes | / preconditioned matrices |", "|---|---|---|"]
+    for name in ("default", "sgd_momentum", "adam", "muon"):
+        lines.append(
+            f"| {name} | {b[name]:,} | {b[name] / mem['preconditioned_matrix_bytes']:.3f} |"
+        )
+    return "\n".join(lines)
