@@ -12,7 +12,7 @@ message. Run it by hand with
     JAX_PLATFORMS=cpu python -m tests.sharding_checks
 
 Checks are written over the whole optimizer state pytree, whatever it holds (the step
-count, momentum, the ``precondition_every`` cache of factors), so that they keep covering
+count, momentum, the default's tracked bases), so that they keep covering
 the state as the transform grows.
 
 The mesh is 4 x 2, axes ("data", "model"): FSDP-style row sharding over "data",
@@ -39,12 +39,17 @@ import numpy as np
 
 DEVICES_NEEDED = 8
 RTOL = 1e-5
-STEPS = 3  # with precondition_every=2: a recomputation, a cached step, a recomputation
+# With the default, every basis is computed afresh on the first step, then carried over
+# (rotated); with tolerance=1e-6 a few are computed afresh again on the third.
+STEPS = 3
+# Small enough that the bases can be carried over: at 0.05 every step moves the weights so
+# far that every update decomposes afresh and the tracked path is never run.
+LEARNING_RATE = 1e-4
 
 CONFIGS = {
-    "exact": {"method": "svd"},
-    "defaults": {},  # method="auto", factors cached for 10 updates
-    "every2": {"precondition_every": 2},
+    "exact": {"method": "svd"},  # decomposes afresh on every update, no cache
+    "defaults": {},  # method="tracked": a basis per matrix carried from update to update
+    "tight": {"tolerance": 1e-6},  # tracked, but more updates decompose afresh
     "blocks16": {"block_size": 16},
 }
 
@@ -109,7 +114,7 @@ def _make_tx(env, config):
     import optax
 
     pre = env["opx"].overparam_precondition(3, dimension_numbers=env["dims"], **CONFIGS[config])
-    return optax.chain(pre, optax.sgd(0.05, momentum=0.9))
+    return optax.chain(pre, optax.sgd(LEARNING_RATE, momentum=0.9))
 
 
 def _train(jax, tx, params, grads_seq, state_sharding):
@@ -200,8 +205,8 @@ def _sharded_run(env, config, axis_type):
 def check_matches_single_device(env, config, axis_type_name):
     """tx.update under jit on sharded params/grads == the same steps on one device."""
     jax = env["jax"]
-    single, _ = _single_device(env, config)
-    sharded, _, _, _ = _sharded(env, config, getattr(env["AxisType"], axis_type_name))
+    single, single_state = _single_device(env, config)
+    sharded, state, _, _ = _sharded(env, config, getattr(env["AxisType"], axis_type_name))
     worst = {}
     for step, ((u1, p1), (us, ps)) in enumerate(zip(single, sharded, strict=True)):
         for name, value in _max_rel_diff(jax, us, u1).items():
@@ -211,7 +216,18 @@ def check_matches_single_device(env, config, axis_type_name):
         del step
     bad = {k: v for k, v in worst.items() if v > RTOL}
     assert not bad, f"sharded differs from single-device by more than {RTOL} (relative): {bad}"
-    return {"max_rel_diff": max(worst.values()), "per_leaf": worst}
+    # The same bases were computed afresh (the tracked ones decide it per update), and
+    # with a tracked basis, not all of them on every step (the carried-over path ran).
+    decompositions = [int(s[0].decompositions) for s in (single_state, state)]
+    assert decompositions[0] == decompositions[1], f"decompositions {decompositions}"
+    matrices = sum(len(v) for v in jax.tree.leaves(state[0].factors))
+    if matrices:
+        assert decompositions[0] < STEPS * matrices, f"{decompositions[0]} of {matrices} x {STEPS}"
+    return {
+        "max_rel_diff": max(worst.values()),
+        "per_leaf": worst,
+        "decompositions": decompositions[0],
+    }
 
 
 def check_updates_keep_param_shardings(env, config, axis_type_name):
@@ -355,8 +371,8 @@ def check_state_memory(env, config, axis_type_name):
     factors = jax.tree.leaves(abstract_state[0].factors)
     factor_bytes = sum(x.size * x.dtype.itemsize for x in factors)
     saved = {kind: report["replicated"][kind] - report["split"][kind] for kind in report["split"]}
-    # Split 8 ways, all but an eighth of the factors' matrices leave each device (their
-    # singular-value vectors, 1/129 of the bytes here, stay replicated).
+    # Split 8 ways, all but an eighth of the tracked bases (7/8 of their bytes) leave each
+    # device.
     assert saved["argument_bytes"] >= 0.85 * factor_bytes, (factor_bytes, report)
     assert sum(saved.values()) > 0, report
     return {"memory": report, "factor_bytes": factor_bytes}
@@ -393,20 +409,21 @@ def check_decompositions_spread_over_the_mesh(env, method, axis_type_name):
 
     XLA's compiled cost analysis gives the FLOPs of the per-device program; LAPACK calls
     (svd, eigh) count no FLOPs there, so the matmul-only "newton" method shows the whole
-    saving and "eigh" its matmul part (the Gram matrix and the application to G). The
-    updates must equal the single-device ones to 1e-5 relative (5e-5 for "newton").
+    saving, "eigh" its matmul part (the Gram matrix and the application to G) and the
+    default "tracked" (two updates: a basis computed afresh, then one rotated) its rotations
+    and application. The updates must equal the single-device ones to 1e-5 relative (5e-5
+    for "newton").
     """
     jax = env["jax"]
     rng = np.random.default_rng(2)
     params = {f"w{i}": (rng.normal(size=(64, 48)) * 0.3).astype(np.float32) for i in range(8)}
     grads = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
-    method, _, every = method.partition("-every")  # "eigh-every2": cached factors, 2 updates
-    every = int(every or 1)
-    tx = env["opx"].overparam_precondition(3, method=method, precondition_every=every)
+    tx = env["opx"].overparam_precondition(3, method=method)
+    updates = 2 if method == "tracked" else 1
 
     def update(g, p):
         state = tx.init(p)
-        for _ in range(every):  # with a cache: one update that computes, one that reuses
+        for _ in range(updates):  # tracked: one update that decomposes, one that rotates
             out, state = tx.update(g, state, p)
         return out
 
@@ -433,7 +450,7 @@ def check_decompositions_spread_over_the_mesh(env, method, axis_type_name):
 
 
 CHECKS = {}
-for _method in ("newton", "eigh", "eigh-every2"):
+for _method in ("newton", "eigh", "tracked"):
     for _mode in ("Auto", "Explicit"):
         CHECKS[f"decompositions_spread[{_method}-{_mode}]"] = (
             check_decompositions_spread_over_the_mesh, _method, _mode,
@@ -450,8 +467,10 @@ for _config in CONFIGS:
             check_abstract_init_and_update, _config, _mode,
         )
     CHECKS[f"state_follows_params[{_config}-Auto]"] = (check_state_follows_params, _config, "Auto")
-# The cached factors' shardings are part of their types under Explicit axes.
-CHECKS["state_follows_params[every2-Explicit]"] = (check_state_follows_params, "every2", "Explicit")
+# The tracked bases' shardings are part of their types under Explicit axes.
+CHECKS["state_follows_params[defaults-Explicit]"] = (
+    check_state_follows_params, "defaults", "Explicit",
+)  # fmt: skip
 CHECKS["state_memory[defaults-Auto]"] = (check_state_memory, "defaults", "Auto")
 
 

@@ -41,25 +41,20 @@ def _rel(a, b):
 
 COMBINATIONS = list(
     itertools.product(
-        ["svd", "eigh", "newton", "auto"],  # method
-        [None, 3],  # precondition_every
+        ["tracked", "svd", "eigh", "newton"],  # method
         [None, 4],  # block_size
         [None, "callable"],  # mask
     )
 )
 
 
-@pytest.mark.parametrize("method, every, block_size, mask", COMBINATIONS)
-def test_map_params_and_state_structure_for_every_option_combination(
-    method, every, block_size, mask
-):
+@pytest.mark.parametrize("method, block_size, mask", COMBINATIONS)
+def test_map_params_and_state_structure_for_every_option_combination(method, block_size, mask):
     """optax.tree.map_params works (optax's contract), and the factors mirror the params."""
     params = _params(np.random.default_rng(0))
     if mask == "callable":
         mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2 and x.shape[0] != 5, p)  # noqa: E731
-    tx = opx.overparam_precondition(
-        3, method=method, precondition_every=every, block_size=block_size, mask=mask
-    )
+    tx = opx.overparam_precondition(3, method=method, block_size=block_size, mask=mask)
     state = tx.init(params)
     # One entry per leaf: the params' structure is a prefix of the factors' structure.
     entries = jax.tree.structure(params).flatten_up_to(state.factors)
@@ -71,18 +66,26 @@ def test_map_params_and_state_structure_for_every_option_combination(
     for leaf in jax.tree.leaves(zeroed.factors):
         np.testing.assert_array_equal(leaf, 0)
     assert int(zeroed.count) == 1  # not a parameter-like leaf: left alone
-    cached = isinstance(state.factors["dense"]["kernel"], linalg.SpectralBasis | linalg.PolarRoot)
-    assert cached == (every is not None or method == "auto")  # auto caches by default
+    cached = isinstance(state.factors["dense"]["kernel"], linalg.TrackedBasis)
+    assert cached == (method == "tracked")  # the other methods decompose afresh: no cache
+    if not cached:
+        assert isinstance(state.factors["dense"]["kernel"], optax.MaskedNode)
     assert isinstance(state.factors["head"], optax.MaskedNode)  # closed form: nothing cached
 
 
-def test_defaults_are_the_fast_configuration_and_svd_alone_is_exact():
-    """The default: method="auto", factors every 10 updates; method="svd": every update."""
+def test_defaults_are_the_tracked_basis_and_svd_alone_is_exact():
+    """The default: a tracked basis, zeros until the first update; method="svd": no cache."""
     rng = np.random.default_rng(7)
     params = {"w": jnp.asarray(rng.normal(size=(9, 5)), jnp.float32)}
     default = opx.overparam_precondition(3)
     state = default.init(params)
-    assert int(state.factors_age) == 10
+    assert isinstance(state.factors["w"], linalg.TrackedBasis)
+    assert state.factors["w"].v.shape == (1, 5, 5)
+    np.testing.assert_array_equal(state.factors["w"].v, 0)
+    assert int(state.decompositions) == 0
+    out, state = default.update(_grads(params), state, params)
+    assert int(state.decompositions) == 1  # the first update decomposes afresh
+    assert _rel(out["w"], reference_precondition(params["w"], _grads(params)["w"], 3)) < 1e-5
     exact = opx.overparam_precondition(3, method="svd")
     assert isinstance(exact.init(params).factors["w"], optax.MaskedNode)
     update = jax.jit(exact.update)
@@ -110,31 +113,26 @@ def test_overparam_sgd_accepts_and_forwards_every_option():
         assert sgd[name] == default, name
     params = {"w": jnp.asarray(np.random.default_rng(2).normal(size=(8, 4)), jnp.float32)}
     grads = _grads(params)
-    options = dict(method="eigh", precondition_every=2, warmup_steps=1, block_size=4)
-    a, _ = opx.overparam_sgd(0.1, N=3, **options).update(
-        grads, opx.overparam_sgd(0.1, N=3, **options).init(params), params
-    )
-    pre = opx.overparam_precondition(3, **options)
-    b, _ = pre.update(grads, pre.init(params), params)
-    np.testing.assert_allclose(a["w"], -0.1 * b["w"], rtol=1e-6)
+    for options in (dict(method="eigh", block_size=4), dict(tolerance=1e-4, block_size=4)):
+        a, _ = opx.overparam_sgd(0.1, N=3, **options).update(
+            grads, opx.overparam_sgd(0.1, N=3, **options).init(params), params
+        )
+        pre = opx.overparam_precondition(3, **options)
+        b, _ = pre.update(grads, pre.init(params), params)
+        np.testing.assert_allclose(a["w"], -0.1 * b["w"], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
     "options, match",
     [
-        (dict(method="svd", warmup_steps=5), "warmup_steps.*no effect"),
-        (dict(precondition_every=1, warmup_steps=5), "warmup_steps.*no effect"),
-        (dict(precondition_every=3, warmup_steps="5"), "warmup_steps"),
-        (dict(precondition_every=3, warmup_steps=-1), "warmup_steps"),
-        (dict(precondition_every=10**12), "precondition_every.*2\\*\\*31"),
-        (dict(precondition_every=0), "precondition_every"),
-        (dict(precondition_every=True), "precondition_every"),
-        (dict(precondition_every="5"), "precondition_every"),
-        (dict(precondition_every=2.0), "precondition_every"),
+        (dict(tolerance=0.0), "tolerance"),
+        (dict(tolerance="1e-3"), "tolerance"),
+        (dict(method="eigh", tolerance=1e-4), "tolerance.*default method only"),
         (dict(block_size=1), "block_size"),
         (dict(block_size=True), "block_size"),
         (dict(block_size=4.0), "block_size"),
         (dict(method="qr"), "method"),
+        (dict(method="auto"), "method"),  # removed: the default is "tracked"
         (dict(precision="bogus"), "precision"),
         (dict(plain_gradient_at_zero="no"), "plain_gradient_at_zero"),
         (dict(plain_gradient_at_zero=1), "plain_gradient_at_zero"),
@@ -150,16 +148,25 @@ def test_invalid_options_are_rejected_at_construction(options, match):
 def test_newton_beyond_its_depth_limit_is_rejected_at_construction():
     with pytest.raises(ValueError, match="newton.*N <= 128"):
         opx.overparam_precondition(129, method="newton")
-    opx.overparam_precondition(2**40)  # auto never picks newton that deep
+    opx.overparam_precondition(2**40)  # the default has no depth limit
     opx.overparam_precondition(2**40, method="svd")
 
 
-
-
-def test_removed_v1_options_are_errors_not_silently_ignored():
-    for name in ("max_matrix_size", "refresh_spectrum", "every_step_until"):
-        with pytest.raises(TypeError, match=name):
-            opx.overparam_precondition(2, **{name: 1})
+@pytest.mark.parametrize(
+    "name",
+    [
+        "max_matrix_size",
+        "refresh_spectrum",
+        "every_step_until",
+        "precondition_every",
+        "warmup_steps",
+    ],
+)
+def test_removed_options_are_errors_not_silently_ignored(name):
+    with pytest.raises(TypeError, match=name):
+        opx.overparam_precondition(2, **{name: 1})
+    with pytest.raises(TypeError, match=name):
+        opx.overparam_sgd(0.1, N=2, **{name: 1})
 
 
 @pytest.mark.parametrize(
@@ -191,22 +198,18 @@ def test_mask_accepts_numpy_and_jax_bool_scalars():
     [
         # Another shape for one parameter: the path, the field and both shapes.
         (
-            lambda tx, p: tx.init(dict(p, wide=jnp.ones((5, 7)))),
-            r"parameter \['wide'\]: cached u has shape \(1, 7, 5\) and dtype float32, "
-            r"expected \(1, 9, 5\)",
+            lambda tx, p: tx.init(dict(p, wide=jnp.ones((4, 9)))),
+            r"parameter \['wide'\]: cached v has shape \(1, 4, 4\) and dtype float32, "
+            r"expected \(1, 5, 5\)",
         ),
-        # Made with another method: the factor types.
+        # Made with a method that keeps no cache: the factor types.
         (
-            lambda tx, p: opx.overparam_precondition(3, method="newton", precondition_every=2).init(
-                p
-            ),
-            r"parameter \['conv'\] has cached PolarRoot factors, these options need SpectralBasis",
+            lambda tx, p: opx.overparam_precondition(3, method="svd").init(p),
+            r"parameter \['conv'\] has cached MaskedNode factors, these options need TrackedBasis",
         ),
         # A parameter cached that these options mask out.
         (
-            lambda tx, p: opx.overparam_precondition(3, precondition_every=2).init(
-                dict(p, dense=dict(p["dense"], bias=jnp.ones((6, 6))))
-            ),
+            lambda tx, p: tx.init(dict(p, dense=dict(p["dense"], bias=jnp.ones((6, 6))))),
             r"caches factors for parameter \['dense'\]\['bias'\], these options do not",
         ),
         # Another tree: both structures.
@@ -216,14 +219,14 @@ def test_mask_accepts_numpy_and_jax_bool_scalars():
 )
 def test_state_misfit_names_the_parameter_and_what_was_expected(make_state, match):
     params = _params(np.random.default_rng(3))
-    tx = opx.overparam_precondition(3, method="eigh", precondition_every=2)
+    tx = opx.overparam_precondition(3)
     with pytest.raises(ValueError, match=match):
         tx.update(_grads(params), make_state(tx, params), params)
 
 
-@pytest.mark.parametrize("every", [None, 3])
+@pytest.mark.parametrize("method", ["tracked", "svd"])
 @pytest.mark.parametrize("N", [2, 3])
-def test_zero_initialized_matrix_trains_by_default_and_stays_put_with_the_strict_rule(N, every):
+def test_zero_initialized_matrix_trains_by_default_and_stays_put_with_the_strict_rule(N, method):
     target = jnp.array([[3.0, -2.0], [1.0, 4.0], [0.5, 0.0]])
     params = {"w": jnp.zeros((3, 2))}
 
@@ -237,54 +240,62 @@ def test_zero_initialized_matrix_trains_by_default_and_stays_put_with_the_strict
             p = optax.apply_updates(p, updates)
         return p
 
-    trained = train(opx.overparam_sgd(0.02, N=N, precondition_every=every))
+    trained = train(opx.overparam_sgd(0.02, N=N, method=method))
     np.testing.assert_allclose(trained["w"], target, atol=1e-3)
-    strict = train(
-        opx.overparam_sgd(0.02, N=N, precondition_every=every, plain_gradient_at_zero=False), 5
-    )
+    strict = train(opx.overparam_sgd(0.02, N=N, method=method, plain_gradient_at_zero=False), 5)
     np.testing.assert_array_equal(strict["w"], 0.0)
 
 
-def test_after_a_zero_matrix_the_cached_factors_are_recomputed():
-    """Factors cached from W = 0 would freeze W until the next recompute: they are redone."""
+def test_after_a_zero_matrix_the_tracked_basis_is_recomputed():
+    """A basis tracked from W = 0 says nothing about the W that follows: it is redone."""
     params = {"w": jnp.zeros((4, 3))}
     g = _grads(params)
-    tx = opx.overparam_precondition(2, precondition_every=100)
+    tx = opx.overparam_precondition(2)
     state = tx.init(params)
     out, state = tx.update(g, state, params)  # W = 0: plain gradient
     np.testing.assert_array_equal(out["w"], g["w"])
     params = {"w": params["w"] - 0.1 * out["w"]}
     out, state = tx.update(g, state, params)
     assert _rel(out["w"], reference_precondition(params["w"], g["w"], 2)) < 1e-5
+    assert int(state.decompositions) == 2
 
 
-def test_schedule_keeps_going_when_the_step_count_saturates():
+def test_updates_keep_going_when_the_counters_saturate():
     params = {"w": jnp.asarray(np.random.default_rng(4).normal(size=(6, 3)), jnp.float32)}
-    tx = opx.overparam_precondition(2, precondition_every=3)
+    tx = opx.overparam_precondition(2)
     update = jax.jit(tx.update)
-    state = tx.init(params)._replace(count=jnp.asarray(np.iinfo(np.int32).max, jnp.int32))
-    recomputed = []
-    for step in range(7):
-        w = {"w": params["w"] * (1.0 + step)}  # a new W every step
-        before = state.factors["w"].s
-        _, state = update(_grads(params), state, w)
-        recomputed.append(not np.allclose(before, state.factors["w"].s))
-        assert int(state.count) == np.iinfo(np.int32).max
-    assert recomputed == [True, False, False, True, False, False, True]
+    top = np.iinfo(np.int32).max
+    state = tx.init(params)._replace(
+        count=jnp.asarray(top, jnp.int32), decompositions=jnp.asarray(top - 1, jnp.int32)
+    )
+    direction = _grads(params, seed=9)["w"]
+    for step in range(5):
+        w = {"w": params["w"] + 1e-3 * step * direction}  # a new W every step
+        grads = _grads(params, seed=step)
+        out, state = update(grads, state, w)
+        assert _rel(out["w"], reference_precondition(w["w"], grads["w"], 2)) < 1e-5
+        assert int(state.count) == top
+        assert int(state.decompositions) == top
 
 
-@pytest.mark.parametrize("method", ["eigh", "newton"])
+@pytest.mark.parametrize("method", ["tracked", "eigh", "newton"])
 def test_block_size_applies_the_method_and_the_cache_to_the_blocks(method):
     """v1 silently used the exact SVD, every step, for blocked leaves."""
     rng = np.random.default_rng(5)
     w = jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)
     params, grads = {"w": w}, _grads({"w": w})
-    tx = opx.overparam_precondition(3, block_size=4, method=method, precondition_every=2)
+    tx = opx.overparam_precondition(3, block_size=4, method=method)
     state = tx.init(params)
-    assert state.factors["w"][0].shape[0] == 4  # a 2 x 2 grid of 4 x 4 blocks
-    out, _ = tx.update(grads, state, params)
+    if method == "tracked":
+        assert state.factors["w"].v.shape == (4, 4, 4)  # a 2 x 2 grid of 4 x 4 blocks
+    else:
+        assert isinstance(state.factors["w"], optax.MaskedNode)
+    out, state = tx.update(grads, state, params)
+    if method == "tracked":
+        assert int(state.decompositions) == 4  # one basis per block
+    exact = "svd" if method == "tracked" else method
     for rows, cols in itertools.product((slice(0, 4), slice(4, 8)), repeat=2):
-        block = opx.precondition_matrix(w[rows, cols], grads["w"][rows, cols], 3, method=method)
+        block = opx.precondition_matrix(w[rows, cols], grads["w"][rows, cols], 3, method=exact)
         # float32: the batched and the single-block programs round differently (~1e-5).
         np.testing.assert_allclose(out["w"][rows, cols], block, rtol=1e-4, atol=1e-5)
 
@@ -315,7 +326,7 @@ def test_python_scalars_and_empty_matrices_pass_through():
         "empty_conv": jnp.zeros((3, 3, 0, 4)),
         "w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
     }
-    for options in ({}, {"block_size": 2}, {"precondition_every": 2, "method": "eigh"}):
+    for options in ({}, {"block_size": 2}, {"method": "eigh"}):
         tx = opx.overparam_precondition(3, **options)
         out, _ = tx.update(grads, tx.init(params), params)
         assert out["scale"] == 0.25
@@ -328,34 +339,37 @@ def test_python_scalars_and_empty_matrices_pass_through():
     assert updates["scale"] == pytest.approx(-0.025)
 
 
-@pytest.mark.parametrize("method", ["eigh", "newton"])
-def test_state_shardings_split_cached_factors_like_their_parameter(method):
+def test_state_shardings_split_tracked_bases_like_their_parameter():
     mesh = jax.sharding.AbstractMesh((4, 2), ("data", "model"))  # the rule needs no devices
     shapes_specs = {
-        "fsdp": ((8, 4), P("data", None)),  # split 4 ways: long and short sides divide
-        "wide": ((6, 16), P(None, ("data", "model"))),  # 8 ways; tall view 16 x 6
+        "fsdp": ((8, 4), P("data", None)),  # split 4 ways: the short side 4 divides
+        "wide": ((8, 16), P(None, ("data", "model"))),  # 8 ways; tall view 16 x 8
         "odd": ((6, 5), P("model", None)),  # 2 ways; the short side 5 does not divide
-        "dp": ((8, 8), P()),  # replicated parameter, replicated factors
+        "dp": ((8, 8), P()),  # replicated parameter, replicated basis
+        "head": ((8, 1), P("data", None)),  # closed form: nothing cached
     }
     params = {k: jnp.ones(shape) for k, (shape, _) in shapes_specs.items()}
     param_sh = {k: NamedSharding(mesh, spec) for k, (_, spec) in shapes_specs.items()}
     replicated = NamedSharding(mesh, P())
-    tx = opx.overparam_precondition(2, method=method, precondition_every=2)
-    factors = opx.state_shardings(tx, params, param_sh, replicated).factors
+    factors = opx.state_shardings(
+        opx.overparam_precondition(2), params, param_sh, replicated
+    ).factors
 
     def rows(*axes):
         return NamedSharding(mesh, P(None, *axes, None))
 
-    expected = {  # (long x short matrices, short x short matrices); vectors replicated
-        "fsdp": (rows("data"), rows("data")),
-        "wide": (rows(("data", "model")), replicated),
-        "odd": (rows("model"), replicated),
-        "dp": (replicated, replicated),
+    expected = {
+        "fsdp": rows("data"),
+        "wide": rows(("data", "model")),
+        "odd": replicated,
+        "dp": replicated,
     }
-    names = ("u", "v", "s") if method == "eigh" else ("q", "root", "scale")
-    for name, (long_side, short_side) in expected.items():
-        got = tuple(getattr(factors[name], field) for field in names)
-        assert got == (long_side, short_side, replicated), (name, got)
+    for name, sharding in expected.items():
+        assert factors[name] == linalg.TrackedBasis(sharding), (name, factors[name])
+    assert isinstance(factors["head"], optax.MaskedNode)
+    # A method that decomposes afresh keeps no cache: nothing to shard.
+    stateless = opx.overparam_precondition(2, method="eigh")
+    assert not jax.tree.leaves(opx.state_shardings(stateless, params, param_sh, replicated).factors)
 
 
 def test_state_shardings_follow_the_params():
@@ -363,9 +377,7 @@ def test_state_shardings_follow_the_params():
     params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
     param_sh = {"w": NamedSharding(mesh, P("data")), "b": NamedSharding(mesh, P())}
     replicated = NamedSharding(mesh, P())
-    tx = optax.chain(
-        opx.overparam_precondition(2, precondition_every=2), optax.sgd(0.1, momentum=0.9)
-    )
+    tx = optax.chain(opx.overparam_precondition(2), optax.sgd(0.1, momentum=0.9))
     shardings = opx.state_shardings(tx, params, param_sh, replicated)
     assert shardings[1][0].trace["w"] is param_sh["w"]  # momentum follows its parameter
     assert all(s is replicated for s in shardings[0].factors["w"])  # split 1 way: not split

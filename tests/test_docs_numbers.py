@@ -267,7 +267,6 @@ STEP_TIME_ROWS = {  # first cell -> (contender, OPENBLAS_NUM_THREADS=1 run?)
     '`method="eigh"` (every step)': ("eigh", False),
     '`method="eigh"`, OPENBLAS_NUM_THREADS=1': ("eigh", True),
     '`method="newton"` (matmul-only, every step)': ("newton", False),
-    '`method="auto", precondition_every=10` (= the default, spelled out)': ("auto_every10", False),
     "`optax.contrib.muon`": ("muon", False),
 }
 
@@ -317,16 +316,14 @@ def test_scaling_tables_match_the_recorded_sharding_checks():
     text = SCALING.read_text()
     single = _table(text, "<!-- single-device-table -->", "<!-- /single-device-table -->")
     for label, config in (('exact (`method="svd"`)', "exact"),
-                          ('the defaults (`method="auto"`, factors cached for 10 updates)',
-                           "defaults"),
-                          ("`precondition_every=2`", "every2"), ("`block_size=16`", "blocks16")):
+                          ('the defaults (`method="tracked"`)', "defaults"),
+                          ("`tolerance=1e-6`", "tight"), ("`block_size=16`", "blocks16")):
         for column, mode in ((1, "Auto"), (2, "Explicit")):
             diff = results[f"matches_single_device[{config}-{mode}]"]["max_rel_diff"]
             assert single[label][column] == f"{diff:.1e}".replace("e-0", "e-"), (label, mode)
     spread = _table(text, "<!-- spread-table -->", "<!-- /spread-table -->")
-    for label, method in (('"newton"', "newton"), ('"eigh"', "eigh"), ('"eigh", `', "eigh-every2")):
-        row = next(cells for key, cells in spread.items() if key.startswith(label)
-                   and (method != "eigh" or "every" not in key))  # fmt: skip
+    for label, method in (('"newton"', "newton"), ('"eigh"', "eigh"), ('"tracked"', "tracked")):
+        row = next(cells for key, cells in spread.items() if key.startswith(label))
         for column, mode in ((1, "Auto"), (2, "Explicit")):
             result = results[f"decompositions_spread[{method}-{mode}]"]
             diff = f"{result['max_rel_diff']:.3g}".replace("e-0", "e-")

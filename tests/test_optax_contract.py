@@ -5,7 +5,7 @@ optax checks every optimizer in ``optax.contrib`` with the same battery
 ``optax.tree.map_params``, convergence on small targets (including a matrix parabola that
 starts from zeros), ``inject_hyperparams``, dtype preservation, ``optax.MultiSteps``, a
 dtype-stable state under ``lax.cond``, and learning-rate schedules. These are the same
-checks, written for this package; N, ``method`` and ``precondition_every`` are static
+checks, written for this package; N, ``method`` and ``tolerance`` are static
 hyperparameters, as that battery treats the structural ones of other optimizers.
 """
 
@@ -20,11 +20,11 @@ import pytest
 import overparam_optax as opx
 
 CONFIGS = {
-    "N2": dict(N=2),
-    "N3-eigh-every3": dict(N=3, method="eigh", precondition_every=3),
-    "N3-newton": dict(N=3, method="newton"),
+    "N2": dict(N=2),  # the default: a tracked basis per matrix in the state
+    "N3-tight": dict(N=3, tolerance=1e-5),  # tracked, decomposing afresh more often
+    "N3-newton": dict(N=3, method="newton"),  # decomposes afresh on every update, no cache
 }
-STATIC = ("N", "method", "precondition_every")
+STATIC = ("N", "method", "tolerance")
 
 
 # 1e-3: vector leaves pass through, so they follow plain SGD, which diverges on the

@@ -33,6 +33,7 @@ def _linalg_calls(bad):
     good2, good1 = jnp.eye(3, 2), jnp.ones(3)
     basis, w = _basis()
     root = linalg.depth_factors(w, 2, "newton")
+    tracked = linalg.tracked_basis_like((3, 2), jnp.float32)
     return [
         ("precondition_matrix", "W", lambda: opx.precondition_matrix(bad((3, 2)), good2, 2)),
         ("precondition_matrix", "G", lambda: opx.precondition_matrix(good2, bad((3, 2)), 2)),
@@ -53,14 +54,19 @@ def _linalg_calls(bad):
             lambda: linalg.apply_depth_factors(root._replace(root=bad((2, 2))), good2, 2),
         ),
         (
-            "refresh_singular_values",
+            "tracked_precondition",
             "w",
-            lambda: linalg.refresh_singular_values(basis, bad((3, 2))),
+            lambda: linalg.tracked_precondition(bad((3, 2)), good2, tracked, 2),
         ),
         (
-            "refresh_singular_values",
-            r"basis\.u",
-            lambda: linalg.refresh_singular_values(basis._replace(u=bad((3, 2))), w),
+            "tracked_precondition",
+            "g",
+            lambda: linalg.tracked_precondition(good2, bad((3, 2)), tracked, 2),
+        ),
+        (
+            "tracked_precondition",
+            r"basis[._]v",
+            lambda: linalg.tracked_precondition(good2, good2, linalg.TrackedBasis(bad((2, 2))), 2),
         ),
     ]
 

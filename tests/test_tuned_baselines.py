@@ -88,7 +88,8 @@ def test_mnist_smoke_runs_and_resumes(tb, tmp_path):
                            timeout=300)  # fmt: skip
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     logs = sorted((results / "tuned_mnist").glob("*.json"))
-    assert [p.name for p in logs] == ["implicit_lr0.01_s0_auto_every10.json", "none_lr0.01_s0.json"]
+    names = [p.name for p in logs]
+    assert names == ["implicit_lr0.01_s0_tracked_every10.json", "none_lr0.01_s0.json"]
     for path in logs:
         log = json.loads(path.read_text())
         assert len(log["train_loss"]) == 3 and np.all(np.isfinite(log["train_loss"]))
@@ -110,7 +111,7 @@ def _fake_log(mode, lr, seed, rate, multiplier=1.0, method=None, steps=300):
     noise = np.random.default_rng(seed).normal(0, 0.01, steps)
     losses = 2.3 * np.exp(-rate * np.arange(steps)) * (1 + noise)
     config = {"mode": mode, "lr": lr, "seed": seed, "multiplier": multiplier,
-              "method": method, "every": 10 if method == "auto" else None}  # fmt: skip
+              "method": method, "every": 10 if method == "tracked" else None}  # fmt: skip
     return {"config": config, "train_loss": losses.tolist(), "test_accuracy": 0.9 + 0.01 * rate,
             "seconds": 1.0}  # fmt: skip
 
@@ -120,7 +121,7 @@ def test_mnist_summary_tables_and_figure(tb, tmp_path):
                           "2,4"])  # fmt: skip
     seeds = args.seeds
     logs = [_fake_log("none", 0.02, s, 0.004) for s in seeds]
-    logs += [_fake_log("implicit", 0.04, s, 0.008, method="auto") for s in seeds]
+    logs += [_fake_log("implicit", 0.04, s, 0.008, method="tracked") for s in seeds]
     logs += [_fake_log("implicit", 0.04, s, 0.0081, method="svd") for s in seeds[:2]]
     logs += [_fake_log("explicit", 0.04, s, 0.007) for s in seeds[:3]]
     logs += [_fake_log("dense-lr", 0.02, s, 0.005 + 0.001 * c, multiplier=c)
@@ -196,7 +197,7 @@ def test_runner_trains_exact_runs_one_at_a_time_beside_the_others(tb, tmp_path, 
     runner = tuned_mnist.MnistRunner(args, train_size=10)
     runner.pool = concurrent.futures.ThreadPoolExecutor(3)
     runs = [{"mode": "implicit", "lr": 0.02, "seed": s, "multiplier": 1.0,
-             "method": "svd" if s < 3 else "auto", "every": None} for s in range(6)]  # fmt: skip
+             "method": "svd" if s < 3 else "tracked", "every": None} for s in range(6)]  # fmt: skip
     try:
         logs = runner(runs)
     finally:
