@@ -35,7 +35,7 @@ flags.DEFINE_list(
     "methods", ["implicit exact", "implicit default", "explicit", "explicit balanced",
                 "nuclear norm"], "comma list of methods")  # fmt: skip
 flags.DEFINE_integer("max_steps", 5000, "step limit of every run", lower_bound=1)
-flags.DEFINE_float("lr_factor", 2.0, "the step is lr_factor * m / (N ||W*||_2^(2-2/N))")
+flags.DEFINE_float("lr_factor", 0.4, "the step is lr_factor * n^2 / (N ||W*||_2^(2-2/N))")
 flags.DEFINE_integer("record_every", 250, "steps between recorded singular values",
                      lower_bound=1)  # fmt: skip
 flags.DEFINE_string(

@@ -41,7 +41,7 @@ flags.DEFINE_boolean("explicit", True, "also train the N Gaussian factors themse
 flags.DEFINE_boolean("explicit_balanced", True, "also train balanced factors of the same start")
 flags.DEFINE_boolean("nuclear_norm", True, "also solve min ||X||_* (needs cvxpy)")
 flags.DEFINE_integer("max_steps", 5000, "step limit of every run", lower_bound=1)
-flags.DEFINE_float("lr_factor", 2.0, "the step is lr_factor * m / (N ||W*||_2^(2-2/N))")
+flags.DEFINE_float("lr_factor", 0.4, "the step is lr_factor * n^2 / (N ||W*||_2^(2-2/N))")
 flags.DEFINE_integer("record_every", 100, "steps between recorded singular values",
                      lower_bound=1)  # fmt: skip
 flags.DEFINE_string("output_dir", "matrix_completion_results", "where the JSON and PNG go")

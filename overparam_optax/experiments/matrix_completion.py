@@ -174,21 +174,25 @@ def effective_rank(w: np.ndarray) -> float:
     return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def learning_rate(depth: int, num_observed: int, target_norm2: float, factor: float = 2.0):
-    r"""The step size for depth N: ``min(m / 2, factor * m / (N * ||W*||_2^{2 - 2/N}))``.
+def learning_rate(
+    depth: int, num_observed: int, target_norm2: float, num_entries: int, factor: float = 0.4
+) -> float:
+    r"""The step for depth N: ``min(m / 2, factor * n^2 / (N * ||W*||_2^{2 - 2/N}))``.
 
-    The loss is the mean over the m observed entries, so its curvature along one entry is
-    2/m, and m / 2 is the step at which plain gradient descent (N = 1) fits every observed
-    entry in one update. The depth-N rule multiplies the gradient along the top singular pair
-    by about N sigma^{2 - 2/N}, largest at the solution (sigma = ||W*||_2), so the step
-    shrinks by that factor. The bound is loose (the top singular vectors are spread over
-    many entries); of the factors 0.5, 2 and 8 tried on the 2,000-observation problem of
-    seed 0 at scale 1e-3 (explicit factors, depths 2-4), 8 diverged and 2 is the default.
+    The loss is the mean over the m observed entries. Along one entry its curvature is 2/m,
+    and m / 2 is the step at which plain gradient descent (N = 1) fits every observed entry
+    in one update. Along a rank-one direction u v^T spread over the n^2 = ``num_entries``
+    entries it is about (2/m) (m/n^2) = 2/n^2, whatever m, and the depth-N rule multiplies
+    the gradient along the top singular pair by about N sigma^{2 - 2/N}, largest at the
+    solution (sigma = ||W*||_2); gradient descent is stable below 2 over their product,
+    n^2 / (N sigma^{2-2/N}). ``factor`` = 0.4 keeps a margin: of 0.1, 0.4 and 1.6 tried
+    on the 2,000-observation problem of seed 0 at scale 1e-3 (explicit factors, depths
+    2-4), 1.6 diverged.
     """
     _check_positive_int(depth, "depth")
     if not factor > 0:
         raise ValueError(f"factor must be positive, got {factor!r}.")
-    scaled = factor * num_observed / (depth * target_norm2 ** (2.0 - 2.0 / depth))
+    scaled = factor * num_entries / (depth * target_norm2 ** (2.0 - 2.0 / depth))
     return min(num_observed / 2.0, scaled)
 
 
@@ -458,7 +462,7 @@ def run_problem(
     methods: Sequence[str],
     *,
     max_steps: int,
-    lr_factor: float = 2.0,
+    lr_factor: float = 0.4,
     tol: float = 1e-7,
     record_every: int = 100,
     progress_factory: Callable[[str], Callable[[int, float], None] | None] | None = None,
@@ -490,7 +494,7 @@ def run_problem(
     records = []
     for depth in depths:
         factors = gaussian_factors(seed, problem.target.shape[0], depth, scale)
-        lr = learning_rate(depth, num_observed, norm2, lr_factor)
+        lr = learning_rate(depth, num_observed, norm2, problem.target.size, lr_factor)
         for method in methods:
             if method == "nuclear norm" or (depth == 1 and method != "implicit exact"):
                 continue  # depth 1: one plain-GD run stands for all three
@@ -567,3 +571,56 @@ def plot_runs(records: Sequence[dict], path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# Summaries over seeds (docs/implicit_regularization.md).
+# --------------------------------------------------------------------------------------
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95% t-interval) over seeds; half-width 0 for one value."""
+    from scipy import stats
+
+    values = np.asarray(values, np.float64)
+    if values.size < 2:
+        return float(values.mean()), 0.0
+    sem = values.std(ddof=1) / np.sqrt(values.size)
+    return float(values.mean()), float(stats.t.ppf(0.975, values.size - 1) * sem)
+
+
+def _select(runs, num_observed, method, depth):
+    chosen = [r for r in runs if r["num_observed"] == num_observed and r["method"] == method
+              and r["depth"] == depth]  # fmt: skip
+    return sorted(chosen, key=lambda r: (r["scale"], r["seed"]))
+
+
+def summary_rows(runs: Sequence[dict]) -> list[list[str]]:
+    """The rows of the docs' results table: observations, method, N, then relative error and
+    effective rank as mean +- 95% t-interval over seeds, steps (range) and runs converged."""
+    rows = []
+    order = {m: i for i, m in enumerate(("gradient descent", *METHODS))}
+    keys = sorted({(r["num_observed"], order[r["method"]], r["depth"] or 0) for r in runs})
+    for m, method_index, depth in keys:
+        method = ("gradient descent", *METHODS)[method_index]
+        chosen = _select(runs, m, method, depth or None)
+        err = t_interval([r["relative_error"] for r in chosen])
+        erank = t_interval([r["effective_rank"] for r in chosen])
+        steps = [r["steps"] for r in chosen if r.get("steps") is not None]
+        rows.append([
+            f"{m:,}", method, str(depth) if depth else "-",
+            f"{err[0]:.4f} ± {err[1]:.4f}", f"{erank[0]:.2f} ± {erank[1]:.2f}",
+            f"{min(steps):,}-{max(steps):,}" if steps else "-",
+            f"{sum(bool(r['converged']) for r in chosen)}/{len(chosen)}" if steps else "-",
+        ])  # fmt: skip
+    return rows
+
+
+def paired_difference(runs, num_observed, a: tuple, b: tuple) -> tuple[float, float, int]:
+    """Relative error of a minus that of b, paired by (scale, seed): (mean, 95% half-width,
+    pairs); a and b are (method, depth) pairs."""
+    first, second = _select(runs, num_observed, *a), _select(runs, num_observed, *b)
+    pairs = [(x["relative_error"], y["relative_error"]) for x in first for y in second
+             if (x["scale"], x["seed"]) == (y["scale"], y["seed"])]  # fmt: skip
+    mean, half = t_interval([x - y for x, y in pairs])
+    return mean, half, len(pairs)
