@@ -159,9 +159,7 @@ def jacobian_asymmetry(field: Callable, w: np.ndarray, eps: float = 1e-5) -> flo
     return float(np.linalg.norm(jac - jac.T) / np.linalg.norm(jac))
 
 
-def loop_integral(
-    field: Callable, center: np.ndarray, radius: float, points: int = 64
-) -> float:
+def loop_integral(field: Callable, center: np.ndarray, radius: float, points: int = 64) -> float:
     """The integral of F . dw around the circle center + radius (cos t e1 + sin t e2).
 
     e1, e2 are the first two coordinate axes. The trapezoid rule on a periodic integrand is
@@ -176,3 +174,47 @@ def loop_integral(
         tangent[:2] = -np.sin(t), np.cos(t)
         total += float(field(center + radius * direction) @ tangent) * radius
     return total * 2 * np.pi / points
+
+
+# --------------------------------------------------------------------------------------
+# Tables of docs/implicit_regularization.md.
+# --------------------------------------------------------------------------------------
+
+
+def _falls(run: dict) -> list[bool]:
+    w11 = run["abs_w11"]
+    return [False] + [b < a for a, b in zip(w11, w11[1:], strict=False)]
+
+
+def _first_step(run: dict, condition) -> str:
+    hits = [s for s, ok in zip(run["step"], condition(run), strict=True) if ok]
+    return f"{hits[0]:,}" if hits else "never"
+
+
+def razin_cohen_table(runs: dict) -> str:
+    """Final values of every 2 x 2 run, the first recorded step with det below -1e-12 (not
+    rounding) and the first at
+    which |w11| fell, as a markdown table (``runs`` as in the benchmark's JSON)."""
+    lines = [
+        "| run | final loss | abs(w11) | nuclear norm | Frobenius norm | effective rank "
+        "| det | first det < -1e-12 | first fall of abs(w11) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, run in runs.items():
+        lines.append(
+            f"| {label} | {run['loss'][-1]:.2e} | {run['abs_w11'][-1]:.2f} "
+            f"| {run['nuclear_norm'][-1]:.2f} | {run['frobenius_norm'][-1]:.2f} "
+            f"| {run['effective_rank'][-1]:.4f} | {run['determinant'][-1]:.2e} "
+            f"| {_first_step(run, lambda r: [d < -1e-12 for d in r['determinant']])} "
+            f"| {_first_step(run, _falls)} |"
+        )
+    return "\n".join(lines)
+
+
+def field_table(field: dict) -> str:
+    """Jacobian asymmetry and loop integral per depth, as a markdown table."""
+    lines = ["| N | Jacobian asymmetry | loop integral |", "|---|---|---|"]
+    for depth, check in field["depths"].items():
+        lines.append(f"| {depth} | {check['jacobian_asymmetry']:.2e} "
+                     f"| {check['loop_integral']:.2e} |")  # fmt: skip
+    return "\n".join(lines)

@@ -624,3 +624,36 @@ def paired_difference(runs, num_observed, a: tuple, b: tuple) -> tuple[float, fl
              if (x["scale"], x["seed"]) == (y["scale"], y["seed"])]  # fmt: skip
     mean, half = t_interval([x - y for x, y in pairs])
     return mean, half, len(pairs)
+
+
+#: The paired comparisons of the docs: (a, b), each a (method, depth) pair.
+PAIRED_COMPARISONS = (
+    (("implicit exact", 2), ("explicit balanced", 2)),
+    (("implicit exact", 3), ("explicit balanced", 3)),
+    (("implicit exact", 4), ("explicit balanced", 4)),
+    (("explicit", 3), ("explicit balanced", 3)),
+    (("implicit default", 3), ("implicit exact", 3)),
+    (("implicit default", 4), ("implicit exact", 4)),
+    (("explicit", 3), ("explicit", 2)),
+    (("explicit", 4), ("explicit", 3)),
+    (("explicit", 2), ("nuclear norm", None)),
+    (("explicit", 3), ("nuclear norm", None)),
+    (("implicit exact", 3), ("nuclear norm", None)),
+)
+
+
+def markdown_tables(runs: Sequence[dict]) -> str:
+    """The two tables of docs/implicit_regularization.md, rendered from the sweep's runs."""
+    lines = [
+        "| observed | method | N | relative error | effective rank | steps | converged |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(runs)]
+    lines += ["", "| observed | a | b | error(a) - error(b) | pairs |", "|---|---|---|---|---|"]
+    for m in sorted({r["num_observed"] for r in runs}):
+        for a, b in PAIRED_COMPARISONS:
+            mean, half, n = paired_difference(runs, m, a, b)
+            if n:
+                name = lambda p: p[0] if p[1] is None else f"{p[0]} N={p[1]}"  # noqa: E731
+                lines.append(f"| {m:,} | {name(a)} | {name(b)} | {mean:+.4f} ± {half:.4f} | {n} |")
+    return "\n".join(lines)
