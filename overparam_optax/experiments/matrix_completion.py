@@ -632,6 +632,7 @@ PAIRED_COMPARISONS = (
     (("implicit exact", 3), ("explicit balanced", 3)),
     (("implicit exact", 4), ("explicit balanced", 4)),
     (("explicit", 3), ("explicit balanced", 3)),
+    (("implicit default", 2), ("implicit exact", 2)),
     (("implicit default", 3), ("implicit exact", 3)),
     (("implicit default", 4), ("implicit exact", 4)),
     (("explicit", 3), ("explicit", 2)),
@@ -639,6 +640,8 @@ PAIRED_COMPARISONS = (
     (("explicit", 2), ("nuclear norm", None)),
     (("explicit", 3), ("nuclear norm", None)),
     (("implicit exact", 3), ("nuclear norm", None)),
+    (("explicit", 4), ("nuclear norm", None)),
+    (("implicit exact", 4), ("nuclear norm", None)),
 )
 
 
