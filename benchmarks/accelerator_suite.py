@@ -685,7 +685,7 @@ def run_linalg(args: argparse.Namespace, budget: Budget) -> dict:
     """Section (b): precondition_matrix time and error per size, method and precision."""
     sizes = [8, 16] if args.quick else args.sizes
     repeats = 2 if args.quick else args.linalg_repeats
-    methods = [m for m in linalg.METHODS if m != "auto"]
+    methods = list(linalg.STATELESS_METHODS)
     methods.sort(key=lambda m: m != "svd")  # svd first: the reference of every error
     # svd (the exact reference) and eigh at HIGHEST only: their cost is the decomposition,
     # and lower-precision Gram matrices only lose accuracy; newton is all matmuls.
@@ -727,7 +727,7 @@ def run_linalg(args: argparse.Namespace, budget: Budget) -> dict:
 
     rows = []
     for n in sizes:
-        row = {"n": n, "entries": {}, "auto_resolves_to": linalg.resolve_method("auto", n, n)}
+        row = {"n": n, "entries": {}}
         rows.append(row)
         w = g = reference = None
         for m, p in pairs:

@@ -8,49 +8,33 @@ the sizes of issue 2. The float64 half runs in jax's x64 mode, switched on for i
     python benchmarks/accuracy.py --out benchmarks/results/accuracy_cpu.json
 """
 
-import argparse
 import json
-import os
 import pathlib
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 import overparam_optax as opx
-from overparam_optax.experiments import cli
+from overparam_optax.experiments import flags as xflags
+from overparam_optax.experiments import timing
 from overparam_optax.experiments.reference import MATRIX_CASES, make_matrix, reference_precondition
 
 
-def _matrix_size(text: str) -> tuple[int, int]:
-    """'MxN' with positive M and N, for --sizes."""
-    rows, sep, cols = text.partition("x")
-    try:
-        if not sep:
-            raise argparse.ArgumentTypeError("")
-        return cli.positive_int(rows), cli.positive_int(cols)
-    except argparse.ArgumentTypeError:
-        message = f"must be MxN with positive M and N, got {text!r}"
-        raise argparse.ArgumentTypeError(message) from None
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--platform", choices=("cpu", "gpu", "cuda", "rocm", "tpu"), default=None,
-        help="the jax platform (default: jax's own choice)",
-    )  # fmt: skip
-    parser.add_argument("--repeats", type=cli.positive_int, default=7)
-    parser.add_argument(
-        "--sizes", type=cli.comma_list(_matrix_size), default="256x256,1024x1024,3136x512"
-    )
-    parser.add_argument(
-        "--out", type=cli.output_file, default=None, help="JSON path (default: print only)"
-    )
-    return parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line; absl checks every value while parsing."""
+    flags.DEFINE_enum("platform", None, xflags.PLATFORMS,
+                      "the jax platform (default: jax's own choice)", flag_values=flag_values)
+    flags.DEFINE_integer("repeats", 7, "timed calls per size", lower_bound=1,
+                         flag_values=flag_values)  # fmt: skip
+    xflags.define_size_list("sizes", "256x256,1024x1024,3136x512", "matrix shapes to time",
+                            flag_values=flag_values)  # fmt: skip
+    xflags.define_output_file("out", None, "JSON path (default: print only)",
+                              flag_values=flag_values)  # fmt: skip
+    flags.DEFINE_integer("blas-threads", 0, "OPENBLAS_NUM_THREADS (0: as it is)", lower_bound=0,
+                         flag_values=flag_values)  # fmt: skip
 
 
 def max_relative_errors() -> dict:
@@ -79,11 +63,9 @@ def _worst_error(dtype_name: str) -> float:
     return worst
 
 
-def main(argv=None) -> dict:
+def main(args) -> dict:
     """Measures the errors and the call times; prints them and writes --out if given."""
-    args = parse_args(argv)
-    if args.platform:
-        jax.config.update("jax_platforms", args.platform)
+    xflags.setup_platform(args)
     errors = max_relative_errors()
 
     timings = {}
@@ -103,18 +85,15 @@ def main(argv=None) -> dict:
         print(f"exact call, {size} float32, N=3: {1e3 * timings[size]:.1f} ms (median)")
 
     record = {
-        "command": "python " + " ".join(sys.argv),
-        "device": str(jax.devices()[0]),
-        "platform": jax.devices()[0].platform,
-        "jax_version": jax.__version__,
-        "cpu_count": os.cpu_count(),
+        "environment": timing.environment(),
         "max_relative_error": errors,
         "exact_call_seconds_median": timings,
     }
     if args.out:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
 if __name__ == "__main__":
-    main()
+    xflags.run(define_flags, main)

@@ -13,41 +13,34 @@ Writes benchmarks/results/batching_<backend>.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
-import platform
-import shlex
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from overparam_optax import linalg
+from overparam_optax.experiments import flags as xflags
+from overparam_optax.experiments import timing
 
+METHODS = ("svd", "eigh", "newton")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=4, help="same-shaped matrices (K)")
-    parser.add_argument("--shapes", default="512x512,3136x512,128x128", help="rows x cols list")
-    parser.add_argument("--N", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
-    parser.add_argument("--out", default=None, help="JSON path (default: results/)")
-    args = parser.parse_args(argv)
-    if args.count < 2 or args.repeats < 1 or args.N < 2:
-        parser.error("--count must be >= 2, --repeats >= 1 and --N >= 2")
-    try:
-        args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    except ValueError:
-        parser.error(f"--shapes must look like 512x512,3136x512, got {args.shapes!r}")
-    if args.quick:
-        args.shapes, args.repeats = [(16, 8)], 2
-    return args
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line; absl checks every value and combination while parsing."""
+    fv = flag_values
+    flags.DEFINE_integer("count", 4, "same-shaped matrices (K)", lower_bound=2, flag_values=fv)
+    xflags.define_size_list("shapes", "512x512,3136x512,128x128", "matrix shapes",
+                            flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("N", 3, "the depth", lower_bound=2, flag_values=fv)
+    xflags.require_depth_for_methods("N", METHODS, flag_values=fv)  # every method is timed
+    flags.DEFINE_integer("repeats", 7, "timed calls", lower_bound=1, flag_values=fv)
+    flags.DEFINE_boolean("quick", False, "tiny sizes, for a smoke run", flag_values=fv)
+    xflags.define_output_file("out", None, "JSON path (default: results/)", flag_values=fv)
 
 
 def _timed(fn, *xs) -> float:
@@ -75,11 +68,13 @@ def measure(shape, count, N, method, repeats) -> dict:
     return {**medians, "ratio_one_by_one_over_stacked": medians["one_by_one"] / medians["stacked"]}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def main(args) -> dict:
+    """Times every method stacked and one by one; writes the JSON."""
+    if args.quick:
+        args.shapes, args.repeats = [(16, 8)], 2
     rows = []
     for shape in args.shapes:
-        for method in ("svd", "eigh", "newton"):
+        for method in METHODS:
             result = measure(shape, args.count, args.N, method, args.repeats)
             rows.append({"shape": list(shape), "method": method, **result})
             print(
@@ -88,11 +83,7 @@ def main(argv=None) -> dict:
                 f"  ratio {result['ratio_one_by_one_over_stacked']:.2f}"
             )
     out = {
-        "command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        "device": str(jax.devices()[0]),
-        "backend": jax.default_backend(),
-        "cpu": platform.processor() or platform.machine(),
-        "jax_version": jax.__version__,
+        "environment": timing.environment(),
         "count": args.count,
         "N": args.N,
         "rows": rows,
@@ -100,10 +91,11 @@ def main(argv=None) -> dict:
     path = (
         pathlib.Path(args.out) if args.out else RESULTS / f"batching_{jax.default_backend()}.json"
     )
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    xflags.run(define_flags, main)

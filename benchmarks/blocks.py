@@ -22,7 +22,7 @@ Usage (from the repository root; needs the MNIST IDX files, found through
 ``overparam_optax.experiments.data.default_data_dir("mnist")`` or ``--data-dir``):
 
     python benchmarks/blocks.py                 # 200 steps: ~30-60 min on 2 busy CPU cores
-    python benchmarks/blocks.py --steps 20      # smoke run
+    python benchmarks/blocks.py --steps 25      # smoke run
 
 Writes ``benchmarks/results/blocks_<platform>.json`` (device, versions, the exact command,
 the summary and the subsampled curves) and ``docs/figures/blocks_<platform>.png``; see
@@ -31,48 +31,41 @@ docs/scaling.md.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import pathlib
-import platform
 import shlex
 import sys
 
 import numpy as np
+from absl import flags
 
-from overparam_optax.experiments import cli
+from overparam_optax.experiments import flags as xflags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOOTH = 25
 
 
-def make_parser() -> argparse.ArgumentParser:
-    """The command line; every value is checked here, before any work."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--platform", choices=("cpu", "gpu", "cuda", "rocm", "tpu"), default=None,
-        help="the jax platform (default: jax's own choice)",
-    )  # fmt: skip
-    parser.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files")
-    parser.add_argument("--steps", type=cli.positive_int, default=200)
-    parser.add_argument("--batch-size", type=cli.positive_int, default=128)
-    parser.add_argument("--lr", type=cli.positive_float, default=0.02)
-    parser.add_argument("--momentum", type=cli.nonnegative_float, default=0.9)
-    parser.add_argument("--depth", type=cli.positive_int, default=3, help="N")
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
-    parser.add_argument("--out-json", type=cli.output_file, default=None)
-    parser.add_argument("--out-png", type=cli.output_file, default=None)
-    return parser
-
-
-def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
-    parser = parser or make_parser()
-    args = parser.parse_args(argv)
-    if args.steps < SMOOTH:
-        parser.error(f"--steps must be at least {SMOOTH}, the smoothing window")
-    return args
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line; absl checks every value while parsing."""
+    fv = flag_values
+    flags.DEFINE_enum("platform", None, xflags.PLATFORMS,
+                      "the jax platform (default: jax's own choice)", flag_values=fv)
+    flags.DEFINE_string("data-dir", None, "folder with the MNIST IDX files", flag_values=fv)
+    flags.DEFINE_integer("steps", 200, f"training steps (>= {SMOOTH}, the smoothing window)",
+                         lower_bound=SMOOTH, flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("batch-size", 128, "digits per step", lower_bound=1, flag_values=fv)
+    flags.DEFINE_float("lr", 0.02, "learning rate", lower_bound=1e-12, upper_bound=1e3,
+                       flag_values=fv)  # fmt: skip
+    flags.DEFINE_float("momentum", 0.9, "momentum", lower_bound=0.0, upper_bound=1.0,
+                       flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("depth", 3, "N", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "initial weights and minibatches", lower_bound=0,
+                         flag_values=fv)  # fmt: skip
+    xflags.define_output_file("out-json", None, "JSON path", flag_values=fv)
+    xflags.define_output_file("out-png", None, "figure path", flag_values=fv)
+    flags.DEFINE_integer("blas-threads", 0, "OPENBLAS_NUM_THREADS (0: as it is)", lower_bound=0,
+                         flag_values=fv)  # fmt: skip
 
 
 def init_mlp(jax, sizes, seed):
@@ -118,28 +111,25 @@ def direction_gap(jax, opx, params, grads, depth, block_size):
     return gaps
 
 
-def main(argv=None) -> dict:
+def main(args) -> dict:
     """Trains the four runs, compares their curves and directions; returns the report."""
-    parser = make_parser()
-    args = parse_args(argv, parser)
+    xflags.setup_platform(args)
     import jax
     import optax
 
     import overparam_optax as opx
-    from overparam_optax.experiments import data, training
+    from overparam_optax.experiments import data, timing, training
 
-    if args.platform:
-        jax.config.update("jax_platforms", args.platform)
     data_dir = args.data_dir or data.default_data_dir("mnist")
     if data_dir is None:
-        parser.error("MNIST not found: pass --data-dir (a folder with the four IDX files)")
+        xflags.fail("data-dir", None, "MNIST not found: pass a folder with the four IDX files")
     try:
         train = data.load_mnist(data_dir, split="train")
         test = data.load_mnist(data_dir, split="test")
     except data.DataError as error:
-        parser.error(f"--data-dir: {error}")
+        xflags.fail("data-dir", data_dir, str(error))
     if args.batch_size > len(train[1]):
-        parser.error(f"--batch-size {args.batch_size} exceeds the {len(train[1])} digits")
+        xflags.fail("batch-size", args.batch_size, f"exceeds the {len(train[1])} digits")
     params0 = init_mlp(jax, [784, 512, 512, 10], args.seed)
 
     def make_tx(block_size, depth):
@@ -216,22 +206,21 @@ def main(argv=None) -> dict:
         args.out_png or REPO / "docs" / "figures" / f"blocks_{platform_name}.png"
     )
     stride = max(1, len(smooth["exact"]) // 400)
+    env = timing.environment()
     report = {
         "benchmark": "block-diagonal vs exact preconditioner, MNIST MLP 784-512-512-10",
-        "command": shlex.join(["python", "benchmarks/blocks.py", *sys.argv[1:]])
-        if argv is None
-        else shlex.join(["python", "benchmarks/blocks.py", *argv]),
+        "command": shlex.join(["python", "benchmarks/blocks.py", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {
-            "python": platform.python_version(),
-            "jax": jax.__version__,
+            "python": env["python"],
+            "jax": env["jax_version"],
             "optax": optax.__version__,
             "numpy": np.__version__,
         },
         "device": {
-            "platform": platform_name,
-            "device_kind": jax.devices()[0].device_kind,
-            "device_count": jax.device_count(),
+            "platform": env["backend"],
+            "device_kind": env["device"],
+            "device_count": env["num_devices"],
         },
         "config": {
             "steps": args.steps,
@@ -281,4 +270,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    xflags.run(define_flags, main)

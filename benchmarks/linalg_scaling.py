@@ -4,7 +4,7 @@ For square n x n and tall 4n x n matrices W (Gaussian entries / sqrt(n): a fresh
 initialized layer, condition number ~n for the square ones, the hard case for "eigh") and a
 Gaussian gradient G, times one jitted ``precondition_matrix(W, G, N, method=m)`` call for
 m in svd, eigh, newton, plus ``apply``: applying cached factors
-(``linalg.apply_depth_factors``), the per-step cost with ``precondition_every > 1``. Reports
+(``linalg.apply_depth_factors``), the cost of applying factors already computed. Reports
 the relative Frobenius error of each method against the exact path (method="svd") and the
 exponent b of a least-squares fit time ~ a * n^b over the sizes >= --fit-from.
 
@@ -25,16 +25,17 @@ Writes benchmarks/results/linalg_scaling_<backend>.json.
 
 from __future__ import annotations
 
-import argparse
 import math
 import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
 from overparam_optax import linalg
-from overparam_optax.experiments import cli, timing
+from overparam_optax.experiments import flags as xflags
+from overparam_optax.experiments import timing
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 FIGURES_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "figures"
@@ -42,25 +43,22 @@ FIGURES_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "figures"
 METHODS = ("svd", "eigh", "newton", "apply")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    timing.add_common_args(parser)
-    parser.add_argument("--N", type=cli.positive_int, default=3)
-    parser.add_argument(
-        "--sizes", type=cli.comma_list(cli.positive_int), default=None,
-        help="comma-separated n (default per platform)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--tall-max", type=cli.positive_int, default=1024, help="largest n of the 4n x n runs"
-    )
-    parser.add_argument("--newton-max", type=cli.positive_int, default=None)
-    parser.add_argument("--repeats", type=cli.positive_int, default=3)
-    parser.add_argument("--fit-from", type=cli.positive_int, default=512)
-    parser.add_argument(
-        "--plot", type=cli.output_file, default=None, help="PNG path (default docs/figures/)"
-    )
-    return parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line; absl checks every value (N against every method) while parsing."""
+    fv = flag_values
+    xflags.define_platform_flags(flag_values=fv)
+    flags.DEFINE_integer("N", 3, "the depth", lower_bound=1, flag_values=fv)
+    xflags.require_depth_for_methods("N", ("svd", "eigh", "newton"), flag_values=fv)
+    xflags.define_int_list("sizes", None, "n of the n x n runs (default per platform)",
+                           flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("tall-max", 1024, "largest n of the 4n x n runs", lower_bound=1,
+                         flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("newton-max", None, "largest n timed with newton", lower_bound=1,
+                         flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("repeats", 3, "timed calls per size", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("fit-from", 512, "smallest n of the exponent fit", lower_bound=1,
+                         flag_values=fv)  # fmt: skip
+    xflags.define_output_file("plot", None, "PNG path (default docs/figures/)", flag_values=fv)
 
 
 def fit_exponent(ns, ts, fit_from):
@@ -74,10 +72,9 @@ def fit_exponent(ns, ts, fit_from):
     return sum((p[0] - mx) * (p[1] - my) for p in points) / sxx
 
 
-def main(argv=None) -> dict:
+def main(args) -> dict:
     """Times every method at every size; writes and returns the JSON record."""
-    args = parse_args(argv)
-    timing.setup_platform(args)
+    xflags.setup_platform(args)
     backend = jax.default_backend()
     if args.sizes:
         sizes = args.sizes
@@ -201,4 +198,4 @@ def _plot(rows, args, backend) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    xflags.run(define_flags, main)

@@ -6,11 +6,9 @@ dense 3136->512, dense 512->10), batch 128, N = 3, all four kernels precondition
 Contenders, each a jitted full training step (forward, backward, optimizer):
 
 * ``sgd``            plain SGD (the denominator of every ratio);
-* ``default``        overparam_precondition(N) with no option: what users get;
+* ``default``        overparam_precondition(N) with no option: what users get (the tracked
+                     basis, recomputed when it cannot hold its tolerance);
 * ``svd``            method="svd": the exact thin SVD every step;
-* ``eigh``           method="eigh" (Gram matrix eigendecomposition) every step;
-* ``newton``         method="newton" (matmul-only) every step;
-* ``auto_every{k}``  method="auto", precondition_every=k (k = --every);
 * ``muon``           optax.contrib.muon, with every conv and dense kernel orthogonalized.
 
 Nothing is set that users would not set: OPENBLAS_NUM_THREADS is left as the environment has
@@ -26,13 +24,14 @@ times and memory: the bytes of params + grads + optimizer state (from the arrays
 and XLA's compiled memory analysis of each step (arguments, outputs, temporaries). By
 default only the explicit model, the cached fast configuration and plain SGD on the
 implicit model are timed for target 2 (the every-step decompositions of two 2048 x 2048
-matrices take seconds per step on 2 cores); --mlp-all times them too.
+matrices take seconds per step on 2 cores); --mlp-all times them too. The state bytes of
+every contender are recorded, with the default's decompositions per matrix update.
 
 Timing (``overparam_optax.experiments.timing.time_interleaved``): contenders are interleaved
 step by step, each step timed alone with jax.block_until_ready (state carried, so a cached
 contender pays one recomputation per window of k steps); compilation and one warm-up window
 are excluded. Each ratio is the median over windows of (contender's window time / baseline's
-window time at the same step indices): on a shared, busy machine neighbouring steps see the
+window time at the same step indices; a window is --every steps): on a shared, busy machine neighbouring steps see the
 same load, while absolute times drift by 2x or more (docs/performance.md).
 
 Usage (from the repository root):
@@ -66,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     timing.add_common_args(parser)
     parser.add_argument("--N", type=cli.positive_int, default=3)
     parser.add_argument(
-        "--every", type=cli.positive_int, default=10, help="k of the cached contenders"
+        "--every", type=cli.positive_int, default=10, help="steps per timing window"
     )
     parser.add_argument("--repeats", type=cli.positive_int, default=5)
     parser.add_argument(
@@ -93,6 +92,13 @@ def _target(text: str) -> str:
         raise argparse.ArgumentTypeError(f"must be 1 or 2, got {text!r}")
     return text
 
+
+
+def _decompositions(state) -> dict:
+    """The default's fresh decompositions over the timed steps, per matrix update."""
+    inner = state[0]
+    updates = int(inner.count) * len(jax.tree.leaves(inner.factors))
+    return {"count": int(inner.decompositions), "matrix_updates": updates}
 
 
 def _nbytes(tree) -> int:
@@ -132,9 +138,6 @@ def cnn_target(args) -> dict:
         "sgd": optax.sgd(lr),
         "default": pre(),  # what the one-line README usage gets
         "svd": pre(method="svd"),
-        "eigh": pre(method="eigh"),
-        "newton": pre(method="newton"),
-        f"auto_every{k}": pre(method="auto", precondition_every=k),
         "muon": optax.contrib.muon(lr, muon_weight_dimension_numbers=muon_dims),
     }
     if args.quick:  # smoke run: the default and the two baselines only
@@ -156,6 +159,7 @@ def cnn_target(args) -> dict:
         f"(default {'lower' if ratios['default'] < ratios['muon'] else 'NOT lower'})"
     )
     return {
+        "default_decompositions": _decompositions(carries["default"][1]),
         "batch": batch,
         "N": N,
         "every": k,
@@ -195,11 +199,7 @@ def mlp_target(args) -> dict:
         "explicit_sgd": (loss_for(explicit), optax.sgd(lr), p_exp),
         "implicit_svd": (loss_for(implicit), pre(method="svd"), p_imp),
         "implicit_eigh": (loss_for(implicit), pre(method="eigh"), p_imp),
-        f"implicit_auto_every{k}": (
-            loss_for(implicit),
-            pre(method="auto", precondition_every=k),
-            p_imp,
-        ),
+        "implicit_default": (loss_for(implicit), pre(), p_imp),
         "implicit_sgd": (loss_for(implicit), optax.sgd(lr), p_imp),
     }
     steps, carries, memory = {}, {}, {}

@@ -27,17 +27,18 @@ the identical command line (``--no-reuse`` to recompute). Writes
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import math
 import os
 import pathlib
-import platform
 import sys
 import time
 
 import numpy as np
+from absl import flags
+
+from overparam_optax.experiments import flags as xflags
+from overparam_optax.experiments import lm_example
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -54,32 +55,38 @@ DEFAULT_GRIDS = {
 RUN_FLAGS = ("steps", "eval_every", "eval_windows", "batch_size", "context", "d_model", "layers")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The command line (grids, seeds, the example's run size, output places), validated."""
-    from overparam_optax.experiments import cli
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    rates, seeds = cli.comma_list(cli.positive_float), cli.comma_list(cli.nonnegative_int)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line (grids, seeds, the example's run size, output places)."""
+    fv = flag_values
     for mode, grid in DEFAULT_GRIDS.items():
-        flag = f"--grid-{mode.replace('+', '-')}"
-        parser.add_argument(flag, type=rates, default=rates(grid), help=f"default {grid}")
-    parser.add_argument("--grid-seed", type=cli.nonnegative_int, default=0)
-    parser.add_argument("--seeds", type=seeds, default=[0, 1, 2])
-    parser.add_argument("--explicit-seeds", type=seeds, default=[0, 1, 2])
-    parser.add_argument("--steps", type=cli.positive_int, default=400)
-    parser.add_argument("--eval-every", type=cli.positive_int, default=20)
-    parser.add_argument("--eval-windows", type=cli.positive_int, default=256)
-    parser.add_argument("--batch-size", type=cli.positive_int, default=32)
-    parser.add_argument("--context", type=cli.positive_int, default=64)
-    parser.add_argument("--d-model", type=cli.positive_int, default=64)
-    parser.add_argument("--layers", type=cli.positive_int, default=2)
-    parser.add_argument("--text-file", default=None)
-    parser.add_argument("--results-dir", type=cli.output_dir, default=str(RESULTS_DIR))
-    parser.add_argument("--figures-dir", type=cli.output_dir, default=str(FIGURES_DIR))
-    parser.add_argument("--no-reuse", action="store_true", help="recompute every run")
-    parser.add_argument("--timing-chunk", type=cli.positive_int, default=5)
-    parser.add_argument("--timing-repeats", type=cli.positive_int, default=10)
-    args = parser.parse_args(argv)
+        xflags.define_float_list(f"grid-{mode.replace('+', '-')}", grid, f"{mode}'s rates",
+                                 positive=True, flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("grid-seed", 0, "seed of the grid runs", lower_bound=0, flag_values=fv)
+    xflags.define_int_list("seeds", "0,1,2", "seeds of the tuned modes", lower_bound=0,
+                           flag_values=fv)  # fmt: skip
+    xflags.define_int_list("explicit-seeds", "0,1,2", "seeds of the explicit model",
+                           lower_bound=0, flag_values=fv)  # fmt: skip
+    sizes = {"steps": 400, "eval-every": 20, "eval-windows": 256, "batch-size": 32,
+             "context": 64, "d-model": 64, "layers": 2}  # fmt: skip
+    for name, default in sizes.items():
+        flags.DEFINE_integer(name, default, "the example's flag", lower_bound=1, flag_values=fv)
+    xflags.define_input_file("text-file", None, "train on this file instead", flag_values=fv)
+    xflags.define_output_dir("results-dir", str(RESULTS_DIR), "JSON and tables", flag_values=fv)
+    xflags.define_output_dir("figures-dir", str(FIGURES_DIR), "the figure", flag_values=fv)
+    flags.DEFINE_boolean("no-reuse", False, "recompute every run", flag_values=fv)
+    flags.DEFINE_integer("timing-chunk", 5, "steps per timed window", lower_bound=1,
+                         flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("timing-repeats", 10, "timed windows", lower_bound=1, flag_values=fv)
+    xflags.require(["d-model"], lambda d: d % 4 == 0, "--d-model must be a multiple of the "
+                   "example's 4 heads", flag_values=fv)  # fmt: skip
+
+
+def parse_args(argv=()):
+    """The parsed flags, with ``grids``: mode -> its learning rates."""
+    return with_grids(xflags.parse(define_flags, argv))
+
+
+def with_grids(args):
     args.grids = {
         mode: getattr(args, f"grid_{mode.replace('+', '_').replace('-', '_')}")
         for mode in TUNED_MODES
@@ -87,21 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location(
-        "transformer_lm", REPO / "examples" / "transformer_lm.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # flax modules (dataclasses) look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def _run_dir(args, mode: str, lr: float, seed: int) -> pathlib.Path:
     return pathlib.Path(args.results_dir) / "transformer_lm" / f"{mode}_lr{lr:g}_seed{seed}"
 
 
-def run_one(module, args, mode: str, lr: float, seed: int) -> dict:
+def run_one(args, mode: str, lr: float, seed: int) -> dict:
     """One mode at one rate and seed: the example's log (reused when the command matches)."""
     output_dir = _run_dir(args, mode, lr, seed)
     lr_key = "momentum+overparam" if mode == EXPLICIT else mode
@@ -112,15 +109,16 @@ def run_one(module, args, mode: str, lr: float, seed: int) -> dict:
         argv += ["--text-file", args.text_file]
     argv += ["--no-progress", "--output-dir", str(output_dir)]
     log_path = output_dir / "transformer_lm.json"
+    command = " ".join(["python examples/transformer_lm.py", *argv])
     if not args.no_reuse and log_path.exists():
         log = json.loads(log_path.read_text())
-        if log["command"] == " ".join(["python examples/transformer_lm.py", *argv]):
+        if log["command"] == command:
             print(f"reusing {log_path} ({log['timestamp']})", flush=True)
             return log
-    return module.main(argv)
+    return lm_example.train(xflags.parse(lm_example.define_flags, argv), command)
 
 
-def paired_step_times(module, args, chosen: dict) -> dict:
+def paired_step_times(args, chosen: dict) -> dict:
     """Seconds per training step of every mode, interleaved step by step (load-robust).
 
     The separate runs above are timed one after another on a shared machine whose load
@@ -139,15 +137,15 @@ def paired_step_times(module, args, chosen: dict) -> dict:
     argv = ["--lr", ",".join(f"{m}={chosen[m]:g}" for m in TUNED_MODES), "--no-progress"]
     for name in RUN_FLAGS:
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    example_args = module.parse_args(argv)
+    example_args = lm_example.resolve(xflags.parse(lm_example.define_flags, argv))
     corpus = text.load_text_corpus(args.text_file)
     inputs, targets = text.windows(corpus.train, args.context)
-    plain = module.make_model(example_args).init(
+    plain = lm_example.make_model(example_args).init(
         jax.random.PRNGKey(0), jnp.zeros((1, args.context), jnp.int32)
     )["params"]
     steps, carries = {}, {}
     for mode in (*TUNED_MODES, EXPLICIT):
-        model, params, tx = module.build_run(mode, example_args, plain)
+        model, params, tx = lm_example.build_run(mode, example_args, plain)
         logits_fn = models.logits_fn_for(model)
 
         def loss_fn(params, x, y, logits_fn=logits_fn):
@@ -350,11 +348,13 @@ def plot(result: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
+def main(args) -> dict:
     """Grid, seeds, summary; writes the JSON, the tables and the figure."""
-    args = parse_args(argv)
+    args = with_grids(args)
+    xflags.make_output_dir(args.results_dir, "results-dir")
+    xflags.make_output_dir(args.figures_dir, "figures-dir")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    module = _load_example()
+    from overparam_optax.experiments import timing
     start = time.time()
     cpu_start = time.process_time()
 
@@ -362,19 +362,19 @@ def main(argv=None) -> dict:
     for mode in TUNED_MODES:
         grid[mode] = {}
         for lr in args.grids[mode]:
-            log = run_one(module, args, mode, lr, args.grid_seed)
+            log = run_one(args, mode, lr, args.grid_seed)
             grid[mode][f"{lr:g}"] = _final(log)
         best = min(grid[mode], key=lambda k: grid[mode][k])
         chosen[mode] = float(best)
-        logs[mode] = {args.grid_seed: run_one(module, args, mode, chosen[mode], args.grid_seed)}
+        logs[mode] = {args.grid_seed: run_one(args, mode, chosen[mode], args.grid_seed)}
     for mode in TUNED_MODES:
         for seed in args.seeds:
             if seed not in logs[mode]:
-                logs[mode][seed] = run_one(module, args, mode, chosen[mode], seed)
+                logs[mode][seed] = run_one(args, mode, chosen[mode], seed)
     chosen[EXPLICIT] = chosen["momentum+overparam"]
     if args.explicit_seeds:
         logs[EXPLICIT] = {
-            seed: run_one(module, args, EXPLICIT, chosen[EXPLICIT], seed)
+            seed: run_one(args, EXPLICIT, chosen[EXPLICIT], seed)
             for seed in args.explicit_seeds
         }
     for mode in TUNED_MODES:  # the grid seed only if it is one of --seeds
@@ -382,7 +382,7 @@ def main(argv=None) -> dict:
 
     first = next(iter(logs["adamw"].values()))
     result = {
-        "command": " ".join(["python benchmarks/transformer_lm.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python benchmarks/transformer_lm.py", *sys.argv[1:]]),
         "config": {
             **{name: getattr(args, name) for name in RUN_FLAGS},
             "grid_seed": args.grid_seed,
@@ -393,17 +393,11 @@ def main(argv=None) -> dict:
         },
         "data": first["data"],
         "model": first["model"],
-        "environment": {
-            **first["environment"],
-            "python": sys.version.split()[0],
-            "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
-            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-        },
+        "environment": {**timing.environment(), "optax": first["environment"]["optax"]},
         "grid": grid,
         "chosen": chosen,
         "summary": summarize(logs, chosen, args),
-        "paired_step_times": paired_step_times(module, args, chosen),
+        "paired_step_times": paired_step_times(args, chosen),
         "this_call": {
             "wall_seconds": time.time() - start,
             "cpu_seconds": time.process_time() - cpu_start,
@@ -411,13 +405,11 @@ def main(argv=None) -> dict:
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     results_dir = pathlib.Path(args.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
     json_path = results_dir / "transformer_lm_cpu.json"
     json_path.write_text(json.dumps(result, indent=1))
     tables = tables_markdown(result)
     (results_dir / "transformer_lm_tables.md").write_text(tables)
     figures_dir = pathlib.Path(args.figures_dir)
-    figures_dir.mkdir(parents=True, exist_ok=True)
     plot(result, figures_dir / "transformer_lm.png")
     print("\n" + tables)
     print(f"wrote {json_path}, {results_dir / 'transformer_lm_tables.md'} and the figure")
@@ -425,4 +417,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    xflags.run(define_flags, main)

@@ -25,7 +25,6 @@ Runs in float64 (``main`` turns jax's x64 mode on for its duration).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -34,9 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 
 import overparam_optax as opx
-from overparam_optax.experiments import cli, data, training
+from overparam_optax.experiments import data, training
+from overparam_optax.experiments import flags as xflags
+
+# log10 of the learning rates the grid may span: beyond 10 every run here diverges, and
+# below 1e-10 none moves in 10^4 steps.
+LR_EXPONENTS = (-10.0, 1.0)
 
 
 def implicit_gd(N: int):
@@ -46,59 +51,52 @@ def implicit_gd(N: int):
     return lambda lr: optax.chain(opx.overparam_precondition(N), optax.sgd(lr))
 
 
-def make_parser() -> argparse.ArgumentParser:
-    """The command line; every value is checked here, before any work."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=None, help="folder with the batchK.dat files")
-    parser.add_argument(
-        "--p", type=cli.comma_list(cli.positive_float), default="2,4",
-        help="comma list of loss exponents",
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line; absl checks every value and combination while parsing."""
+    fv = flag_values
+    flags.DEFINE_string("data-dir", None, "folder with the batchK.dat files", flag_values=fv)
+    xflags.define_float_list("p", "2,4", "loss exponents", positive=True, flag_values=fv)
+    xflags.define_int_list("depths", "2,3,4", "implicit depths N", lower_bound=2, flag_values=fv)
+    flags.DEFINE_integer("steps", 10_000, "GD steps", lower_bound=1, flag_values=fv)
+    flags.DEFINE_float(
+        "lr-min", -5.0, "log10 of the smallest lr", lower_bound=LR_EXPONENTS[0],
+        upper_bound=LR_EXPONENTS[1], flag_values=fv,
     )  # fmt: skip
-    parser.add_argument(
-        "--depths", type=cli.comma_list(cli.positive_int), default="2,3,4",
-        help="comma list of implicit depths N",
+    flags.DEFINE_float(
+        "lr-max", 0.0, "log10 of the largest lr", lower_bound=LR_EXPONENTS[0],
+        upper_bound=LR_EXPONENTS[1], flag_values=fv,
     )  # fmt: skip
-    parser.add_argument("--steps", type=cli.positive_int, default=10_000)
-    parser.add_argument(
-        "--lr-min", type=cli.finite_float, default=-5.0, help="log10 of the smallest lr"
+    xflags.require_ordered("lr-min", "lr-max", flag_values=fv)
+    flags.DEFINE_integer("lr-per-decade", 4, "grid points per decade", lower_bound=1,
+                         upper_bound=100, flag_values=fv)  # fmt: skip
+    flags.DEFINE_float(
+        "init-scale", 0.05, "stddev of the initial w", lower_bound=1e-12, upper_bound=10.0,
+        flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_integer("seed", 0, "draws the initial w", lower_bound=0, flag_values=fv)
+    xflags.define_output_dir(
+        "output-dir", "lp_regression_results", "where the JSON and the plot go", flag_values=fv
     )
-    parser.add_argument(
-        "--lr-max", type=cli.finite_float, default=0.0, help="log10 of the largest lr"
-    )
-    parser.add_argument("--lr-per-decade", type=cli.positive_int, default=4)
-    parser.add_argument("--init-scale", type=cli.positive_float, default=0.05)
-    parser.add_argument("--seed", type=cli.nonnegative_int, default=0)
-    parser.add_argument("--output-dir", type=cli.output_dir, default="lp_regression_results")
-    return parser
 
 
-def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
-    parser = parser or make_parser()
-    args = parser.parse_args(argv)
-    cli.require_ordered(parser, args.lr_min, args.lr_max, "--lr-min", "--lr-max")
-    return args
-
-
-def main(argv=None) -> dict:
+def main(args) -> dict:
     """Runs the comparison in float64; returns the JSON log (also written to --output-dir)."""
-    parser = make_parser()
-    args = parse_args(argv, parser)
     data_dir = args.data_dir or data.default_data_dir("gas_sensor_drift")
     if data_dir is None:
-        parser.error(
-            "no gas-sensor data found: pass --data-dir <folder with batch1.dat ...> or set "
-            "OVERPARAM_DATA_DIR to a folder holding gas_sensor_drift/"
-        )
+        xflags.fail(
+            "data-dir", None, "no gas-sensor data found: pass the folder with batch1.dat ... "
+            "or set OVERPARAM_DATA_DIR to a folder holding gas_sensor_drift/",
+        )  # fmt: skip
     try:
         X, y = data.ethanol_regression(data_dir)
     except data.DataError as error:
-        parser.error(f"--data-dir: {error}")
+        xflags.fail("data-dir", data_dir, str(error))
+    output_dir = xflags.make_output_dir(args.output_dir)
     with jax.enable_x64(True):  # the paper's regression runs are float64
-        return _run(args, data_dir, X, y, argv)
+        return _run(args, data_dir, X, y, output_dir)
 
 
-def _run(args, data_dir, X, y, argv) -> dict:
+def _run(args, data_dir, X, y, output_dir) -> dict:
     X, y = jnp.asarray(X), jnp.asarray(y)
     w0 = args.init_scale * jax.random.normal(jax.random.PRNGKey(args.seed), (X.shape[1], 1))
     learning_rates = training.log_grid(args.lr_min, args.lr_max, args.lr_per_decade)
@@ -116,6 +114,7 @@ def _run(args, data_dir, X, y, argv) -> dict:
         for N in [1, *args.depths]:
             search = training.grid_search(loss_fn, w0, implicit_gd(N), learning_rates, args.steps)
             curves[N] = search
+        _require_a_finite_run(curves, p, args)
         target = curves[1].best_final_loss
         rows = {}
         print(f"\nl{p:g} loss; target = best depth-1 loss at step {args.steps}: {target:.6g}")
@@ -134,10 +133,8 @@ def _run(args, data_dir, X, y, argv) -> dict:
             )
         results[f"l{p:g}"] = {"target": target, "depths": rows}
 
-    output_dir = pathlib.Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     log = {
-        "command": " ".join(["python examples/lp_regression.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python examples/lp_regression.py", *sys.argv[1:]]),
         "config": {k: (str(v) if k == "data_dir" else v) for k, v in vars(args).items()},
         "rows": int(X.shape[0]),
         "jax": jax.__version__,
@@ -148,6 +145,17 @@ def _run(args, data_dir, X, y, argv) -> dict:
     _plot(results, output_dir / "lp_regression.png")
     print(f"\nwrote {output_dir / 'lp_regression.json'} and {output_dir / 'lp_regression.png'}")
     return log
+
+
+def _require_a_finite_run(curves: dict, p: float, args) -> None:
+    """Exits (status 1) when every learning rate of a depth diverged: no result to report."""
+    diverged = [N for N, search in curves.items() if not np.isfinite(search.best_final_loss)]
+    if diverged:
+        sys.exit(
+            f"l{p:g} loss: every learning rate in 1e{args.lr_min:g}..1e{args.lr_max:g} diverged "
+            f"for depths {diverged} (from --init-scale {args.init_scale:g}); lower --lr-max "
+            "or --init-scale"
+        )
 
 
 def _plot(results: dict, path: pathlib.Path) -> None:
@@ -174,4 +182,4 @@ def _plot(results: dict, path: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    xflags.run(define_flags, main)

@@ -17,52 +17,78 @@ On a machine with several accelerators, run it as is. See docs/scaling.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import overparam_optax as opx
-from overparam_optax.experiments import cli
+from overparam_optax.experiments import flags as xflags
 from overparam_optax.experiments.devices import use_host_cpu_devices
 
 NUM_EXAMPLES = 4096  # the size of the synthetic data set (make_data)
+INPUT_DIM = 64  # its features
 
 
-def make_parser() -> argparse.ArgumentParser:
-    """The command line; every value is checked here, before any work."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=cli.positive_int, default=50)
-    parser.add_argument("--batch-size", type=cli.positive_int, default=256)
-    parser.add_argument("--hidden", type=cli.positive_int, default=256)
-    parser.add_argument("--depth", type=cli.positive_int, default=3, help="N")
-    parser.add_argument("--lr", type=cli.positive_float, default=0.02)
-    parser.add_argument(
-        "--model-parallel", type=cli.positive_int, default=None, help="size of 'model'"
-    )
-    parser.add_argument("--precondition-every", type=cli.positive_int, default=None)
-    parser.add_argument(
-        "--cpu-devices", type=cli.positive_int, default=None,
-        help="run on this many host CPU devices (default: the devices jax finds)",
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line; absl checks every value, and the mesh sizes, while parsing."""
+    positive = {"lower_bound": 1, "flag_values": flag_values}
+    flags.DEFINE_integer("steps", 50, "training steps", **positive)
+    flags.DEFINE_integer("batch-size", 256, "examples per step", upper_bound=NUM_EXAMPLES,
+                         **positive)  # fmt: skip
+    flags.DEFINE_integer("hidden", 256, "hidden width", **positive)
+    flags.DEFINE_integer("depth", 3, "N", **positive)
+    flags.DEFINE_float("lr", 0.02, "learning rate", lower_bound=1e-12, upper_bound=1e3,
+                       flag_values=flag_values)  # fmt: skip
+    flags.DEFINE_integer("model-parallel", None, "size of 'model' (default 2 if it divides "
+                         "the devices, else 1)", **positive)  # fmt: skip
+    flags.DEFINE_integer("cpu-devices", None, "run on this many host CPU devices (default: "
+                         "the devices jax finds)", **positive)  # fmt: skip
+    xflags.require(
+        ["cpu-devices", "model-parallel", "hidden", "batch-size"],
+        lambda devices, *sizes: devices is None or mesh_problem(devices, *sizes) or True,
+        "", flag_values=flag_values,
     )  # fmt: skip
-    return parser
 
 
-def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
-    parser = parser or make_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size > NUM_EXAMPLES:
-        parser.error(f"--batch-size {args.batch_size} exceeds the {NUM_EXAMPLES} examples")
-    return args
+def mesh_problem(devices: int, model: int | None, hidden: int, batch: int) -> str | None:
+    """What keeps the ("data", "model") mesh from splitting the arrays evenly, or None."""
+    model = model or (2 if devices % 2 == 0 else 1)
+    if devices % model:
+        return f"--model-parallel {model} does not divide the {devices} devices"
+    data = devices // model
+    if hidden % model:
+        return f"--hidden {hidden} is not a multiple of --model-parallel {model}"
+    if batch % data:
+        return f"--batch-size {batch} is not a multiple of the data axis ({data} devices)"
+    if INPUT_DIM % data:
+        return f"the {INPUT_DIM} inputs do not split over the data axis ({data} devices)"
+    return None
 
 
-def make_data(num_examples=NUM_EXAMPLES, dim=64, classes=10, seed=0):
+def setup_devices(args) -> list:
+    """The devices (host CPUs with --cpu-devices), checked against the mesh sizes."""
+    if args.cpu_devices is not None:
+        jax.config.update("jax_platforms", "cpu")
+        try:
+            use_host_cpu_devices(args.cpu_devices)
+        except (ValueError, RuntimeError) as error:  # e.g. a different count in XLA_FLAGS
+            xflags.fail("cpu-devices", args.cpu_devices, str(error))
+    elif "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        use_host_cpu_devices()  # the threads those CPU devices need
+    devices = jax.devices()
+    problem = mesh_problem(len(devices), args.model_parallel, args.hidden, args.batch_size)
+    if problem:
+        xflags.fail("model-parallel", args.model_parallel, problem)
+    return devices
+
+
+def make_data(num_examples=NUM_EXAMPLES, dim=INPUT_DIM, classes=10, seed=0):
     """A synthetic classification task: labels of a random two-layer teacher network."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(num_examples, dim)).astype(np.float32)
@@ -125,23 +151,11 @@ class _Step:
         return self._step(*args)
 
 
-def main(argv=None):
+def main(args):
     """Trains on the mesh and on one device; returns the largest loss and parameter gaps."""
-    parser = make_parser()
-    args = parse_args(argv, parser)
-    if args.cpu_devices is not None:
-        jax.config.update("jax_platforms", "cpu")
-        try:
-            use_host_cpu_devices(args.cpu_devices)
-        except ValueError as error:  # e.g. a different count in XLA_FLAGS
-            parser.error(f"--cpu-devices: {error}")
-    elif "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        use_host_cpu_devices()  # the threads those CPU devices need
-    devices = jax.devices()
+    devices = setup_devices(args)
     n = len(devices)
     model = args.model_parallel or (2 if n % 2 == 0 else 1)
-    if n % model:
-        parser.error(f"--model-parallel {model} does not divide the {n} devices")
     data = n // model
     # Auto axes: XLA's partitioner decides the collectives of the model code. (The
     # transform works on Explicit axes too: tests/sharding_checks.py.)
@@ -157,9 +171,7 @@ def main(argv=None):
         idx = rng.choice(len(y_all), size=args.batch_size, replace=False)
         batches.append((x_all[idx], y_all[idx]))
     params0 = jax.device_get(init_params(dim, args.hidden, classes))
-    tx = opx.overparam_sgd(
-        args.lr, N=args.depth, momentum=0.9, precondition_every=args.precondition_every
-    )
+    tx = opx.overparam_sgd(args.lr, N=args.depth, momentum=0.9)
 
     # --- one device ---
     one = devices[0]
@@ -210,4 +222,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    xflags.run(define_flags, main)

@@ -23,7 +23,7 @@ from overparam_optax.transform import (
 )
 from overparam_optax.views import MatrixDimensionNumbers
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FactorizedConv",

@@ -54,6 +54,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from overparam_optax.checks import check_real_floating
+from overparam_optax.linalg import compute_dtype
+
 __all__ = [
     "FactorizedConv",
     "FactorizedDense",
@@ -113,24 +116,49 @@ def _check_depth(depth) -> int:
     raise ValueError(f"depth must be a positive int, got {depth!r}.")
 
 
+def _check_kernels(function: str, kernels: Sequence[Any], names: Sequence[str]) -> None:
+    """Refuses complex, integer and bool kernels before any work, naming each one."""
+    for name, kernel in zip(names, kernels, strict=True):
+        dtyped = kernel if hasattr(kernel, "dtype") else jnp.asarray(kernel)
+        check_real_floating(f"{function}: {name}", dtyped)
+
+
+def _indexed(name: str, count: int) -> list[str]:
+    return [f"{name}[{i}]" for i in range(count)]
+
+
+def _key_path(path: tuple) -> str:
+    return "".join(f"[{key!r}]" for key in path)
+
+
+def _upcast(x: jax.Array) -> jax.Array:
+    """x in float32, or wider if it is wider: the SVDs and Gram matrices of a bfloat16 or
+    float16 layer are computed at float32 accuracy (XLA has no low-precision SVD)."""
+    return x.astype(compute_dtype(x.dtype))
+
+
 def _as_matrix(kernel: jax.Array) -> jax.Array:
     """Flattens all axes but the last into the input side: (..., out) -> (prod(...), out)."""
     return jnp.reshape(kernel, (-1, kernel.shape[-1]))
 
 
 def end_to_end(kernels: Sequence[jax.Array], *, precision=_HIGHEST) -> jax.Array:
-    """The collapsed kernel ``K_0 @ K_1 @ ... @ K_{N-1}`` in the shape of a Dense/Conv kernel.
+    """The product of the factors K_0, ..., K_{N-1}, in the shape of a Dense/Conv kernel.
 
     ``kernels[0]`` may have leading (spatial) axes, as a conv kernel; the others are matrices
     (a trailing axis layout ``(..., h_i, h_{i+1})`` with size-1 leading axes is accepted too).
-    The result has the shape ``kernels[0].shape[:-1] + (kernels[-1].shape[-1],)``.
+    The result has the shape ``kernels[0].shape[:-1] + (kernels[-1].shape[-1],)`` and the
+    kernels' dtype; the products are computed in float32 (or wider), so a bfloat16 or
+    float16 layer is rounded once, at the end.
     """
     if not kernels:
         raise ValueError("end_to_end needs at least one kernel.")
-    first = kernels[0]
-    product = _as_matrix(first)
+    _check_kernels("end_to_end", kernels, _indexed("kernels", len(kernels)))
+    first = jnp.asarray(kernels[0])
+    product = _upcast(_as_matrix(first))
     for k in kernels[1:]:
-        product = jnp.matmul(product, _as_matrix(k), precision=precision)
+        product = jnp.matmul(product, _upcast(_as_matrix(jnp.asarray(k))), precision=precision)
+    product = product.astype(jnp.result_type(*kernels))
     return jnp.reshape(product, first.shape[:-1] + (product.shape[-1],))
 
 
@@ -184,17 +212,21 @@ def balanced_factors(
         the modules do when ``hidden`` is narrower than ``min(in, out)``).
 
     Returns:
-      The list ``[K_0, ..., K_{N-1}]`` with shapes (in, h_1), (h_1, h_2), ..., (h_{N-1}, out).
+      The list ``[K_0, ..., K_{N-1}]`` with shapes (in, h_1), (h_1, h_2), ..., (h_{N-1}, out),
+      in the matrix's dtype. The SVD and the products are computed in float32 (or wider):
+      a bfloat16 or float16 matrix gets the float32 factors of its values, rounded once.
     """
     depth = _check_depth(depth)
     matrix = jnp.asarray(matrix)
+    _check_kernels("balanced_factors", [matrix], ["matrix"])
     if matrix.ndim != 2:
         raise ValueError(f"balanced_factors expects a 2-D matrix, got shape {matrix.shape}.")
     if depth == 1:
         return [matrix]
     fan_in, fan_out = matrix.shape
     widths = hidden_widths(hidden, depth, fan_in, fan_out)
-    u, s, vt = jnp.linalg.svd(matrix, full_matrices=False)
+    work = _upcast(matrix)
+    u, s, vt = jnp.linalg.svd(work, full_matrices=False)
     k = min(fan_in, fan_out, *widths)
     if k < s.shape[0] and not truncate and not isinstance(s, jax.core.Tracer):
         tol = rank_rtol
@@ -209,12 +241,12 @@ def balanced_factors(
             )
     root = s[:k] ** (1.0 / depth)
     keys = [None] * (depth - 1) if key is None else list(jax.random.split(key, depth - 1))
-    frames = [_orthonormal_frame(keys[i], widths[i], k, matrix.dtype) for i in range(depth - 1)]
+    frames = [_orthonormal_frame(keys[i], widths[i], k, work.dtype) for i in range(depth - 1)]
     factors = [(u[:, :k] * root) @ frames[0].T]
     for i in range(depth - 2):
         factors.append((frames[i] * root) @ frames[i + 1].T)
     factors.append((frames[-1] * root) @ vt[:k])
-    return factors
+    return [f.astype(matrix.dtype) for f in factors]
 
 
 def near_zero(stddev: float = 1e-3) -> Initializer:
@@ -256,13 +288,14 @@ def factor_kernels(
     key: jax.Array | None = None,
     truncate: bool = False,
 ) -> list[jax.Array]:
-    """Balanced factors of a Dense kernel (in, out) or Conv kernel (*kernel_size, in, out).
+    """Balanced factors of a Dense kernel (in, out) or Conv kernel ``(*kernel_size, in, out)``.
 
     The kernel is flattened to (prod(leading axes), out), split by :func:`balanced_factors`,
     and ``K_0`` is reshaped back to ``kernel.shape[:-1] + (h_1,)``; so
     ``end_to_end(factor_kernels(kernel, N)) == kernel``.
     """
     kernel = jnp.asarray(kernel)
+    _check_kernels("factor_kernels", [kernel], ["kernel"])
     factors = balanced_factors(_as_matrix(kernel), depth, hidden, key=key, truncate=truncate)
     factors[0] = jnp.reshape(factors[0], kernel.shape[:-1] + (factors[0].shape[-1],))
     return factors
@@ -303,16 +336,24 @@ def collapse(params: Any, *, precision=_HIGHEST) -> Any:
     shape ``nn.Dense`` / ``nn.Conv`` expects. Everything else is returned unchanged, so a
     model whose layers have the same names in a factorized and an ordinary version can be
     applied with ``collapse(explicit_params)`` as the ordinary version's parameters.
+
+    Each product is computed in float32 (or wider) and returned in the factors' dtype.
+    A complex, integer or bool factor is a ValueError naming its path.
     """
+    return _collapse(params, precision, ())
+
+
+def _collapse(params: Any, precision, path: tuple) -> Any:
     if is_factorized(params):
         names = _kernel_names(params)
         rest = {k: v for k, v in params.items() if k not in names}
         if "kernel" in rest:
             raise ValueError("A factorized layer must not also hold a plain 'kernel'.")
-        kernel = end_to_end([params[n] for n in names], precision=precision)
-        return {"kernel": kernel, **rest}
+        kernels = [params[n] for n in names]
+        _check_kernels("collapse", kernels, [_key_path(path + (n,)) for n in names])
+        return {"kernel": end_to_end(kernels, precision=precision), **rest}
     if isinstance(params, Mapping):
-        return {name: collapse(sub, precision=precision) for name, sub in params.items()}
+        return {name: _collapse(sub, precision, path + (name,)) for name, sub in params.items()}
     return params
 
 
@@ -351,6 +392,7 @@ def factorize(
                 and jnp.ndim(kernel) >= 2
                 and (where is None or where(path, kernel))
             ):
+                _check_kernels("factorize", [kernel], [_key_path(path + ("kernel",))])
                 sub = None if key is None else jax.random.fold_in(key, counter[0])
                 counter[0] += 1
                 factors = factor_kernels(kernel, depth, hidden, key=sub)
@@ -373,8 +415,12 @@ def pair_balancedness(
     ||K_{i+1} K_{i+1}^T||_F)``, which makes it invariant to rescaling all factors and puts
     it in [0, 2]: ~1e-16 (float64) / ~1e-7 (float32) for a balanced init, O(1) for unrelated
     factors. ``relative=False`` gives the paper's absolute delta.
+
+    Computed and returned in float32 (or wider) whatever the kernels' dtype: the
+    imbalance of bfloat16 factors is measured, not rounded away.
     """
-    mats = [_as_matrix(k) for k in kernels]
+    _check_kernels("pair_balancedness", kernels, _indexed("kernels", len(kernels)))
+    mats = [_upcast(_as_matrix(jnp.asarray(k))) for k in kernels]
     out = []
     for a, b in zip(mats[:-1], mats[1:], strict=True):
         gram_a = jnp.matmul(a.T, a, precision=precision)
@@ -386,22 +432,25 @@ def pair_balancedness(
             diff = jnp.where(scale > tiny, diff / jnp.maximum(scale, tiny), 0.0)
         out.append(diff)
     if not out:
-        return jnp.zeros((0,), jnp.result_type(kernels[0]))
+        return jnp.zeros((0,), mats[0].dtype)
     return jnp.stack(out)
 
 
 def balancedness(params: Any, *, relative: bool = True, precision=_HIGHEST) -> jax.Array:
-    """The worst imbalance ``max_{layer, i}`` of :func:`pair_balancedness` over a tree.
+    """The worst imbalance over a tree: the largest :func:`pair_balancedness` of its layers.
 
     Theory assumes 0 (exact balance at init, which gradient flow then preserves); plain GD
     with step size eta lets it drift by O(eta^2) per step, which is the source of the gap
     between the explicit and the implicit runs. Returns 0 when no layer has depth >= 2;
-    raises ValueError when the tree has no factorized layer at all.
+    raises ValueError when the tree has no factorized layer at all, or (naming its path) a
+    factor that is complex, integer or bool. Computed and returned in float32 (or wider),
+    whatever the parameters' dtype.
     """
-    values = [
-        pair_balancedness(ks, relative=relative, precision=precision)
-        for _, ks in _factorized_layers(params)
-    ]
+    layers = list(_factorized_layers(params))
+    for path, kernels in layers:
+        names = [_key_path(path + (f"kernel_{i}",)) for i in range(len(kernels))]
+        _check_kernels("balancedness", kernels, names)
+    values = [pair_balancedness(ks, relative=relative, precision=precision) for _, ks in layers]
     if not values:
         raise ValueError("balancedness: no factorized layer (no 'kernel_0') in the tree.")
     values = [v for v in values if v.size]
@@ -455,7 +504,7 @@ def _apply_factors(y: jax.Array, kernels: Sequence[jax.Array], precision) -> jax
 
 
 class FactorizedDense(nn.Module):
-    """A drop-in replacement for ``nn.Dense`` holding N factors: ``x @ K_0 @ ... @ K_{N-1} + b``.
+    """A drop-in replacement for ``nn.Dense`` holding N factors K_0, ..., K_{N-1} of its kernel.
 
     Attributes:
       features: output width.
@@ -463,7 +512,8 @@ class FactorizedDense(nn.Module):
       hidden: hidden width(s), see :func:`hidden_widths`; default ``min(in, features)``.
       use_bias: one bias, added after the last factor.
       dtype: computation dtype (inferred from inputs and params if None).
-      param_dtype: parameter dtype.
+      param_dtype: parameter dtype; bfloat16 and float16 work (the balanced split is
+        computed in float32 and rounded once).
       precision: matmul precision.
       kernel_init: initializer of the *end-to-end* kernel (in, features); it is then split
         into balanced factors (:func:`balanced_factors`, random frames), so at init the layer
@@ -543,8 +593,8 @@ class FactorizedConv(nn.Module):
     ``padding`` ('SAME', 'VALID', an int, or per-dimension ints / (low, high) pairs),
     ``input_dilation`` and ``kernel_dilation`` as in ``nn.Conv``. Grouped and circular
     convolutions are not supported. ``hidden`` defaults to
-    ``min(prod(kernel_size) * in, features)``. Inputs are (batch..., *spatial, in) or
-    unbatched (*spatial, in).
+    ``min(prod(kernel_size) * in, features)``. Inputs are ``(batch..., *spatial, in)`` or
+    unbatched ``(*spatial, in)``.
     """
 
     features: int

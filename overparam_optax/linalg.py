@@ -27,7 +27,7 @@ because k depends on the values only, never on the (non-unique) singular vectors
 Singular values below numpy's rank tolerance, max(m, n) * eps * s_max, are taken to be
 exactly zero (see `_truncate_below_rank_tolerance`).
 
-Scale. P is homogeneous: P_{cW}(G) = |c|^{2-2/N} P_W(G). Every path divides W by a scalar
+Scale. P is homogeneous: ``P_{cW}(G) = |c|^{2-2/N} P_W(G)``. Every path divides W by a scalar
 (its largest entry, then a norm bound) before any product or decomposition, works with
 singular values at most 1, and applies the factor scale^{2-2/N} in two halves,
 t P_hat(t G) with t = scale^{1-1/N}, so that no intermediate overflows or falls into the
@@ -42,29 +42,33 @@ N <= :data:`NEWTON_MAX_DEPTH` and refuses deeper N with a ValueError.
 from __future__ import annotations
 
 import functools
-import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from overparam_optax.checks import check_real_floating
+
 __all__ = [
-    "AUTO_CPU_EIGH_MAX_SIDE",
+    "DEFAULT_TOLERANCE",
     "METHODS",
     "NEWTON_MAX_DEPTH",
     "PolarRoot",
+    "STATELESS_METHODS",
     "SpectralBasis",
+    "TrackedBasis",
     "apply_depth_factors",
     "check_depth",
+    "check_newton_depth",
     "compute_dtype",
     "depth_factors",
     "depth_factors_like",
     "depth_kernel",
     "precondition_matrix",
     "precondition_vector",
-    "refresh_singular_values",
-    "resolve_method",
+    "tracked_basis_like",
+    "tracked_precondition",
 ]
 
 
@@ -78,6 +82,17 @@ def check_depth(N) -> int:
         f"N (the depth) must be a positive Python int, got {N!r} of type {type(N).__name__}. "
         "With optax.inject_hyperparams, pass static_args=('N',)."
     )
+
+
+def _check_real(function: str, **arrays) -> None:
+    """Refuses complex, integer and bool arguments of a public function, naming each."""
+    for name, x in arrays.items():
+        check_real_floating(f"{function}: {name}", x)
+
+
+def _fields(name: str, factors: tuple) -> dict:
+    """The arrays of a SpectralBasis / PolarRoot, named for :func:`_check_real`."""
+    return {f"{name}.{field}": value for field, value in factors._asdict().items()}
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -128,7 +143,7 @@ def depth_kernel(s_left: jax.Array, s_right: jax.Array, N: int) -> jax.Array:
     identity factors: k(0, s) = k(s, 0) = s^{2(N-1)/N}, and k(0, 0) = 0 for N >= 2.
 
     Args:
-      s_left: singular values indexing rows, shape (..., k1), non-negative.
+      s_left: singular values indexing rows, shape (..., k1), non-negative, real floating.
       s_right: singular values indexing columns, shape (..., k2), non-negative.
       N: the depth, a positive int.
 
@@ -136,6 +151,8 @@ def depth_kernel(s_left: jax.Array, s_right: jax.Array, N: int) -> jax.Array:
       An array of shape (..., k1, k2).
     """
     N = check_depth(N)
+    s_left, s_right = jnp.asarray(s_left), jnp.asarray(s_right)
+    _check_real("depth_kernel", s_left=s_left, s_right=s_right)
     a = jnp.maximum(s_left, 0)[..., :, None]
     b = jnp.maximum(s_right, 0)[..., None, :]
     if N == 1:
@@ -162,14 +179,15 @@ def _truncate_below_rank_tolerance(s: jax.Array, shape, dtype) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------
-# Fast paths (docs/performance.md): one decomposition ("factors") of the tall matrix W,
-# then a matmul-only application to G. The factors can be cached and reused for later
-# gradients (the transform's ``precondition_every``): applied to G they give exactly
-# P_{W_old}(G) for the W they were computed from.
+# Decompositions afresh (docs/performance.md): the factors of the tall matrix W from one
+# decomposition, then a matmul-only application to G.
 # --------------------------------------------------------------------------------------
 
-#: The values of ``method``; "auto" resolves to one of the others per platform and shape.
-METHODS = ("svd", "eigh", "newton", "auto")
+#: The values of ``method``: "tracked" (the default: a basis carried from update to update,
+#: :func:`tracked_precondition`) and the methods that decompose W afresh on every call.
+METHODS = ("tracked", "svd", "eigh", "newton")
+#: The methods that need no state: each call decomposes W afresh.
+STATELESS_METHODS = ("svd", "eigh", "newton")
 
 #: The deepest N that ``method="newton"`` accepts. Its error grows with N (the powers of
 #: the computed root Z = (W^T W)^{1/N} compound its relative error): on condition number
@@ -309,70 +327,6 @@ class PolarRoot(NamedTuple):
     scale: jax.Array  # (...,)
 
 
-#: On CPU, "auto" uses "eigh" for matrices whose smaller side is at most this (LAPACK's
-#: eigensolver on a Gram matrix this small stays fast even when threaded OpenBLAS competes
-#: with a busy process; measured in benchmarks/results/matmul_method_cpu.json).
-AUTO_CPU_EIGH_MAX_SIDE = 64
-
-
-def _blas_single_threaded() -> bool:
-    """Whether the environment pins OpenBLAS to one thread (the variables it reads, in order)."""
-    for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(name)
-        if value is not None:
-            return value.strip() == "1"
-    return False
-
-
-def resolve_method(
-    method: str, rows: int, cols: int, platform: str | None = None, *, N: int | None = None
-) -> str:
-    """Maps ``method`` to a concrete algorithm for one (rows x cols) matrix shape.
-
-    "auto" picks (docs/performance.md, "Choosing the method"):
-
-    * CPU (**measured**, 2-core x86, N = 3, benchmarks/results/matmul_method_*cpu.json):
-      "eigh" when the smaller side is <= :data:`AUTO_CPU_EIGH_MAX_SIDE` (LAPACK on a
-      tiny Gram matrix: 0.2-1.8 ms on the CNN's 25x32, 800x64, 512x10 kernels in every
-      run, idle or busy, threads pinned or not) or when OpenBLAS is pinned to one thread
-      (OPENBLAS_NUM_THREADS, else GOTO_NUM_THREADS, else OMP_NUM_THREADS equal to "1":
-      then eigh is the fastest, ~0.4x Muon's Newton-Schulz on 3136x512); otherwise
-      "newton", whose XLA matmuls do not suffer from OpenBLAS's spinning threads: with
-      threads unset on a loaded machine, eigh of 3136x512 took 2.7-8.8 s instead of
-      ~0.1 s in 3 of 7 runs with busy processes, while newton stayed at 1.0-1.3x Muon.
-    * GPU (**measured**, one H100, jax 0.11.2, N = 3, benchmarks/results/*_gpu.*):
-      "newton" at every shape. It was the fastest method at every size measured: square
-      n x n and tall 4n x n for n = 16 ... 256 (0.2-0.6 ms against eigh's 0.5-2.4 ms and
-      svd's 0.7-7.6 ms), square 512 (0.78 ms against 5.3 ms) and 1024 (2.9 ms against
-      12 ms).
-    * TPU and other platforms (**projected**, not measured): as on GPU, "newton": its
-      products run on the matrix units, the eigensolvers do not.
-    * "newton" is never picked for N > :data:`NEWTON_MAX_DEPTH` (when N is given).
-
-    Args:
-      method: one of :data:`METHODS`.
-      rows, cols: the matrix shape (the batch does not matter).
-      platform: "cpu", "gpu", "tpu", ...; default ``jax.default_backend()``.
-      N: the depth, if known.
-
-    Returns:
-      "svd", "eigh" or "newton".
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-    if method != "auto":
-        return method
-    platform = jax.default_backend() if platform is None else platform
-    if N is not None and check_depth(N) > NEWTON_MAX_DEPTH:
-        return "eigh"
-    side = min(rows, cols)
-    if platform == "cpu":
-        if side <= AUTO_CPU_EIGH_MAX_SIDE or _blas_single_threaded():
-            return "eigh"
-        return "newton"
-    return "newton"
-
-
 def _svd_basis(w: jax.Array) -> SpectralBasis:
     alpha = _max_abs(w)
     u, s, vt = jnp.linalg.svd(w / alpha, full_matrices=False)
@@ -487,7 +441,8 @@ def _newton_polar_root(w: jax.Array, N: int, precision) -> PolarRoot:
     return PolarRoot(q, root, scale)
 
 
-def _check_newton_depth(N: int) -> None:
+def check_newton_depth(N: int) -> None:
+    """Raises ValueError if ``method="newton"`` does not support depth N."""
     if N > NEWTON_MAX_DEPTH:
         raise ValueError(
             f'method="newton" supports N <= {NEWTON_MAX_DEPTH} (its error grows with N; '
@@ -507,13 +462,14 @@ def depth_factors(
     Args:
       w: the matrix (or a batch), in the compute dtype; rows >= cols.
       N: the depth.
-      method: "svd", "eigh" or "newton" (resolve "auto" first with :func:`resolve_method`).
+      method: one of :data:`STATELESS_METHODS`.
       precision: matmul precision.
 
     Returns:
       A :class:`SpectralBasis` ("svd", "eigh") or a :class:`PolarRoot` ("newton").
     """
     N = check_depth(N)
+    _check_real("depth_factors", w=w)
     if w.shape[-2] < w.shape[-1]:
         raise ValueError(f"depth_factors expects a tall matrix (rows >= cols), got {w.shape}.")
     if method == "svd":
@@ -521,7 +477,7 @@ def depth_factors(
     if method == "eigh":
         return _eigh_basis(w, precision)
     if method == "newton":
-        _check_newton_depth(N)
+        check_newton_depth(N)
         return _newton_polar_root(w, N, precision)
     raise ValueError(f"depth_factors: method must be 'svd', 'eigh' or 'newton', got {method!r}.")
 
@@ -532,6 +488,7 @@ def depth_factors_like(shape, dtype, N: int, method: str) -> SpectralBasis | Pol
     ``shape`` is (..., m, n) with m >= n. No linear algebra is done.
     """
     N = check_depth(N)
+    _check_real("depth_factors_like", dtype=dtype)
     *batch, m, n = shape
     if method in ("svd", "eigh"):
         return SpectralBasis(
@@ -540,7 +497,7 @@ def depth_factors_like(shape, dtype, N: int, method: str) -> SpectralBasis | Pol
             jnp.zeros((*batch, n, n), dtype),
         )
     if method == "newton":
-        _check_newton_depth(N)
+        check_newton_depth(N)
         return PolarRoot(
             jnp.zeros((*batch, m, n), dtype),
             jnp.zeros((*batch, n, n), dtype),
@@ -607,23 +564,6 @@ def _apply_polar_root(factors: PolarRoot, g: jax.Array, N: int, precision) -> ja
     return (_mm(g, z_pow, precision) + _mm(q, inner, precision)) * t
 
 
-def refresh_singular_values(
-    basis: SpectralBasis, w: jax.Array, *, precision=jax.lax.Precision.HIGHEST
-):
-    """Keeps a cached basis's singular vectors and re-estimates its values for the current W.
-
-    s_a = u_a^T W v_a (the Rayleigh quotients, clipped at 0) is exact while W stays
-    diagonal in the cached basis, and to first order in the rotation of the basis. It costs
-    one m x n x n product. With ``precondition_every > 1`` this tracks the growth of the
-    weights between recomputations, which was measured to be the main source of staleness
-    error (docs/performance.md); the singular vectors alone are what is kept stale.
-    """
-    u, s, v = basis
-    wv = jnp.matmul(w, v, precision=precision)
-    fresh = jnp.maximum(jnp.sum(u * wv, axis=-2), 0)
-    return SpectralBasis(u, jnp.where(s > 0, fresh, 0), v)
-
-
 def apply_depth_factors(
     factors: SpectralBasis | PolarRoot,
     g: jax.Array,
@@ -633,11 +573,263 @@ def apply_depth_factors(
 ) -> jax.Array:
     """Applies cached factors of a tall W to a tall gradient g: P_W(g), matmuls only."""
     N = check_depth(N)
+    _check_real("apply_depth_factors", g=g, **_fields("factors", factors))
     if N == 1:
         return g
     if isinstance(factors, SpectralBasis):
         return _apply_basis(factors, g, N, precision)
     return _apply_polar_root(factors, g, N, precision)
+
+
+# --------------------------------------------------------------------------------------
+# The default: a right singular basis tracked from update to update.
+#
+# For a tall W (m >= n) everything P_W needs is in the n x n eigenbasis V of W^T W. The
+# weights move little per update, so last update's V almost diagonalizes this update's
+# Gram matrix: B = (W V)^T (W V) = diag + E with E small. Rotations by the first-order
+# (Jacobi / Newton) correction X_ab = E_ab / (b_bb - b_aa), made exactly orthogonal by a
+# Cayley transform, remove E to second order; two rounds cost ~10 n x n x n products and
+# bring E to rounding level on a smoothly moving spectrum. The relative off-diagonal mass
+# left, ||off(B)||_F / ||B||_F, is measured on every update: it is the relative Frobenius
+# distance between W^T W and the Gram matrix whose exact preconditioner is applied. Where it
+# exceeds the tolerance (the first update, a jump, a crossing or a cluster of singular
+# values that moves too fast) the basis is recomputed from a thin SVD instead.
+# --------------------------------------------------------------------------------------
+
+#: The default ``tolerance`` of the tracked basis (docs/performance.md, "Fidelity").
+DEFAULT_TOLERANCE = 1e-3
+
+#: Rotation rounds per update; the second removes what the first order of the first left.
+_TRACKING_ROUNDS = 2
+
+#: The largest first-order rotation |x_ab| = |E_ab / gap| that a pair is given; a pair
+#: coupled more strongly than this against its gap is not rotated.
+_MAX_ROTATION = 0.1
+
+
+class TrackedBasis(NamedTuple):
+    """The cached right singular basis of a tall matrix (the default's state per matrix).
+
+    ``v`` (..., n, n) has orthonormal columns once computed. It is all zeros before the
+    first update (or in a state rebuilt from zeros, e.g. from ``jax.eval_shape``): a
+    basis that is not orthonormal is never used, the next update decomposes W afresh.
+    """
+
+    v: jax.Array  # (..., n, n)
+
+
+class _Frame(NamedTuple):
+    """One update's view of a tall W in the basis ``v``: y = W v, b = q^T y^T y q, c = y^T G.
+
+    ``q`` (n x n, orthogonal) is this update's rotation of ``v``; the new basis is v q.
+    """
+
+    v: jax.Array
+    q: jax.Array
+    y: jax.Array
+    b: jax.Array
+    c: jax.Array
+
+
+def tracked_basis_like(shape, dtype) -> TrackedBasis:
+    """The zero basis (no basis yet) for tall matrices of shape (..., m, n)."""
+    *batch, _, n = shape
+    return TrackedBasis(jnp.zeros((*batch, n, n), dtype))
+
+
+def _off_diagonal(b: jax.Array) -> jax.Array:
+    return b * (1 - jnp.eye(b.shape[-1], dtype=b.dtype))
+
+
+def _resolved_pairs(b: jax.Array, shape) -> jax.Array:
+    """Pairs (a, b) of which at least one singular value is above the rank tolerance.
+
+    Entries of B between two directions that W maps to rounding noise (numpy's rank
+    tolerance, as :func:`_truncate_below_rank_tolerance`) are noise too: they are neither
+    rotated away nor counted against the tolerance.
+    """
+    lam = jnp.diagonal(b, axis1=-2, axis2=-1)
+    tol = (max(shape) * jnp.finfo(b.dtype).eps) ** 2 * jnp.max(lam, axis=-1, keepdims=True)
+    big = lam > tol
+    return big[..., :, None] | big[..., None, :]
+
+
+def _jacobi_rotation(b: jax.Array, resolved: jax.Array, precision) -> jax.Array:
+    """The orthogonal Q that removes the off-diagonal of a nearly diagonal B to first order.
+
+    Q^T B Q = diag + O(E^2) with X_ab = E_ab / (b_bb - b_aa) (antisymmetric), mapped to an
+    orthogonal matrix by the Cayley transform (I - X/2)^{-1} (I + X/2).
+    """
+    lam = jnp.diagonal(b, axis1=-2, axis2=-1)
+    gap = lam[..., None, :] - lam[..., :, None]
+    off = _off_diagonal(b)
+    # A pair whose coupling is not small against its gap has no first-order rotation: it
+    # is left as it is (the residual check decides), so it cannot spoil the other pairs.
+    usable = resolved & (jnp.abs(off) < _MAX_ROTATION * jnp.abs(gap))
+    x = jnp.where(usable, off / jnp.where(usable, gap, 1), 0)
+    eye = jnp.eye(b.shape[-1], dtype=b.dtype)
+    # The Cayley transform of the antisymmetric X is orthogonal to rounding, however large
+    # X is (a matmul-only exp(X) lost accuracy on rank-deficient W, measured).
+    del precision
+    return jnp.linalg.solve(eye - 0.5 * x, eye + 0.5 * x)
+
+
+def _frame(w: jax.Array, g: jax.Array, v: jax.Array, rounds: int, precision) -> _Frame:
+    """y = W v, then ``rounds`` rotations of v that diagonalize B = y^T y further."""
+    n = w.shape[-1]
+    y = _mm(w, v, precision)
+    yy_yg = _mm(_mT(y), jnp.concatenate([y, g], axis=-1), precision)  # one pass over y
+    b, c = _sym(yy_yg[..., :n]), yy_yg[..., n:]
+    q = jnp.broadcast_to(jnp.eye(n, dtype=w.dtype), b.shape)
+
+    def rotate(_, carry):  # a loop, not unrolled: the round is compiled once
+        b, q = carry
+        r = _jacobi_rotation(b, _resolved_pairs(b, w.shape[-2:]), precision)
+        return _sym(_mm(_mT(r), _mm(b, r, precision), precision)), _mm(q, r, precision)
+
+    if rounds:
+        b, q = jax.lax.fori_loop(0, rounds, rotate, (b, q))
+    return _Frame(v, q, y, b, c)
+
+
+def _relative_off_diagonal(frame: _Frame, shape) -> jax.Array:
+    """||off(B)||_F / ||B||_F over the resolved pairs, per matrix (0 for a zero W)."""
+    b = frame.b
+    off = jnp.where(_resolved_pairs(b, shape), _off_diagonal(b), 0)
+    total = jnp.sum(b * b, axis=(-2, -1))
+    return jnp.sqrt(jnp.sum(off * off, axis=(-2, -1)) / jnp.where(total > 0, total, 1))
+
+
+def _is_orthonormal(v: jax.Array) -> jax.Array:
+    """Per matrix: finite, with unit columns (a cheap check; zeros mean 'no basis yet')."""
+    norms = jnp.sum(v * v, axis=-2)
+    return jnp.all(jnp.abs(norms - 1) < 1e-3, axis=-1) & jnp.all(jnp.isfinite(v), axis=(-2, -1))
+
+
+def _fresh_frame(w: jax.Array, g: jax.Array, precision) -> _Frame:
+    """The frame of a basis computed afresh, from a thin SVD of W.
+
+    An SVD resolves small singular values to eps * s_max, where the eigendecomposition of
+    W^T W resolves them only to sqrt(eps) * s_max (measured: 2.3x the exact rule's
+    distance to the explicit network on an ill-conditioned start with eigh, see
+    docs/performance.md); the basis is computed afresh rarely, so the SVD's cost matters
+    little.
+    """
+    _, _, vt = jnp.linalg.svd(w, full_matrices=False)
+    return _frame(w, g, _mT(vt), rounds=0, precision=precision)
+
+
+def _select(which: jax.Array, new: Any, old: Any) -> Any:
+    """Per matrix (leading axes of ``which``): ``new`` where True, else ``old``."""
+
+    def pick(a, b):
+        mask = which.reshape(which.shape + (1,) * (a.ndim - which.ndim))
+        return jnp.where(mask, a, b)
+
+    return jax.tree.map(pick, new, old)
+
+
+@functools.cache
+def _refresh_where(precision):
+    """f(need, w, g, tracked): ``tracked``, with the matrices where ``need`` is set recomputed.
+
+    The decomposition runs only on updates that need it (``lax.cond``). Under ``jax.vmap``
+    (e.g. an ensemble of optimizers) a batched predicate would turn the cond into a select
+    that decomposes on every update; the custom batching rule keeps one cond for the batch.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def refresh_where(need, w, g, tracked):
+        return jax.lax.cond(
+            jnp.any(need),
+            lambda: _select(need, _fresh_frame(w, g, precision), tracked),
+            lambda: tracked,
+        )
+
+    @refresh_where.def_vmap
+    def batched(axis_size, in_batched, need, w, g, tracked):
+        def leading(x, is_batched):
+            return x if is_batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
+
+        args = jax.tree.map(leading, (need, w, g, tracked), tuple(in_batched))
+        out = refresh_where(*args)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return refresh_where
+
+
+def _apply_frame(frame: _Frame, g: jax.Array, alpha: jax.Array, N: int, precision):
+    """P_W(G) from a frame of W / alpha (``alpha`` (..., 1, 1) > 0), and the new basis v q.
+
+    With U = y q S^{-1} and V' = v q this is the SVD-basis formula of :func:`_apply_basis`,
+    P = [U ((K - 1 d^T) o (U^T G V')) + G V' diag(d)] V'^T, with every n x n factor folded
+    into one final (m x 2n) x (2n x n) product [y G] [R; C].
+    """
+    v_new = _mm(frame.v, frame.q, precision)
+    s = jnp.sqrt(jnp.maximum(jnp.diagonal(frame.b, axis1=-2, axis2=-1), 0))
+    s = _truncate_below_rank_tolerance(s, g.shape[-2:], g.dtype)
+    s_max = jnp.max(s, axis=-1, keepdims=True)
+    s_max = jnp.where(s_max > 0, s_max, jnp.ones_like(s_max))
+    s_hat = s / s_max
+    t = _half_scale(alpha[..., 0] * s_max, N, g.dtype)[..., None]  # (..., 1, 1)
+    inv_s = jnp.where(s > 0, 1 / jnp.where(s > 0, s, 1), 0)
+    kernel = depth_kernel(s_hat, s_hat, N)
+    d = jnp.power(s_hat, 2.0 * (N - 1) / N)
+    # U^T G V' = S^{-1} q^T (y^T G) V'
+    core = inv_s[..., :, None] * _mm(_mT(frame.q), _mm(frame.c, v_new, precision), precision)
+    inner = (kernel - d[..., None, :]) * core * t
+    right = _mm(_mm(frame.q, inv_s[..., :, None] * inner, precision), _mT(v_new), precision)
+    complement = _mm(v_new * d[..., None, :], _mT(v_new), precision)
+    out = _mm(
+        jnp.concatenate([frame.y, g * t], axis=-1),
+        jnp.concatenate([right, complement], axis=-2),
+        precision,
+    )
+    return out * t, v_new
+
+
+def tracked_precondition(
+    w: jax.Array,
+    g: jax.Array,
+    basis: TrackedBasis,
+    N: int,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    precision=jax.lax.Precision.HIGHEST,
+) -> tuple[jax.Array, TrackedBasis, jax.Array]:
+    """P_W(G) for tall W from a basis carried over from the previous update.
+
+    The basis is rotated toward W's current right singular basis (two Jacobi rounds, matmul
+    and n x n work only). Where the rotated basis still leaves a relative off-diagonal
+    ||off(V^T W^T W V)||_F / ||W^T W||_F above ``tolerance``, or where ``basis`` is not
+    an orthonormal basis (the first update, a state rebuilt from zeros), the basis is
+    recomputed from a thin SVD of W. So the preconditioner applied is the
+    exact P for a Gram matrix within relative Frobenius distance ``tolerance`` of W^T W,
+    singular values taken as the column norms of W V.
+
+    Args:
+      w: tall matrices (..., m, n), m >= n, in the compute dtype.
+      g: their gradients, same shape.
+      basis: last update's :class:`TrackedBasis` (zeros for none).
+      N: the depth.
+      tolerance: the largest relative off-diagonal accepted without recomputing.
+      precision: matmul precision.
+
+    Returns:
+      (P_W(G), the new basis, a bool per matrix: whether it was recomputed). A matrix
+      with non-finite entries keeps its previous basis (its result is not finite).
+    """
+    N = check_depth(N)
+    _check_real("tracked_precondition", w=w, g=g, basis_v=basis.v)
+    alpha = _max_abs(w)
+    w_hat = w / alpha
+    tracked = _frame(w_hat, g, basis.v, _TRACKING_ROUNDS, precision)
+    residual = _relative_off_diagonal(tracked, w.shape[-2:])
+    need = ~(_is_orthonormal(basis.v) & (residual <= tolerance))
+    frame = _refresh_where(precision)(need, w_hat, g, tracked)
+    out, v_new = _apply_frame(frame, g, alpha, N, precision)
+    finite = jnp.all(jnp.isfinite(v_new), axis=(-2, -1))
+    return out, TrackedBasis(_select(finite, v_new, basis.v)), need
 
 
 def precondition_matrix(
@@ -654,7 +846,7 @@ def precondition_matrix(
       P_W(G) = \sum_{j=1}^{N} (W W^\top)^{\frac{j-1}{N}} \, G \, (W^\top W)^{\frac{N-j}{N}}
 
     This is the direction in which gradient flow on a depth-N balanced linear
-    factorization W = W_N \cdots W_1 moves the end-to-end matrix (Arora et al., 2018,
+    factorization :math:`W = W_N \cdots W_1` moves the end-to-end matrix (Arora et al., 2018,
     Theorem 1). It is computed exactly from a thin SVD of W (rank-aware: a tall or wide
     matrix never needs a square SVD). Leading axes, if any, are batch axes.
 
@@ -665,9 +857,9 @@ def precondition_matrix(
       precision: matmul precision (XLA's default on TPU/GPU may use bf16/tf32 passes).
       method: "svd" (default; the exact reference), "eigh" (eigendecomposition of the
         smaller Gram matrix), "newton" (matmul-only: Newton-Schulz polar factor and a
-        coupled root iteration, N <= :data:`NEWTON_MAX_DEPTH`) or "auto" (per platform
-        and shape, :func:`resolve_method`). See docs/performance.md for their speed and
-        error.
+        coupled root iteration, N <= :data:`NEWTON_MAX_DEPTH`). See docs/performance.md
+        for their speed and error. (The transform's default, "tracked", carries a basis
+        from update to update: :func:`tracked_precondition`.)
 
     Returns:
       P_W(G), with G's shape and dtype. Computed in float32 or wider (bf16/f16 inputs are
@@ -688,6 +880,7 @@ def precondition_matrix(
     N = check_depth(N)
     W = jnp.asarray(W)
     G = jnp.asarray(G)
+    _check_real("precondition_matrix", W=W, G=G)
     if W.ndim < 2 or W.shape != G.shape:
         raise ValueError(
             f"precondition_matrix expects W and G of the same shape (..., m, n); got W "
@@ -695,10 +888,18 @@ def precondition_matrix(
         )
     if N == 1:
         return G
-    method = resolve_method(method, *W.shape[-2:], N=N)
+    if method not in STATELESS_METHODS:
+        raise ValueError(
+            f"method must be one of {STATELESS_METHODS} (a single call has no basis to carry "
+            f"over), got {method!r}."
+        )
     if method == "newton":
-        _check_newton_depth(N)
-    return _precondition_jit(W, G, N, precision, method)
+        check_newton_depth(N)
+    # Differentiable in W and G for every method, also at repeated and zero singular values:
+    # the JVP comes from an SVD basis (spectral_jvp, which imports this module: import here).
+    from overparam_optax.spectral_jvp import differentiable_precondition
+
+    return differentiable_precondition(W, G, N, precision, method)
 
 
 @functools.partial(jax.jit, static_argnames=("N", "precision", "method"))
@@ -742,6 +943,7 @@ def precondition_vector(w: jax.Array, g: jax.Array, N: int) -> jax.Array:
     N = check_depth(N)
     w = jnp.asarray(w)
     g = jnp.asarray(g)
+    _check_real("precondition_vector", w=w, g=g)
     if w.shape != g.shape or w.ndim < 1:
         raise ValueError(
             f"precondition_vector expects w and g of the same shape (..., n); got {w.shape} "

@@ -184,7 +184,7 @@ def map_over_mesh(fn: Callable, count: int, batched: Any, shared: Any) -> Any:
 
 
 def _is_factors(x: Any) -> bool:
-    return isinstance(x, (linalg.SpectralBasis, linalg.PolarRoot, optax.MaskedNode))
+    return isinstance(x, (linalg.TrackedBasis, optax.MaskedNode))
 
 
 def _mesh_axes_used(param_sharding: Any) -> tuple:
@@ -198,10 +198,9 @@ def _mesh_axes_used(param_sharding: Any) -> tuple:
 def _factor_sharding(factor: Any, param_sharding: Any, replicated: Any) -> Any:
     """A cached factor's sharding: split like its parameter, or ``replicated``.
 
-    The matrices of a factor (``u``/``q``: long side x short side; ``v``/``root``: short x
-    short, one per matrix of the leaf) are split by rows over the mesh axes that the
-    parameter's sharding uses, so that a parameter split k ways keeps 1/k of its factors
-    per device; vectors (``s``, ``scale``), factors of replicated parameters and row counts
+    The tracked basis ``v`` (short side x short side, one per matrix of the leaf) is split
+    by rows over the mesh axes that the parameter's sharding uses, so that a parameter split
+    k ways keeps 1/k of its basis per device; bases of replicated parameters and row counts
     that do not divide stay ``replicated``.
     """
     axes = _mesh_axes_used(param_sharding)
@@ -222,10 +221,9 @@ def state_shardings(
 
     This is ``optax.tree.map_params`` with two rules: a state leaf that mirrors a
     parameter (momentum, Adam's moments, ...) takes that parameter's sharding, and the
-    cached factors of ``precondition_every`` (whose shapes differ from the parameter's)
-    are split by rows over the mesh axes the parameter is split over (their vectors, and
-    rows that do not divide, are ``replicated``); every other state leaf (step counts) is
-    ``replicated``.
+    tracked bases of the default (whose shapes differ from the parameter's) are split by
+    rows over the mesh axes the parameter is split over (rows that do not divide are
+    ``replicated``); every other state leaf (step counts) is ``replicated``.
 
     Args:
       tx: the optimizer (any chain containing :func:`overparam_precondition`).
@@ -244,7 +242,7 @@ def state_shardings(
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> mesh = jax.make_mesh((1,), ("data",))
       >>> params = {"w": jnp.ones((4, 3))}
-      >>> tx = optax.chain(opx.overparam_precondition(2, precondition_every=2),
+      >>> tx = optax.chain(opx.overparam_precondition(2),
       ...                  optax.sgd(0.1, momentum=0.9))
       >>> shardings = opx.state_shardings(
       ...     tx, params, {"w": NamedSharding(mesh, P("data"))}, NamedSharding(mesh, P()))

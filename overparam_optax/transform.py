@@ -1,8 +1,8 @@
 """The optax transforms: the depth-N preconditioner applied to every matrix in a tree.
 
 An update reads as a few named steps: views (which axes of each leaf form its matrices,
-``views.py``) -> group the matrices of equal shape -> their factors, fresh or cached
-(``amortize.py``) -> apply the factors to the gradients (``linalg.py``) -> back to the
+``views.py``) -> group the matrices of equal shape -> precondition each group with its
+tracked bases (``cache.py``, ``linalg.py``) or a fresh decomposition -> back to the
 leaves, with the leaves' shardings (``sharding.py``).
 """
 
@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from overparam_optax import amortize, linalg, sharding
+from overparam_optax import cache, linalg, sharding, spectral_jvp
 from overparam_optax.views import (
     MatrixDimensionNumbers,
     MatrixView,
@@ -34,22 +34,27 @@ __all__ = [
 ]
 
 
+#: The values of ``method`` (see :func:`overparam_precondition`).
+Method = Literal["tracked", "svd", "eigh", "newton"]
+
+
 class OverparamPreconditionState(NamedTuple):
     """State of :func:`overparam_precondition`.
 
     Attributes:
       count: number of updates applied so far (int32 scalar, saturating).
-      factors_age: updates served by the cached factors since they were computed (int32
-        scalar, at most ``precondition_every``); unused when ``precondition_every == 1``.
-      factors: a tree shaped like the params: for each leaf with cached factors (only
-        with ``precondition_every > 1``) the factors of its matrices in the tall
-        orientation (:class:`~overparam_optax.linalg.SpectralBasis` or
-        :class:`~overparam_optax.linalg.PolarRoot`, batched over the leaf's matrices);
-        ``optax.MaskedNode()`` for every other leaf.
+      decompositions: how many matrices had their basis computed afresh so far (int32
+        scalar, saturating): with the default, the first update of each matrix and every
+        update whose tracked basis could not hold the tolerance; 0 with the other methods,
+        which decompose every matrix on every update.
+      factors: a tree shaped like the params: for each leaf with matrices, with the default
+        ``method="tracked"``, the tracked right singular bases of its matrices in the tall
+        orientation (:class:`~overparam_optax.linalg.TrackedBasis`, batched over the
+        leaf's matrices); ``optax.MaskedNode()`` for every other leaf.
     """
 
     count: jax.Array
-    factors_age: jax.Array
+    decompositions: jax.Array
     factors: Any
 
 
@@ -64,10 +69,9 @@ class _Group(NamedTuple):
     indices: tuple[int, ...]  # positions in the flattened params
     transpose: bool  # rows < cols: the group is handled as its transpose (tall)
     dtype: Any
-    method: str  # concrete: "svd", "eigh" or "newton"
 
 
-def _groups(views: list[MatrixView | None], leaves, method: str, N: int) -> list[_Group]:
+def _groups(views: list[MatrixView | None], leaves) -> list[_Group]:
     """Groups the leaves that have factors by matrix shape and dtype (trace-time only)."""
     members: dict[tuple, list[int]] = {}
     for index, (view, leaf) in enumerate(zip(views, leaves, strict=True)):
@@ -75,7 +79,7 @@ def _groups(views: list[MatrixView | None], leaves, method: str, N: int) -> list
             key = (view.rows, view.cols, jnp.dtype(linalg.compute_dtype(leaf.dtype)))
             members.setdefault(key, []).append(index)
     return [
-        _Group(tuple(indices), rows < cols, dtype, linalg.resolve_method(method, rows, cols, N=N))
+        _Group(tuple(indices), rows < cols, dtype)
         for (rows, cols, dtype), indices in members.items()
     ]
 
@@ -128,48 +132,45 @@ class _Rule:
 
     N: int
     method: str
-    every: int
-    warmup: int
+    tolerance: float
     precision: Any
     at_zero: bool  # plain_gradient_at_zero
 
     @property
     def cached(self) -> bool:
-        return self.every > 1 and self.N > 1
+        return self.method == "tracked" and self.N > 1
 
 
-def _precondition_leaves(rule: _Rule, views, params, updates, entries, recompute):
-    """New update leaves, new cache entries, and whether a zero matrix was seen."""
+def _precondition_leaves(rule: _Rule, views, params, updates, entries):
+    """New update leaves, new cache entries, and how many matrices were decomposed afresh."""
     new_leaves, entries = list(updates), list(entries)
     for i, view in enumerate(views):
         if view is not None and view.is_vector:
             new_leaves[i] = _vector_update(
                 view, params[i], updates[i], rule.N, rule.at_zero
             ).astype(jnp.result_type(updates[i]))
-    zero_flags = []
-    for group in _groups(views, params, rule.method, rule.N):
+    decomposed = jnp.zeros([], jnp.int32)
+    for group in _groups(views, params):
         count = sum(views[i].count for i in group.indices)
-        stale = _stacked_cache([entries[i] for i in group.indices]) if rule.cached else None
+        cached = _stacked_cache([entries[i] for i in group.indices]) if rule.cached else None
         # Each device of a mesh computes its share of the group's matrices.
-        fresh, out, is_zero = sharding.map_over_mesh(
-            functools.partial(_group_update, rule, group.method),
+        basis, out, fresh = sharding.map_over_mesh(
+            functools.partial(_group_update, rule),
             count,
-            (_stack(group, views, params), _stack(group, views, updates), stale),
-            recompute,
+            (_stack(group, views, params), _stack(group, views, updates), cached),
+            None,
         )
-        fresh, out, is_zero = jax.tree.map(
-            lambda x, c=count: sharding.gathered(x)[:c], (fresh, out, is_zero)
+        basis, out, fresh = jax.tree.map(
+            lambda x, c=count: sharding.gathered(x)[:c], (basis, out, fresh)
         )
-        if rule.at_zero and rule.cached:
-            zero_flags.append(jnp.any(is_zero))
-        if rule.cached:  # whole, then each leaf's factors take the state's sharding
-            fresh = jax.tree.map(sharding.whole_on_every_device, fresh)
-            for i, entry in zip(group.indices, _split(group, views, fresh), strict=True):
+        if rule.cached:  # whole, then each leaf's basis takes the state's sharding
+            decomposed = decomposed + jnp.sum(fresh, dtype=jnp.int32)
+            basis = jax.tree.map(sharding.whole_on_every_device, basis)
+            for i, entry in zip(group.indices, _split(group, views, basis), strict=True):
                 entries[i] = entry
         for i, piece in zip(group.indices, _split(group, views, out), strict=True):
             new_leaves[i] = _to_leaf(group, views[i], piece, updates[i])
-    saw_zero = jnp.any(jnp.stack(zero_flags)) if zero_flags else False
-    return new_leaves, entries, saw_zero
+    return new_leaves, entries, decomposed
 
 
 def _stacked_cache(entries: list[Any]) -> Any:
@@ -185,35 +186,32 @@ def _stacked_cache(entries: list[Any]) -> Any:
     return jax.tree.map(stack, *entries)
 
 
-def _group_update(rule: _Rule, method: str, batched, recompute):
-    """(factors to cache, preconditioned G, which W are zero) for stacked matrices.
+def _group_update(rule: _Rule, batched, _):
+    """(new bases, preconditioned G, which bases were computed afresh) for stacked matrices.
 
-    The first is None without a cache, the last None with ``plain_gradient_at_zero=False``.
-
+    Without a cache (a method that decomposes every update) the first and last are None.
     Each matrix is handled on its own, so a mesh can split the stack between devices.
     """
-    w, g, stale = batched
-    fresh, current = _group_factors(rule, method, w, stale, recompute)
-    out = linalg.apply_depth_factors(current, g, rule.N, precision=rule.precision)
-    if not rule.at_zero:
-        return (fresh if rule.cached else None), out, None
-    is_zero = _is_zero(w)
-    return (fresh if rule.cached else None), jnp.where(is_zero[:, None, None], g, out), is_zero
-
-
-def _group_factors(rule: _Rule, method: str, w, stale, recompute):
-    """(factors to cache, factors to apply now) for one group's stacked matrices."""
-
-    def fresh():
-        return linalg.depth_factors(w, rule.N, method, precision=rule.precision)
-
-    if not rule.cached:
-        factors = fresh()
-        return factors, factors
-    factors = jax.lax.cond(recompute, fresh, lambda: stale)
-    if isinstance(factors, linalg.SpectralBasis):  # only the singular vectors stay stale
-        return factors, linalg.refresh_singular_values(factors, w, precision=rule.precision)
-    return factors, factors
+    w, g, basis = batched
+    # Derivatives through the update (meta-learning, unrolled optimization) come from the
+    # spectral formula of spectral_jvp, finite at repeated and zero singular values, not
+    # from differentiating the decompositions.
+    if rule.cached:
+        out, basis, fresh = linalg.tracked_precondition(
+            jax.lax.stop_gradient(w),
+            jax.lax.stop_gradient(g),
+            basis,
+            rule.N,
+            tolerance=rule.tolerance,
+            precision=rule.precision,
+        )
+        out = spectral_jvp.with_basis_tangent(w, g, out, basis.v, rule.N, rule.precision)
+    else:
+        out = spectral_jvp.differentiable_precondition(w, g, rule.N, rule.precision, rule.method)
+        basis = fresh = None
+    if rule.at_zero:
+        out = jnp.where(_is_zero(w)[:, None, None], g, out)
+    return basis, out, fresh
 
 
 def _gathered(views: list[MatrixView | None], leaves: list[Any]) -> list[Any]:
@@ -224,9 +222,21 @@ def _gathered(views: list[MatrixView | None], leaves: list[Any]) -> list[Any]:
     ]
 
 
-def _check_options(method, block_size, precision, plain_gradient_at_zero) -> None:
+def _check_options(method, tolerance, block_size, precision, plain_gradient_at_zero) -> float:
+    """Checks the options of :func:`overparam_precondition`; returns the tolerance to use."""
     if method not in linalg.METHODS:
         raise ValueError(f"method must be one of {linalg.METHODS}, got {method!r}.")
+    if tolerance is None:
+        tolerance = linalg.DEFAULT_TOLERANCE
+    elif method != "tracked":
+        raise ValueError(
+            f"tolerance applies to the tracked basis of the default method only; "
+            f"method={method!r} decomposes W afresh on every update (drop tolerance)."
+        )
+    elif isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.floating)):
+        raise ValueError(f"tolerance must be a float in (0, 1), got {tolerance!r}.")
+    elif not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be a float in (0, 1), got {tolerance!r}.")
     if block_size is not None and (
         isinstance(block_size, bool)
         or not isinstance(block_size, (int, np.integer))
@@ -240,6 +250,13 @@ def _check_options(method, block_size, precision, plain_gradient_at_zero) -> Non
         raise ValueError(f"precision: {error}") from None
     if not isinstance(plain_gradient_at_zero, bool):
         raise ValueError(f"plain_gradient_at_zero must be a bool, got {plain_gradient_at_zero!r}.")
+    return float(tolerance)
+
+
+def _saturating_add(total: jax.Array, more: jax.Array) -> jax.Array:
+    """total + more for non-negative int32 scalars, stopping at the int32 maximum."""
+    top = jnp.iinfo(jnp.int32).max
+    return jnp.where(total > top - more, top, total + more).astype(jnp.int32)
 
 
 def _state_misfit(detail: str) -> ValueError:
@@ -304,9 +321,8 @@ def _restore_entries(factors: Any, expected: Any, treedef, paths: list[str]) -> 
 def overparam_precondition(
     N: int,
     *,
-    method: str = "auto",
-    precondition_every: int | None = None,
-    warmup_steps: int | None = None,
+    method: Method = "tracked",
+    tolerance: float | None = None,
     dimension_numbers: Any = None,
     mask: Any = None,
     block_size: int | None = None,
@@ -315,7 +331,7 @@ def overparam_precondition(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions gradients as depth-N linear over-parameterization would.
 
-    Replacing a weight matrix W by a product of N matrices W_N \cdots W_1, and running
+    Replacing a weight matrix W by a product of N matrices :math:`W_N \cdots W_1`, and running
     gradient descent with a small step on the factors from a balanced initialization,
     moves the end-to-end matrix along
 
@@ -340,10 +356,13 @@ def overparam_precondition(
     keep their dtype. Matrices of equal shape (across leaves, and the batch axes of a
     leaf) are preconditioned in one batched call, spread over the devices of a mesh.
 
-    The defaults are the fast configuration: factors of each matrix recomputed every 10
-    updates by the method measured fastest for the platform and shape, and applied in
-    between with the current singular values (docs/performance.md has its speed and its
-    error against the exact rule). ``method="svd"`` is the exact rule, every update.
+    By default each matrix carries its right singular basis from one update to the next
+    and rotates it toward the current W with matmuls and small n x n work (n the shorter
+    side); the basis is computed afresh (a thin SVD of W) only when the
+    rotation cannot hold ``tolerance``: the update is then the exact P for a Gram matrix
+    within relative Frobenius distance ``tolerance`` of W^T W. docs/performance.md has its
+    distance to the exact rule and to the explicit depth-N network over whole trainings,
+    and its cost. ``method="svd"`` is the exact rule from a fresh SVD on every update.
 
     P_W scales like ||W||^{2-2/N}, so P_0(G) = 0 for N >= 2: a matrix that is exactly
     zero would never move (the saddle that explicit factors share). By default such a
@@ -353,23 +372,18 @@ def overparam_precondition(
     Args:
       N: the depth, a positive Python int. N = 1 is the identity (the updates pass
         through unchanged, whatever the other options).
-      method: how the factors of each matrix are computed: "auto" (the default: per
-        platform and shape, :func:`overparam_optax.linalg.resolve_method`), "svd" (the
-        exact reference), "eigh" (eigendecomposition of the smaller Gram matrix W^T W) or
-        "newton" (matmul-only iteration, for GPU/TPU). docs/performance.md has the
-        measured speed and error of each.
-      precondition_every: k >= 1, or None (the default): 10 with ``method="auto"``, 1 with
-        a method named explicitly (so ``method="svd"`` alone is the exact rule, every
-        update). With k > 1 the factors are computed only on updates 0, k, 2k, ... (and
-        before ``warmup_steps``) and cached in the state; in between they are applied to
-        the new gradient with matmuls only. Cached singular bases ("svd", "eigh") keep
-        their singular vectors and re-estimate the singular values from the current W
-        each update (one extra matmul); matmul-only factors ("newton") are used as cached.
-        It decides the state's structure: under ``optax.inject_hyperparams`` list it in
-        ``static_args`` (its default, None, needs no listing).
-      warmup_steps: None (the default: no warm-up) or an int: with a cache (k > 1), also
-        recompute on every update while fewer than this many updates have been applied
-        (the singular vectors rotate fastest early in training). Rejected when k = 1.
+      method: "tracked" (the default: a basis carried in the state and rotated every
+        update, recomputed when it cannot hold ``tolerance``), or a method that decomposes
+        every matrix afresh on every update and keeps no state: "svd" (the exact
+        reference), "eigh" (eigendecomposition of the smaller Gram matrix W^T W) or
+        "newton" (matmul-only iteration). docs/performance.md has the measured speed and
+        error of each. It decides the state's structure: under
+        ``optax.inject_hyperparams`` list it in ``static_args``.
+      tolerance: with the default method only, a float in (0, 1), default
+        :data:`~overparam_optax.linalg.DEFAULT_TOLERANCE` (1e-3): the largest relative
+        off-diagonal ||off(V^T W^T W V)||_F / ||W^T W||_F of the rotated basis V that is
+        accepted without recomputing it. Smaller is closer to the exact rule and
+        decomposes more often (``state.decompositions`` counts them).
       dimension_numbers: None (the defaults in :class:`MatrixDimensionNumbers`), one
         ``MatrixDimensionNumbers`` for every leaf of rank >= 2, a pytree like the params
         with a ``MatrixDimensionNumbers`` or None (pass through) per leaf, or a callable
@@ -409,15 +423,10 @@ def overparam_precondition(
       Acceleration by Overparameterization", ICML 2018.
     """
     N = linalg.check_depth(N)
-    _check_options(method, block_size, precision, plain_gradient_at_zero)
-    if method == "newton" and N > linalg.NEWTON_MAX_DEPTH:
-        raise ValueError(
-            f'method="newton" supports N <= {linalg.NEWTON_MAX_DEPTH}, got N={N}; use '
-            'method="eigh" or "svd" (exact for every N), or "auto".'
-        )
-    every = amortize.check_every(precondition_every, method)
-    rule = _Rule(N, method, every, amortize.check_warmup(warmup_steps, every), precision,
-                 plain_gradient_at_zero)  # fmt: skip
+    tolerance = _check_options(method, tolerance, block_size, precision, plain_gradient_at_zero)
+    if method == "newton":
+        linalg.check_newton_depth(N)
+    rule = _Rule(N, method, tolerance, precision, plain_gradient_at_zero)
 
     def views_of(params):
         return resolve_views(params, dimension_numbers, mask, block_size)
@@ -426,12 +435,12 @@ def overparam_precondition(
         # Views are resolved (and validated) now, so a misfit is reported before any step.
         _, views, treedef = views_of(params)
         entries = [
-            amortize.init_entry(view, jnp.result_type(leaf), N, method, every)
+            cache.init_entry(view, jnp.result_type(leaf), N, method)
             for view, leaf in zip(views, treedef.flatten_up_to(params), strict=True)
         ]
         return OverparamPreconditionState(
             count=jnp.zeros([], jnp.int32),
-            factors_age=jnp.asarray(every, jnp.int32),
+            decompositions=jnp.zeros([], jnp.int32),
             factors=treedef.unflatten(entries),
         )
 
@@ -449,66 +458,63 @@ def overparam_precondition(
         # 1. Which matrices each leaf holds, and the cached factors that go with them.
         paths, views, treedef = views_of(params)
         expected = jax.eval_shape(init_fn, params).factors
-        stale_entries = _restore_entries(state.factors, expected, treedef, paths)
-        recompute = amortize.recompute_now(state.count, state.factors_age, every, rule.warmup)
+        old_entries = _restore_entries(state.factors, expected, treedef, paths)
         # 2. Precondition them (gathered first if an Explicit mesh shards them).
         update_leaves = treedef.flatten_up_to(updates)
-        new_leaves, entries, saw_zero = _precondition_leaves(
+        new_leaves, entries, decomposed = _precondition_leaves(
             rule,
             views,
             _gathered(views, treedef.flatten_up_to(params)),
             _gathered(views, update_leaves),
-            stale_entries,
-            recompute,
+            old_entries,
         )
         # 3. Each update, and each cache entry, gets back the sharding it came with.
         new_leaves = sharding.keep_explicit_shardings(new_leaves, update_leaves)
-        entries = sharding.keep_explicit_shardings(entries, stale_entries)
-        age = amortize.next_age(state.factors_age, recompute, saw_zero, every)
-        new_state = OverparamPreconditionState(count, age, treedef.unflatten(entries))
+        entries = sharding.keep_explicit_shardings(entries, old_entries)
+        decompositions = _saturating_add(state.decompositions, decomposed)
+        new_state = OverparamPreconditionState(count, decompositions, treedef.unflatten(entries))
         return treedef.unflatten(new_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _add_depth_scaled_decay(
-    weight_decay, N: int, dimension_numbers, mask
-) -> optax.GradientTransformationExtraArgs:
+    weight_decay: optax.ScalarOrSchedule, N: int, dimension_numbers, mask
+) -> optax.GradientTransformation:
     """Adds weight_decay * N * W on preconditioned leaves and weight_decay * W elsewhere.
 
     With decay lambda on every factor, the balanced end-to-end matrix shrinks by
     (1 - eta * lambda * N) per step (the paper's eq. 24): the decay is not preconditioned.
-    Leaves that are not factorized (biases) keep the ordinary decay.
+    Leaves that are not factorized (biases) keep the ordinary decay. ``weight_decay`` may
+    be an optax schedule, as in ``optax.add_decayed_weights``.
     """
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        if params is None:
-            raise ValueError("overparam_sgd with weight_decay needs params in update().")
+    def preconditioned(params):
         _, views, treedef = resolve_views(params, dimension_numbers, mask, None)
-        leaves = [
-            u
-            + (weight_decay * (N if view is not None else 1))
-            * jnp.asarray(p).astype(jnp.result_type(u))
-            for view, u, p in zip(
-                views, treedef.flatten_up_to(updates), treedef.flatten_up_to(params), strict=True
-            )
-        ]
-        return treedef.unflatten(leaves), state
+        return treedef.unflatten([view is not None for view in views])
 
-    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+    def others(params):
+        return jax.tree.map(lambda selected: not selected, preconditioned(params))
+
+    if callable(weight_decay):
+        depth_scaled = lambda count: N * weight_decay(count)  # noqa: E731
+    else:
+        depth_scaled = N * weight_decay
+    return optax.chain(
+        optax.add_decayed_weights(depth_scaled, mask=preconditioned),
+        optax.add_decayed_weights(weight_decay, mask=others),
+    )
 
 
 def overparam_sgd(
     learning_rate: optax.ScalarOrSchedule,
     N: int = 3,
-    weight_decay: float | jax.Array = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     momentum: float | None = None,
     nesterov: bool = False,
-    method: str = "auto",
-    precondition_every: int | None = None,
-    warmup_steps: int | None = None,
+    method: Method = "tracked",
+    tolerance: float | None = None,
     dimension_numbers: Any = None,
     mask: Any = None,
     block_size: int | None = None,
@@ -523,17 +529,18 @@ def overparam_sgd(
     for every preconditioned matrix W (Arora et al., 2018, eq. 24), and the plain rule
     W <- (1 - eta * lambda) W - eta * grad for the other leaves. With ``momentum`` the
     same direction is fed to heavy-ball (or Nesterov) momentum. It is
-    ``optax.chain(overparam_precondition(N, ...), <the decay>, optax.sgd(...))``.
+    ``optax.chain(overparam_precondition(N, ...), <the decay>, optax.sgd(...))``. Its other
+    keyword options are those of :func:`overparam_precondition`, with the same defaults,
+    and are passed on to it.
 
     Args:
       learning_rate: eta, a float or an optax schedule.
       N: the depth, a positive Python int. Under ``optax.inject_hyperparams`` list it in
-        ``static_args`` (and ``precondition_every``, ``warmup_steps`` too).
-      weight_decay: lambda, the decay applied to each factor in the factorized view.
+        ``static_args`` (and ``method`` too).
+      weight_decay: lambda, the decay applied to each factor in the factorized view: a
+        float or an optax schedule (as ``optax.add_decayed_weights`` takes).
       momentum: optional momentum coefficient (as in ``optax.sgd``).
       nesterov: whether to use Nesterov momentum.
-      method, precondition_every, warmup_steps, dimension_numbers, mask, block_size,
-        precision, plain_gradient_at_zero: as in :func:`overparam_precondition`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires params.
@@ -555,8 +562,7 @@ def overparam_sgd(
         overparam_precondition(
             N,
             method=method,
-            precondition_every=precondition_every,
-            warmup_steps=warmup_steps,
+            tolerance=tolerance,
             dimension_numbers=dimension_numbers,
             mask=mask,
             block_size=block_size,

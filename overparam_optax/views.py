@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from overparam_optax.checks import check_real_floating
+
 __all__ = ["MatrixDimensionNumbers", "MatrixView", "check_same_structure", "resolve_views"]
 
 
@@ -211,19 +213,10 @@ def _leaf_shape(path: str, leaf: Any) -> tuple[int, ...]:
     return tuple(leaf.shape)
 
 
-def _check_dtype(path: str, leaf: Any) -> None:
-    dtype = jnp.dtype(leaf.dtype)
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        raise ValueError(
-            f"Parameter {path} has complex dtype {dtype}: the preconditioner is implemented "
-            "for real matrices only (the Hermitian rule would need W W^H). Mask the leaf out "
-            "or split it into real and imaginary parts."
-        )
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(
-            f"Parameter {path} has dtype {dtype}: only floating-point matrices can be "
-            "preconditioned; mask the leaf out (mask=...) or pass None as its dimension numbers."
-        )
+_LEAF_REMEDY = (
+    "Mask the leaf out (mask=...) or pass None as its dimension numbers; a complex leaf can "
+    "also be split into real and imaginary parts."
+)
 
 
 def resolve_views(
@@ -273,27 +266,78 @@ def resolve_views(
         if view is not None and view.is_empty:
             view = None  # an empty matrix: nothing to precondition
         if view is not None:
-            _check_dtype(path, leaf)
+            check_real_floating(f"Parameter {path}", leaf, _LEAF_REMEDY)
         views.append(view)
     return paths, views, treedef
 
 
+def _children(tree: Any) -> dict[str, Any]:
+    """The direct children of a pytree node, by their key strings (one level only)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is not tree)
+    return {jax.tree_util.keystr(path): child for path, child in leaves}
+
+
+def _is_leaf(tree: Any) -> bool:
+    return jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(tree))
+
+
+def _container_difference(updates: Any, params: Any, path: str = "") -> str | None:
+    """Where two trees with the same leaf paths first use different container types."""
+    if _is_leaf(updates) or _is_leaf(params):
+        return None
+    if type(updates) is not type(params):
+        return (
+            f"at {path or 'the top level'} the updates are a {type(updates).__name__} and "
+            f"the params a {type(params).__name__}"
+        )
+    u_children, p_children = _children(updates), _children(params)
+    for key in u_children.keys() & p_children.keys():
+        found = _container_difference(u_children[key], p_children[key], path + key)
+        if found:
+            return found
+    return None
+
+
+def _check_leaf_shapes(u_leaves: list, p_leaves: list) -> None:
+    """Names the first leaf whose update and parameter shapes differ (paths already agree)."""
+    for (_, u), (path, p) in zip(u_leaves, p_leaves, strict=True):
+        if jnp.shape(u) != jnp.shape(p):
+            raise ValueError(
+                f"Parameter {jax.tree_util.keystr(path)}: the update has shape "
+                f"{jnp.shape(u)} but the parameter has shape {jnp.shape(p)}."
+            )
+
+
 def check_same_structure(updates: Any, params: Any) -> None:
-    """Raises a ValueError naming the first path where the two trees disagree."""
+    """Raises a ValueError naming the first path where the two trees disagree.
+
+    Trees that hold the same leaves at the same paths in different container types (dict
+    gradients for ``FrozenDict`` params, a list for a tuple) are refused too, with a
+    message that names the containers: ``optax.apply_updates`` refuses that pair as well.
+    """
     u_leaves, u_def = jax.tree_util.tree_flatten_with_path(updates)
     p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params)
-    if u_def == p_def:
-        for (path, u), (_, p) in zip(u_leaves, p_leaves, strict=True):
-            if jnp.shape(u) != jnp.shape(p):
-                raise ValueError(
-                    f"Parameter {jax.tree_util.keystr(path)}: the update has shape "
-                    f"{jnp.shape(u)} but the parameter has shape {jnp.shape(p)}."
-                )
+    if u_def == p_def:  # the usual case: no path strings are built
+        _check_leaf_shapes(u_leaves, p_leaves)
         return
-    u_paths = {jax.tree_util.keystr(p) for p, _ in u_leaves}
-    p_paths = {jax.tree_util.keystr(p) for p, _ in p_leaves}
-    only_u = sorted(u_paths - p_paths)
-    only_p = sorted(p_paths - u_paths)
+    u_paths = [jax.tree_util.keystr(p) for p, _ in u_leaves]
+    p_paths = [jax.tree_util.keystr(p) for p, _ in p_leaves]
+    if u_paths == p_paths:
+        _check_leaf_shapes(u_leaves, p_leaves)
+        where = _container_difference(updates, params)
+        raise ValueError(
+            "updates and params hold the same leaves at the same paths but in different "
+            f"containers ({where or f'updates {u_def}, params {p_def}'}); optax.apply_updates "
+            "refuses such a pair too. Give both the same containers (for FrozenDict params: "
+            "flax.core.freeze(grads), or flax.core.unfreeze(params) before init)."
+        )
+    only_u = sorted(set(u_paths) - set(p_paths))
+    only_p = sorted(set(p_paths) - set(u_paths))
+    if not only_u and not only_p:
+        raise ValueError(
+            "updates and params must have the same tree structure; they hold the same paths "
+            f"in another order or number: updates {u_def}, params {p_def}."
+        )
     raise ValueError(
         "updates and params must have the same tree structure. "
         f"Only in updates: {only_u[:5] or 'none'}; only in params: {only_p[:5] or 'none'}."

@@ -316,3 +316,52 @@ def test_mnist_npz_non_finite_pixels_name_the_image(tmp_path):
     )
     with pytest.raises(data.DataError, match="dtype <U"):
         data.load_mnist(tmp_path)
+
+
+# ------------------------------------------------------------------ MNIST, unusual content
+
+
+@pytest.mark.parametrize("empty", ["images", "labels", "both"])
+def test_mnist_idx_with_no_images_names_the_file(tmp_path, empty):
+    images, labels = _random_digits(3)
+    if empty in ("images", "both"):
+        images = images[:0]
+    if empty in ("labels", "both"):
+        labels = labels[:0]
+    _write_mnist_idx(tmp_path, "train", images, labels)
+    stem = "train-labels" if empty == "labels" else "train-images"
+    with pytest.raises(data.DataError, match=rf"{stem}-idx\d-ubyte\.gz' holds 0 items"):
+        data.load_mnist(tmp_path)
+
+
+def test_mnist_npz_with_no_images(tmp_path):
+    images, labels = _random_digits(0)
+    np.savez(tmp_path / "mnist.npz", x_train=images, y_train=labels, x_test=images, y_test=labels)
+    with pytest.raises(data.DataError, match=r"mnist\.npz': 0 images; expected at least one"):
+        data.load_mnist(tmp_path)
+
+
+def test_mnist_npz_float_images_already_in_unit_range_are_not_divided_again(tmp_path):
+    raw, labels = _random_digits(4)
+    for images, expected in (
+        (raw.astype(np.float32) / 255.0, raw / 255.0),  # already scaled: kept
+        (raw.astype(np.float64), raw / 255.0),  # floats in 0..255: divided
+        (np.zeros_like(raw, np.float32), np.zeros(raw.shape)),  # all black either way
+    ):
+        np.savez(tmp_path / "mnist.npz", x_train=images, y_train=labels, x_test=images,
+                 y_test=labels)  # fmt: skip
+        x, _ = data.load_mnist(tmp_path)
+        np.testing.assert_allclose(x[..., 0], expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("low, high", [(-500.0, 500.0), (0.0, 256.0), (-1.0, 1.0)])
+def test_mnist_npz_pixels_out_of_range_name_the_image(tmp_path, low, high):
+    images = _random_digits(4)[0].astype(np.float32)
+    images[1] = np.linspace(low, high, 28 * 28).reshape(28, 28)
+    images[2] = np.clip(images[2], 1.0, 255.0)
+    labels = np.arange(4)
+    np.savez(tmp_path / "mnist.npz", x_train=images, y_train=labels, x_test=images, y_test=labels)
+    with pytest.raises(
+        data.DataError, match=rf"mnist\.npz': image 1 has pixel values in \[{low:g}, {high:g}\]"
+    ):
+        data.load_mnist(tmp_path)

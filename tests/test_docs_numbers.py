@@ -251,9 +251,11 @@ def test_corrected_rows_of_what_reproduces(paper):
                 _steps(10_000), "11"])  # fmt: skip
 
 
-def test_tuned_tables_are_rendered_from_json(tuned, tb):
+def test_tuned_tables_are_rendered_from_json(tuned):
+    from overparam_optax.experiments import tuned_report
+
     doc = DOC.read_text()
-    for line in tb.tables_markdown(tuned["results"]).splitlines():
+    for line in tuned_report.tables_markdown(tuned["results"]).splitlines():
         if line.startswith("| "):
             assert line in doc, f"docs/reproduction.md lacks the table row {line!r}"
 

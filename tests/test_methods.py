@@ -1,4 +1,4 @@
-"""The fast preconditioner paths (method=, precondition_every=, batching) against the exact one."""
+"""The decomposition methods (svd, eigh, newton) and batching, against the exact rule."""
 
 from __future__ import annotations
 
@@ -78,38 +78,11 @@ def test_eigh_error_on_ill_conditioned_is_bounded():
     )
 
 
-def test_auto_matches_exact():
-    rng = np.random.default_rng(9)
-    w, g = _well_conditioned(rng, 24, 10), rng.standard_normal((24, 10)).astype(np.float32)
-    exact = opx.precondition_matrix(w, g, 3)
-    assert _rel(opx.precondition_matrix(w, g, 3, method="auto"), exact) < 1e-3
-
-
-def test_resolve_method(monkeypatch):
-    for name in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
-        monkeypatch.delenv(name, raising=False)
-    assert linalg.resolve_method("svd", 4, 4) == "svd"
-    # CPU with threaded OpenBLAS: eigh only for small Gram matrices, else matmul-only.
-    assert linalg.resolve_method("auto", 800, 64, platform="cpu") == "eigh"
-    assert linalg.resolve_method("auto", 32, 25, platform="cpu") == "eigh"
-    assert linalg.resolve_method("auto", 3136, 512, platform="cpu") == "newton"
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert linalg.resolve_method("auto", 3136, 512, platform="cpu") == "eigh"
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")  # read first, so it wins
-    assert linalg.resolve_method("auto", 3136, 512, platform="cpu") == "newton"
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
-    assert linalg.resolve_method("auto", 3136, 512, platform="cpu") == "eigh"
-    assert linalg.resolve_method("auto", 3136, 512, platform="cpu", N=1000) == "eigh"
-    assert linalg.resolve_method("auto", 3136, 512, platform="gpu") == "newton"
-    # GPU (measured) and TPU (projected): matmul-only at every shape, within its depth limit.
-    for platform in ("gpu", "tpu"):
-        for shape in ((800, 64), (32, 25), (512, 10), (4096, 4096)):
-            assert linalg.resolve_method("auto", *shape, platform=platform) == "newton"
-        assert linalg.resolve_method("auto", 800, 64, platform=platform, N=1000) == "eigh"
-    with pytest.raises(ValueError, match="method"):
-        linalg.resolve_method("qr", 4, 4)
+def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="method"):
         opx.overparam_precondition(3, method="qr")
+    with pytest.raises(ValueError, match="method"):  # a single call has no basis to carry
+        opx.precondition_matrix(jnp.eye(2), jnp.eye(2), 3, method="tracked")
 
 
 @pytest.mark.parametrize("method", ["svd", "eigh", "newton"])
@@ -137,7 +110,7 @@ def _tree(rng):
     }
 
 
-@pytest.mark.parametrize("method", ["eigh", "newton", "auto"])
+@pytest.mark.parametrize("method", ["tracked", "eigh", "newton"])
 def test_transform_methods_match_exact(method):
     rng = np.random.default_rng(4)
     params = _tree(rng)
@@ -163,135 +136,11 @@ def test_batching_same_shapes_equals_per_leaf():
         np.testing.assert_allclose(out[name]["kernel"], single, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["svd", "eigh", "newton", "auto"])
-def test_precondition_every_uses_stale_factors_then_refreshes(method):
-    k = 3
-    rng = np.random.default_rng(6)
-    params = _tree(rng)
-    tx = opx.overparam_precondition(3, method=method, precondition_every=k)
-    state = tx.init(params)
-    # One entry per leaf with factors; empty entries for the vector head and the bias.
-    assert isinstance(state.factors["head"]["kernel"], optax.MaskedNode)
-    assert isinstance(state.factors["a"]["bias"], optax.MaskedNode)
-    assert not isinstance(state.factors["a"]["kernel"], optax.MaskedNode)
-    update = jax.jit(tx.update)
-    concrete = linalg.resolve_method(method, 10, 6)
-
-    def expected(old, new, grad):  # tall (rows >= cols) matrices only
-        if concrete == "newton":  # matmul-only factors are applied as cached
-            return linalg.apply_depth_factors(linalg.depth_factors(old, 3, concrete), grad, 3)
-        basis = linalg.depth_factors(old, 3, concrete)
-        basis = linalg.refresh_singular_values(basis, new)
-        return linalg.apply_depth_factors(basis, grad, 3)
-
-    history = [params]
-    for step in range(k + 1):
-        grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
-        out, state = update(grads, state, params)
-        source = history[0] if step < k else params  # factors from update 0, then refreshed
-        tol = 1e-3 if concrete == "newton" else 5e-5
-        for name in ("a", "b"):
-            want = expected(source[name]["kernel"], params[name]["kernel"], grads[name]["kernel"])
-            assert _rel(out[name]["kernel"], want) < tol, (step, name)
-        want = expected(
-            source["wide"]["kernel"].T, params["wide"]["kernel"].T, grads["wide"]["kernel"].T
-        ).T
-        assert _rel(out["wide"]["kernel"], want) < tol, step
-        if step in (0, k):  # fresh factors: the exact update
-            exact = opx.precondition_matrix(params["a"]["kernel"], grads["a"]["kernel"], 3)
-            assert _rel(out["a"]["kernel"], exact) < tol
-        # The single-output head has no factors: always the current closed form.
-        head = opx.precondition_matrix(params["head"]["kernel"], grads["head"]["kernel"], 3)
-        assert _rel(out["head"]["kernel"], head) < 1e-5
-        params = optax.apply_updates(params, jax.tree.map(lambda u: -0.1 * u, out))
-        history.append(params)
-    assert int(state.count) == k + 1
-
-
-def test_warmup_steps_recompute_during_warmup():
-    rng = np.random.default_rng(11)
-    params = {"w": jnp.asarray(_well_conditioned(rng, 9, 4))}
-    tx = opx.overparam_precondition(3, method="newton", precondition_every=100, warmup_steps=2)
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    sources = []
-    for _ in range(4):
-        grads = {"w": jnp.asarray(rng.standard_normal((9, 4)), jnp.float32)}
-        out, state = update(grads, state, params)
-        sources.append(params["w"])
-        # updates 0 and 1 recompute (warm-up), 2 and 3 reuse the factors of update 1
-        source = sources[min(len(sources) - 1, 1)]
-        want = opx.precondition_matrix(source, grads["w"], 3, method="newton")
-        assert _rel(out["w"], want) < 1e-5
-        params = {"w": params["w"] - 0.1 * out["w"]}
-
-
-def test_refresh_singular_values_is_exact_for_a_rescaled_matrix():
-    rng = np.random.default_rng(10)
-    w = jnp.asarray(_well_conditioned(rng, 12, 5))
-    g = jnp.asarray(rng.standard_normal((12, 5)), jnp.float32)
-    basis = linalg.depth_factors(w, 3, "eigh")
-    refreshed = linalg.refresh_singular_values(basis, 1.7 * w)
-    out = linalg.apply_depth_factors(refreshed, g, 3)
-    assert _rel(out, opx.precondition_matrix(1.7 * w, g, 3)) < 2e-5
-
-
-def test_precondition_every_init_on_shape_dtype_struct_and_cond():
-    rng = np.random.default_rng(7)
-    params = _tree(rng)
-    tx = opx.overparam_precondition(3, method="eigh", precondition_every=4)
-    abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-    from_abstract = tx.init(abstract)
-    concrete = tx.init(params)
-    chex.assert_trees_all_equal_shapes_and_dtypes(from_abstract, concrete)
-    for b in jax.tree.leaves(concrete.factors):
-        np.testing.assert_array_equal(b, 0)  # init does no linear algebra
-    assert int(concrete.factors_age) == 4  # stale from the start: update 0 computes
-    # eval_shape of init works too (no concrete values needed)
-    jax.eval_shape(tx.init, abstract)
-
-    grads = jax.tree.map(jnp.ones_like, params)
-
-    @jax.jit
-    def maybe_update(skip, state):  # lax.cond-based scheduling of the whole update
-        return jax.lax.cond(
-            skip, lambda s: (grads, s), lambda s: tx.update(grads, s, params), state
-        )
-
-    skipped, state = maybe_update(True, concrete)
-    assert int(state.count) == 0
-    _, state = maybe_update(False, concrete)
-    assert int(state.count) == 1
-    assert float(jnp.abs(state.factors["conv"]["kernel"].s).max()) > 0  # filled by update 0
-
-
-def test_precondition_every_validation_and_inject_hyperparams():
-    for bad in (0, -2, 1.5, True, "3"):
-        with pytest.raises(ValueError, match="precondition_every"):
-            opx.overparam_precondition(3, precondition_every=bad)
-    params = {"w": jnp.eye(3) + 0.1}
-    grads = {"w": jnp.ones((3, 3))}
-    # The default (1) survives inject_hyperparams; another value needs static_args.
-    tx = optax.inject_hyperparams(opx.overparam_sgd, static_args=("N",))(learning_rate=0.1, N=2)
-    jax.jit(tx.update)(grads, tx.init(params), params)
-    tx = optax.inject_hyperparams(
-        opx.overparam_sgd, static_args=("N", "precondition_every", "method")
-    )(learning_rate=0.1, N=2, method="eigh", precondition_every=2)
-    state = tx.init(params)
-    for _ in range(3):
-        _, state = jax.jit(tx.update)(grads, state, params)
-    tx = optax.inject_hyperparams(opx.overparam_sgd, static_args=("N",))(
-        learning_rate=0.1, N=2, precondition_every=2
-    )
-    with pytest.raises(ValueError, match="static_args"):
-        jax.jit(tx.update)(grads, tx.init(params), params)
-
-
 def test_overparam_sgd_passes_method_through():
     params = {"w": jnp.asarray(_well_conditioned(np.random.default_rng(8), 6, 4))}
     grads = {"w": jnp.ones((6, 4))}
     exact = opx.overparam_sgd(0.1, N=3, method="svd")
-    fast = opx.overparam_sgd(0.1, N=3, method="eigh", precondition_every=2)
+    fast = opx.overparam_sgd(0.1, N=3, method="eigh")
     e, _ = exact.update(grads, exact.init(params), params)
     f, _ = fast.update(grads, fast.init(params), params)
     assert _rel(f["w"], e["w"]) < 5e-5
@@ -319,16 +168,19 @@ def test_benchmark_smoke(script, extra, tmp_path):
         assert all(r["seconds"] > 0 and max(r["relative_error"].values()) < 1e-3 for r in rows)
 
 
-def test_matmul_method_partial_runs_do_not_replace_the_full_record(capsys):
+def test_matmul_method_partial_runs_do_not_replace_the_full_record():
     module = load_script("benchmarks/matmul_method.py")
     assert module.result_name(module.DEFAULT_SECTIONS) == "matmul_method"
     assert module.result_name(["tune"]) == "matmul_method_tune"
     assert module.result_name(["ratio", "cnn"]) == "matmul_method_ratio_cnn"
+    from absl import flags
+
+    from overparam_optax.experiments import flags as xflags
+
     for argv in (["--blas-threads", "2"], ["--ratio-precisions", "HIGHEST,FOO"]):
-        with pytest.raises(SystemExit) as error:
-            module.parse_args(argv)
-        assert error.value.code == 2, argv
-        assert argv[0] in capsys.readouterr().err
+        with pytest.raises(flags.Error, match=argv[0][2:]):
+            xflags.parse(module.define_flags, argv)
+    assert xflags.parse(module.define_flags, ["--error-depths", "9,16"]).error_depths == [9, 16]
 
 
 def test_matmul_method_honours_platform():

@@ -19,9 +19,16 @@ loaded = sorted(m for m in sys.modules if m.startswith("overparam_optax.experime
 assert not loaded, f"import overparam_optax loaded {loaded}"
 assert "mlxtend" not in sys.modules and "matplotlib" not in sys.modules
 
+from absl import app, flags, logging  # noqa: F401  (absl defines its own flags on import)
+
+absl_flags = set(flags.FLAGS)
 from overparam_optax.experiments import (  # noqa: F401
     cli, data, devices, models, reference, timing, training, trajectories,
+    flags as script_flags, cnn_example, lm_example, tuning, tuned_regression, tuned_mnist,
+    tuned_report, paper_sections, paper_report, matmul_sections, equivalence_grid,
 )
+
+assert set(flags.FLAGS) == absl_flags, "an import defined script flags"
 
 assert not jax.config.jax_enable_x64, "an import turned on float64"
 assert not xla_bridge.backends_are_initialized(), "an import started jax's backends"

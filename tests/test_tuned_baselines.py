@@ -1,4 +1,5 @@
-"""benchmarks/tuned_baselines.py: its grid refinement and statistics, and a smoke run.
+"""benchmarks/tuned_baselines.py and its harness (experiments.tuning, tuned_mnist,
+tuned_report): grid refinement and statistics, the MNIST runner, and a smoke run.
 
 The smoke run trains 2 tiny CNNs (plain and implicit, 3 steps) on synthetic IDX files in a
 subprocess, as a user would run it, and checks that the per-run logs it writes are reused
@@ -16,26 +17,28 @@ import sys
 import numpy as np
 import pytest
 
+from overparam_optax.experiments import tuned_mnist, tuned_report, tuning
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 
 
 def test_refine_adds_eighth_decades_around_edge_and_best(tb):
-    exps = tb.coarse_exponents(-3, 0, 4)  # -3, -2.75, ..., 0
+    exps = tuning.coarse_exponents(-3, 0, 4)  # -3, -2.75, ..., 0
     is_stable = exps <= -1.5  # edge at 10^-1.5
     final = np.where(is_stable, -exps, np.inf)  # the best is the edge itself
-    new = tb.refine_exponents(exps, is_stable, final, high=0.0)
+    new = tuning.refine_exponents(exps, is_stable, final, high=0.0)
     assert new == [-2.375, -2.125, -1.875, -1.625, -1.375]
     # All new points sit halfway between quarter-decade points.
     assert all(abs((e * 8) % 2 - 1) < 1e-9 for e in new)
 
 
 def test_refine_extends_above_a_stable_top(tb):
-    exps = tb.coarse_exponents(-2, 0, 4)
-    new = tb.refine_exponents(exps, np.ones(len(exps), bool), -exps, high=0.0)
+    exps = tuning.coarse_exponents(-2, 0, 4)
+    new = tuning.refine_exponents(exps, np.ones(len(exps), bool), -exps, high=0.0)
     assert max(new) == pytest.approx(5 / 8)
-    assert tb.refine_exponents(exps, np.zeros(len(exps), bool), exps, high=0.0) == []
+    assert tuning.refine_exponents(exps, np.zeros(len(exps), bool), exps, high=0.0) == []
 
 
 def test_stable_and_fastest_to(tb):
@@ -46,21 +49,21 @@ def test_stable_and_fastest_to(tb):
         np.r_[1.0, 0.1, np.full(8, 2.0)],  # dips below, then ends above the first loss
         np.r_[1.0, 0.05, np.full(8, np.nan)],  # diverges
     ])  # fmt: skip
-    assert tb.stable(losses).tolist() == [True, True, False, False]
-    best = tb.fastest_to(np.log10([1e-3, 1e-2, 1e-1, 1.0]), losses, 0.25)
+    assert tuning.stable(losses).tolist() == [True, True, False, False]
+    best = tuning.fastest_to(np.log10([1e-3, 1e-2, 1e-1, 1.0]), losses, 0.25)
     assert best == {"steps": 1, "learning_rate": pytest.approx(1e-2)}
-    assert tb.fastest_to(np.log10([1e-3]), losses[:1], 0.01)["steps"] is None
+    assert tuning.fastest_to(np.log10([1e-3]), losses[:1], 0.01)["steps"] is None
 
 
 def test_mean_ci_and_ratio(tb):
-    out = tb.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    out = tuning.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
     assert out["mean"] == 3.0
     assert out["ci95"] == pytest.approx(2.776 * np.std([1, 2, 3, 4, 5], ddof=1) / np.sqrt(5))
-    censored = tb.mean_ci([1.0, None, 3.0])
+    censored = tuning.mean_ci([1.0, None, 3.0])
     assert censored["reached"] == 2 and "mean" not in censored
-    ratio = tb.ratio_ci([2.0, 4.0], [1.0, 2.0])
+    ratio = tuning.ratio_ci([2.0, 4.0], [1.0, 2.0])
     assert ratio["geomean"] == pytest.approx(2.0) and ratio["low"] == pytest.approx(2.0)
-    assert tb.ratio_ci([None, 1.0], [1.0, 1.0]) is None
+    assert tuning.ratio_ci([None, 1.0], [1.0, 1.0]) is None
 
 
 def _write_idx(path: pathlib.Path, array: np.ndarray, magic: int) -> None:
@@ -93,9 +96,9 @@ def test_mnist_smoke_runs_and_resumes(tb, tmp_path):
     # A second call reuses the logs: its runner finds every run stored and starts no pool.
     # (In this process: a second subprocess would spend ~10 s on the smoke's step timing.)
     args = tb.parse_args(options)
-    runner = tb.MnistRunner(args, 48)
-    plan = [r for mode in ("none", "implicit") for r in tb.mnist_plan(args, mode, args.mnist_lrs,
-                                                                     args.seeds)]  # fmt: skip
+    runner = tuned_mnist.MnistRunner(args, 48)
+    plan = [run for mode in ("none", "implicit")
+            for run in tuned_mnist.mnist_plan(args, mode, args.mnist_lrs, args.seeds)]  # fmt: skip
     reused = runner(plan)
     assert runner.pool is None
     stamps = {json.loads(p.read_text())["timestamp"] for p in logs}
@@ -124,7 +127,7 @@ def test_mnist_summary_tables_and_figure(tb, tmp_path):
              for s in seeds[:3] for c in (2.0, 4.0)]  # fmt: skip
     times = {"seconds_per_step": {"plain": 0.1, "implicit": 0.125, "implicit exact": 0.2,
                                   "explicit": 0.11, "dense-lr": 0.1}}  # fmt: skip
-    summary = tb.summarize_mnist(logs, args, 0.02, 0.04, times)
+    summary = tuned_mnist.summarize_mnist(logs, args, 0.02, 0.04, times)
     assert summary["dense_multiplier"] == 4.0  # the faster-decaying control
     implicit = summary["modes"]["implicit N=2 (fast path)"]
     plain = summary["modes"]["plain"]
@@ -141,13 +144,13 @@ def test_mnist_summary_tables_and_figure(tb, tmp_path):
     assert gaps["explicit vs exact"]["0"]["max"] > 0.05  # decay rates 0.007 vs 0.0081
     # A best lr run on more seeds than the tuning ones: the grid still averages those only.
     logs += [_fake_log("none", 0.02, 9, 0.001)]
-    summary = tb.summarize_mnist(logs, args, 0.02, 0.04, times)
-    table = tb.tables_markdown({"mnist": summary})
+    summary = tuned_mnist.summarize_mnist(logs, args, 0.02, 0.04, times)
+    table = tuned_report.tables_markdown({"mnist": summary})
     assert "| implicit N=2 (fast path) | 125 |" in table
     assert "| implicit N=2 (exact) | 200 |" in table
-    tune = [tb._final(g) for g in logs[: args.mnist_tune_seeds]]
+    tune = [tuned_mnist._final(g) for g in logs[: args.mnist_tune_seeds]]
     assert f"| 0.02 | {np.mean(tune):.4g} |" in table
-    written = tb.plot({"mnist": summary}, tmp_path)
+    written = tuned_report.plot({"mnist": summary}, tmp_path)
     assert [pathlib.Path(p).name for p in written] == ["tuned_mnist.png"]
 
 
@@ -163,11 +166,11 @@ def test_mnist_summary_keeps_a_svd_fast_path_apart_from_the_exact_one(tb):
     exact = [_fake_log("implicit", 0.04, 0, 0.002, method="svd")]  # every step: exact
     times = {"seconds_per_step": dict.fromkeys(
         ("plain", "implicit", "implicit exact", "explicit", "dense-lr"), 0.1)}  # fmt: skip
-    summary = tb.summarize_mnist(logs + fast + exact, args, 0.02, 0.04, times)
+    summary = tuned_mnist.summarize_mnist(logs + fast + exact, args, 0.02, 0.04, times)
     assert summary["modes"]["implicit N=2 (fast path)"]["seeds"] == args.seeds
     assert summary["modes"]["implicit N=2 (exact)"]["seeds"] == [0]
     finals = summary["learning_rate_grids"]["implicit"]["0.04"]
-    assert finals["0"] == pytest.approx(tb._final(fast[0]))  # the grid holds the fast path
+    assert finals["0"] == pytest.approx(tuned_mnist._final(fast[0]))  # the grid holds the fast path
 
 
 def test_runner_trains_exact_runs_one_at_a_time_beside_the_others(tb, tmp_path, monkeypatch):
@@ -188,9 +191,9 @@ def test_runner_trains_exact_runs_one_at_a_time_beside_the_others(tb, tmp_path, 
             running["svd"] -= run["method"] == "svd"
         return {"config": run}
 
-    monkeypatch.setattr(tb, "_worker_run", fake_run)
+    monkeypatch.setattr(tuned_mnist, "_worker_run", fake_run)
     args = tb.parse_args(["--section", "mnist", "--results-dir", str(tmp_path)])
-    runner = tb.MnistRunner(args, train_size=10)
+    runner = tuned_mnist.MnistRunner(args, train_size=10)
     runner.pool = concurrent.futures.ThreadPoolExecutor(3)
     runs = [{"mode": "implicit", "lr": 0.02, "seed": s, "multiplier": 1.0,
              "method": "svd" if s < 3 else "auto", "every": None} for s in range(6)]  # fmt: skip
@@ -210,8 +213,8 @@ def test_extend_lrs_stops_at_a_stuck_top_and_halves_a_best_bottom(tb):
     stuck = [2.31] + [2.3026] * 99  # dead ReLUs: ln(10), a hair under the first loss
     good, better = [2.3] + [0.05] * 99, [2.3] + [0.02] * 99
     logs = [log(0.04, s, good) for s in range(3)] + [log(0.08, s, stuck) for s in range(3)]
-    assert tb.extend_lrs(logs, [0.04, 0.08]) == [0.02]  # no 0.16; the best is the bottom
+    assert tuned_mnist.extend_lrs(logs, [0.04, 0.08]) == [0.02]  # no 0.16; the best is the bottom
     logs = [log(0.04, s, better) for s in range(3)] + [log(0.08, s, good) for s in range(3)]
-    assert tb.extend_lrs(logs, [0.04, 0.08]) == [0.16, 0.02]
+    assert tuned_mnist.extend_lrs(logs, [0.04, 0.08]) == [0.16, 0.02]
     logs[-1] = log(0.08, 2, [2.3] + [np.nan] * 99)  # one seed diverged at the top
-    assert tb.extend_lrs(logs, [0.04, 0.08]) == [0.02]
+    assert tuned_mnist.extend_lrs(logs, [0.04, 0.08]) == [0.02]

@@ -18,6 +18,14 @@ importing it imports none of its modules. Import the one you need, e.g.
   sources, or any file), its train/validation split and next-byte windows.
 * ``devices`` — ``use_host_cpu_devices``: several CPU devices for sharded runs.
 * ``timing`` — interleaved step timing and the environment record of the benchmarks.
-* ``cli`` — argparse ``type=`` checks shared by the scripts' command lines.
+* ``flags`` — absl flag helpers of the scripts: typed comma lists, output paths checked
+  while parsing, combination checks (ranges, the library's depth-against-method check),
+  ``parse`` (a command line into a fresh registry) and ``run`` (``app.run`` for a script).
+* ``cli`` — argparse ``type=`` checks, still used by ``benchmarks/step_time.py`` and
+  ``benchmarks/accelerator_suite.py``.
+* ``cnn_example`` and ``lm_example`` — the flags, modes and runs of
+  ``examples/mnist_cnn.py`` and ``examples/transformer_lm.py``, which the benchmarks reuse.
+* ``tuning``, ``tuned_regression``, ``tuned_mnist``, ``tuned_report`` — the harness and the
+  sections of ``benchmarks/tuned_baselines.py``.
 * ``reference`` — an independent float64 reference for P_W(G) and the test matrix families.
 """

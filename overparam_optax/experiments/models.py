@@ -4,7 +4,7 @@
   non-linear experiment (``examples/mnist_cnn.py``, ``benchmarks/step_time.py``,
   ``benchmarks/reproduce_paper.py`` through the example).
 * :class:`MLP` — a ReLU multi-layer perceptron over flattened inputs
-  (``benchmarks/step_time.py``, ``benchmarks/quality.py``).
+  (``benchmarks/step_time.py``, ``benchmarks/fidelity.py``).
 * :class:`TransformerLM` — a small decoder-only byte-level transformer with
   (d_model, heads, head_dim) attention kernels and ``nn.scan``-stacked blocks
   (``examples/transformer_lm.py``), with :func:`transformer_dimension_numbers`, the
@@ -163,9 +163,9 @@ def kernel_mask(params, precondition_conv: bool):
 # A small transformer language model.
 # --------------------------------------------------------------------------------------
 
-#: A (..., d_model, heads, head_dim) query/key/value kernel: one matrix per projection.
+#: A (..., d_model, heads, head_dim) query/key/value kernel, one matrix per projection.
 ATTENTION_IN = MatrixDimensionNumbers(reduction_axis=-3, output_axis=(-2, -1))
-#: A (..., heads, head_dim, d_model) output-projection kernel: one matrix per projection.
+#: A (..., heads, head_dim, d_model) output-projection kernel, one matrix per projection.
 ATTENTION_OUT = MatrixDimensionNumbers(reduction_axis=(-3, -2), output_axis=-1)
 #: A (..., in, out) dense kernel (or (..., vocab, d_model) embedding table).
 DENSE = MatrixDimensionNumbers(reduction_axis=-2, output_axis=-1)

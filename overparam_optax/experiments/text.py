@@ -45,7 +45,7 @@ __all__ = [
     "windows",
 ]
 
-#: Byte-level vocabulary: every token is one byte.
+#: The size of the byte-level vocabulary (every token is one byte).
 VOCAB_SIZE = 256
 
 

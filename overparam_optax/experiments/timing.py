@@ -1,10 +1,12 @@
 """Timing and result records shared by the performance benchmarks.
 
-Used by ``benchmarks/step_time.py``, ``benchmarks/linalg_scaling.py`` and
-``benchmarks/quality.py``:
+Used by ``benchmarks/step_time.py``, ``benchmarks/linalg_scaling.py``,
+``benchmarks/cost.py`` and ``benchmarks/fidelity.py``:
 
 * :func:`add_common_args` and :func:`setup_platform` — the ``--platform``,
-  ``--blas-threads``, ``--quick`` and ``--out`` options, and their effect.
+  ``--blas-threads``, ``--quick`` and ``--out`` options (argparse, for step_time and
+  accelerator_suite; the absl scripts define them with
+  :func:`overparam_optax.experiments.flags.define_platform_flags`), and their effect.
 * :func:`time_interleaved` and :func:`median` — paired step timing robust to machine load.
 * :func:`environment` and :func:`write_json` — the record of the machine, the versions and
   the command stored next to every result.

@@ -1,0 +1,242 @@
+"""What the default costs besides time: matmul FLOPs, compile time, dot ops and state memory.
+
+* FLOPs (XLA's compiled cost analysis, per matrix and update) of the default's two branches
+  for every matrix of the paper's CNN, a 2048-wide MLP (784-2048-2048-2048-10) and one
+  d_model-1024 transformer block (q, k, v, o 1024 x 1024, MLP 1024 x 4096 and back): the
+  tracked branch (every update) and the matmuls of the fresh branch (an eigendecomposition,
+  which runs on LAPACK/cuSOLVER and is not counted by XLA, then the same application),
+  beside ``optax.contrib.muon``'s update of the same matrix. A projection for GPU/TPU,
+  where matmul FLOPs set the time; weight the fresh branch by how often it runs
+  (``state.decompositions``; the fidelity and step-time records hold measured rates).
+* Compile time of the full training step (forward, backward, optimizer) on the CNN and a
+  1024-wide MLP, for SGD, the default and Muon: fresh compiles, interleaved, median of 3,
+  with the number of dot ops in the lowered step.
+* Memory: the bytes of the default's own state against the bytes of the matrices it
+  preconditions, and against Adam's and Muon's states, on the 2048-wide MLP.
+
+Usage (from the repository root):
+
+    python benchmarks/cost.py            # ~3 CPU-minutes
+    python benchmarks/cost.py --quick    # small sizes
+
+Writes ``benchmarks/results/cost_<backend>.json``; docs/performance.md has the tables.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+from absl import app, flags
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+_QUICK = flags.DEFINE_boolean("quick", False, "small sizes (a smoke run)")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "fresh compiles per contender", lower_bound=1)
+_OUT = flags.DEFINE_string("out", None, "output JSON (default: results/cost_<backend>.json)")
+
+
+def _flops(fn, *args) -> float:
+    import jax
+
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0))
+
+
+def matrix_flops(rows: int, cols: int, N: int = 3) -> dict:
+    """Per-update FLOPs for one rows x cols matrix: tracked, fresh (matmuls) and Muon."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from overparam_optax import linalg
+
+    m, n = max(rows, cols), min(rows, cols)
+    w = jnp.ones((1, m, n), jnp.float32)
+    v = jnp.eye(n, dtype=jnp.float32)[None]
+    hi = jax.lax.Precision.HIGHEST
+    alpha = jnp.ones((1, 1, 1), jnp.float32)
+
+    def tracked(w, g, v):
+        frame = linalg._frame(w, g, v, linalg._TRACKING_ROUNDS, hi)
+        return linalg._apply_frame(frame, g, alpha, N, hi)
+
+    def fresh_matmuls(w, g, v):  # the fresh branch less its eigendecomposition
+        frame = linalg._frame(w, g, v, linalg._TRACKING_ROUNDS, hi)
+        return linalg._apply_frame(frame, g, alpha, N, hi), linalg._gram(w, hi)
+
+    muon = optax.contrib.muon(0.1)
+    params = {"w": jnp.ones((rows, cols), jnp.float32)}
+    state = muon.init(params)
+    return {
+        "shape": [rows, cols],
+        "tracked": _flops(tracked, w, w, v),
+        "fresh_matmuls": _flops(fresh_matmuls, w, w, v),
+        "muon": _flops(lambda g, s: muon.update(g, s, params), params, state),
+    }
+
+
+def model_shapes(quick: bool) -> dict[str, list[tuple[int, int]]]:
+    """The preconditioned matrices of each model (conv kernels as (H*W*I, O))."""
+    if quick:
+        return {"cnn": [(25, 8), (200, 16)], "mlp2048": [(784, 64), (64, 64), (64, 10)]}
+    return {
+        "cnn": [(25, 32), (800, 64), (3136, 512), (512, 10)],
+        "mlp2048": [(784, 2048), (2048, 2048), (2048, 2048), (2048, 10)],
+        "transformer_block_1024": [(1024, 1024)] * 4 + [(1024, 4096), (4096, 1024)],
+    }
+
+
+def flops_section(quick: bool) -> dict:
+    out = {}
+    for model, shapes in model_shapes(quick).items():
+        rows = [matrix_flops(*shape) for shape in shapes if min(shape) > 1]
+        totals = {k: sum(r[k] for r in rows) for k in ("tracked", "fresh_matmuls", "muon")}
+        out[model] = {"matrices": rows, "total": totals}
+        print(f"{model:>24}: tracked {totals['tracked']:.3g}, fresh (matmuls) "
+              f"{totals['fresh_matmuls']:.3g}, muon {totals['muon']:.3g} FLOPs per update")  # fmt: skip
+    return out
+
+
+def _models(quick: bool):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from overparam_optax.experiments.models import MLP, TutorialCNN
+
+    key = jax.random.PRNGKey(0)
+    batch = 8 if quick else 128
+    cnn = TutorialCNN(dense_width=32 if quick else 512)
+    x = jnp.zeros((batch, 28, 28, 1))
+    y = jnp.zeros((batch,), jnp.int32)
+    mlp = MLP(hidden=(64,) * 2 if quick else (1024,) * 2)
+
+    def loss_for(model, train):
+        def loss(p, x, y):
+            logits = (
+                model.apply({"params": p}, x, train)
+                if train is not None
+                else model.apply({"params": p}, x)
+            )
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        return loss
+
+    return {
+        "cnn": (loss_for(cnn, False), cnn.init(key, x, False)["params"], x, y),
+        "mlp1024": (loss_for(mlp, None), mlp.init(key, x)["params"], x, y),
+    }
+
+
+def _contenders(params):
+    import jax
+    import optax
+
+    import overparam_optax as opx
+
+    def kernels(p):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: getattr(path[-1], "key", None) == "kernel", p
+        )
+
+    def muon_dims(p):
+        def spec(path, leaf):
+            if getattr(path[-1], "key", None) != "kernel":
+                return None
+            return optax.contrib.MuonDimensionNumbers(tuple(range(leaf.ndim - 1)), leaf.ndim - 1)
+
+        return jax.tree_util.tree_map_with_path(spec, p)
+
+    return {
+        "sgd": lambda: optax.sgd(0.01),
+        "default": lambda: optax.chain(
+            opx.overparam_precondition(3, mask=kernels), optax.sgd(0.01)
+        ),
+        "muon": lambda: optax.contrib.muon(0.01, muon_weight_dimension_numbers=muon_dims),
+    }
+
+
+def compile_section(quick: bool, repeats: int) -> dict:
+    """Fresh compiles of each model's training step, interleaved; median seconds, dot ops."""
+    import jax
+
+    from overparam_optax.experiments import timing
+
+    out = {}
+    for model, (loss, params, x, y) in _models(quick).items():
+        makers = _contenders(params)
+        seconds = {name: [] for name in makers}
+        dots = {}
+        for _ in range(repeats):
+            for name, make in makers.items():
+                tx = make()  # a new closure each time: nothing is reused from a cache
+                state = tx.init(params)
+                step = timing.train_step(loss, tx)
+                start = time.perf_counter()
+                lowered = step.lower((params, state), x, y)
+                lowered.compile()
+                seconds[name].append(time.perf_counter() - start)
+                dots[name] = lowered.as_text().count("dot_general")
+        medians = {name: timing.median(v) for name, v in seconds.items()}
+        out[model] = {"seconds": seconds, "median_seconds": medians, "dot_ops": dots,
+                      "default_over_muon": medians["default"] / medians["muon"]}  # fmt: skip
+        print(f"{model:>10}: compile " + ", ".join(f"{k} {v:.2f} s ({dots[k]} dots)"
+              for k, v in medians.items()))  # fmt: skip
+    del jax
+    return out
+
+
+def memory_section(quick: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import overparam_optax as opx
+    from overparam_optax.experiments.models import MLP
+
+    width = 64 if quick else 2048
+    params = MLP(hidden=(width,) * 3).init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))["params"]
+
+    def nbytes(tree):
+        return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+    kernels = [x for p, x in jax.tree_util.tree_leaves_with_path(params) if p[-1].key == "kernel"]
+    matrices = int(sum(x.nbytes for x in kernels if min(x.shape) > 1))
+    states = {
+        "default": opx.overparam_precondition(3).init(params),
+        "adam": optax.adam(1e-3).init(params),
+        "muon": optax.contrib.muon(1e-3).init(params),
+        "sgd_momentum": optax.sgd(1e-3, momentum=0.9).init(params),
+    }
+    out = {"params_bytes": nbytes(params), "preconditioned_matrix_bytes": matrices,
+           "state_bytes": {k: nbytes(v) for k, v in states.items()}}  # fmt: skip
+    out["default_state_over_matrices"] = out["state_bytes"]["default"] / matrices
+    print(f"memory (MLP {width}): default state / preconditioned matrices = "
+          f"{out['default_state_over_matrices']:.3f}")  # fmt: skip
+    return out
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from overparam_optax.experiments import timing
+
+    record = {
+        "environment": timing.environment(),
+        "flops": flops_section(_QUICK.value),
+        "compile": compile_section(_QUICK.value, _REPEATS.value),
+        "memory": memory_section(_QUICK.value),
+    }
+    suffix = "_quick" if _QUICK.value else ""
+    out = pathlib.Path(_OUT.value or RESULTS_DIR / f"cost_{jax.default_backend()}{suffix}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
