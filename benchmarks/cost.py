@@ -28,12 +28,20 @@ import json
 import pathlib
 import time
 
-from absl import app, flags
+from absl import flags
+
+from overparam_optax.experiments import flags as xflags
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
-_QUICK = flags.DEFINE_boolean("quick", False, "small sizes (a smoke run)")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "fresh compiles per contender", lower_bound=1)
-_OUT = flags.DEFINE_string("out", None, "output JSON (default: results/cost_<backend>.json)")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line (absl; every value checked while parsing)."""
+    flags.DEFINE_boolean("quick", False, "small sizes (a smoke run)", flag_values=flag_values)
+    flags.DEFINE_integer("repeats", 3, "fresh compiles per contender", lower_bound=1,
+                         upper_bound=100, flag_values=flag_values)  # fmt: skip
+    xflags.define_output_file("out", None, "output JSON (default: results/cost_<backend>.json)",
+                              flag_values=flag_values)  # fmt: skip
 
 
 def _flops(fn, *args) -> float:
@@ -221,24 +229,23 @@ def memory_section(quick: bool) -> dict:
     return out
 
 
-def main(argv):
-    del argv
+def main(args) -> None:
     import jax
 
     from overparam_optax.experiments import timing
 
     record = {
         "environment": timing.environment(),
-        "flops": flops_section(_QUICK.value),
-        "compile": compile_section(_QUICK.value, _REPEATS.value),
-        "memory": memory_section(_QUICK.value),
+        "flops": flops_section(args.quick),
+        "compile": compile_section(args.quick, args.repeats),
+        "memory": memory_section(args.quick),
     }
-    suffix = "_quick" if _QUICK.value else ""
-    out = pathlib.Path(_OUT.value or RESULTS_DIR / f"cost_{jax.default_backend()}{suffix}.json")
+    suffix = "_quick" if args.quick else ""
+    out = pathlib.Path(args.out or RESULTS_DIR / f"cost_{jax.default_backend()}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    xflags.run(define_flags, main)

