@@ -6,7 +6,13 @@ renderings, and ``tests/test_docs_numbers.py`` checks that they match.
 
 from __future__ import annotations
 
-__all__ = ["cost_tables", "fidelity_table"]
+__all__ = [
+    "cost_tables",
+    "fidelity_sentence",
+    "fidelity_table",
+    "step_time_sentence",
+    "step_time_table",
+]
 
 
 def fidelity_table(record: dict) -> str:
@@ -57,3 +63,41 @@ def cost_tables(record: dict) -> str:
             f"| {name} | {b[name]:,} | {b[name] / mem['preconditioned_matrix_bytes']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def step_time_table(idle: dict, busy: dict) -> str:
+    """Step time of the CNN's contenders over plain SGD's, idle and with a busy process."""
+    lines = ["| contender | idle | + one busy process |", "|---|---|---|"]
+    names = {"default": "the default", "svd": '`method="svd"` (exact)', "muon": "Muon"}
+    a, b = idle["target1_cnn"]["ratio_to_sgd"], busy["target1_cnn"]["ratio_to_sgd"]
+    for key, label in names.items():
+        lines.append(f"| {label} | {_ratio(a[key])} | {_ratio(b[key])} |")
+    return "\n".join(lines)
+
+
+def step_time_sentence(idle: dict, busy: dict) -> str:
+    """README's sentence on the default's step time (CNN, 2-core CPU)."""
+    a, b = idle["target1_cnn"]["ratio_to_sgd"], busy["target1_cnn"]["ratio_to_sgd"]
+    return (
+        f"the default's step costs {_ratio(a['default'])}x plain SGD's idle and "
+        f"{_ratio(b['default'])}x with a busy process beside it, against Muon's "
+        f"{_ratio(a['muon'])}x and {_ratio(b['muon'])}x"
+    )
+
+
+def fidelity_sentence(record: dict) -> str:
+    """README's sentence on the default's fidelity: the worst task and the decomposition rate."""
+    tasks = record["tasks"]
+    worst = max(tasks, key=lambda t: tasks[t]["configs"]["default"]["ratio_to_exact_gap"])
+    ratio = tasks[worst]["configs"]["default"]["ratio_to_exact_gap"]
+    fresh = sum(t["configs"]["default"]["decompositions"] for t in tasks.values())
+    updates = sum(t["configs"]["default"]["matrix_updates"] for t in tasks.values())
+    return (
+        f"on {len(tasks)} tasks its distance to the explicit depth-N network is at most "
+        f"{ratio:.2f} times the exact rule's ({worst}), with {fresh:,} fresh decompositions "
+        f"in {updates:,} matrix updates"
+    )

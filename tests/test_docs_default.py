@@ -1,0 +1,51 @@
+"""The numbers about the default in docs/performance.md and README.md match their JSON."""
+
+import json
+import pathlib
+
+import pytest
+
+from overparam_optax.experiments import default_report
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+PERFORMANCE = (REPO / "docs" / "performance.md").read_text()
+README = " ".join((REPO / "README.md").read_text().split())
+
+
+def _load(name):
+    path = RESULTS / name
+    if not path.exists():
+        pytest.skip(f"{name} not present")
+    return json.loads(path.read_text())
+
+
+def _block(start: str, end: str) -> str:
+    return PERFORMANCE.split(start, 1)[1].split(end, 1)[0].strip()
+
+
+def test_fidelity_table_is_the_json_rendered():
+    record = _load("fidelity_cpu.json")
+    rendered = default_report.fidelity_table(record)
+    assert _block("<!-- fidelity-table-start -->", "<!-- fidelity-table-end -->") == rendered
+
+
+def test_cost_tables_are_the_json_rendered():
+    record = _load("cost_cpu.json")
+    rendered = default_report.cost_tables(record)
+    assert _block("<!-- cost-tables-start -->", "<!-- cost-tables-end -->") == rendered
+
+
+def test_step_time_table_is_the_json_rendered():
+    idle = _load("step_time_tracked_idle_cpu.json")
+    busy = _load("step_time_tracked_busy1_cpu.json")
+    rendered = default_report.step_time_table(idle, busy)
+    assert _block("<!-- step-time-table-start -->", "<!-- step-time-table-end -->") == rendered
+
+
+def test_readme_sentences_match_the_json():
+    fidelity = _load("fidelity_cpu.json")
+    assert default_report.fidelity_sentence(fidelity) in README
+    idle = _load("step_time_tracked_idle_cpu.json")
+    busy = _load("step_time_tracked_busy1_cpu.json")
+    assert default_report.step_time_sentence(idle, busy) in README
