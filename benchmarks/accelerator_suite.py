@@ -985,8 +985,8 @@ def markdown(payload: dict) -> str:
         labels = lin.get("entries", [])
         if labels:
             lines += [
-                "| n | " + " | ".join(labels) + " | auto |",
-                "|---" * (len(labels) + 2) + "|",
+                "| n | " + " | ".join(labels) + " |",
+                "|---" * (len(labels) + 1) + "|",
             ]
         for row in lin.get("rows", []):
             cells = []
@@ -1001,7 +1001,7 @@ def markdown(payload: dict) -> str:
                     cells.append("error")
                 else:
                     cells.append("skipped")
-            lines.append(f"| {row['n']} | " + " | ".join(cells) + f" | {row['auto_resolves_to']} |")
+            lines.append(f"| {row['n']} | " + " | ".join(cells) + " |")
         if lin.get("precision_note"):
             lines += [
                 "",

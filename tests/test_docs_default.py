@@ -49,3 +49,7 @@ def test_readme_sentences_match_the_json():
     idle = _load("step_time_tracked_idle_cpu.json")
     busy = _load("step_time_tracked_busy1_cpu.json")
     assert default_report.step_time_sentence(idle, busy) in README
+
+
+def test_readme_cost_sentence_matches_the_json():
+    assert default_report.cost_sentence(_load("cost_cpu.json")) in README

@@ -7,6 +7,7 @@ renderings, and ``tests/test_docs_numbers.py`` checks that they match.
 from __future__ import annotations
 
 __all__ = [
+    "cost_sentence",
     "cost_tables",
     "fidelity_sentence",
     "fidelity_table",
@@ -100,4 +101,17 @@ def fidelity_sentence(record: dict) -> str:
         f"on {len(tasks)} tasks its distance to the explicit depth-N network is at most "
         f"{ratio:.2f} times the exact rule's ({worst}), with {fresh:,} fresh decompositions "
         f"in {updates:,} matrix updates"
+    )
+
+
+def cost_sentence(record: dict) -> str:
+    """README's sentence on FLOPs, compile time and state memory."""
+    flops = {m: e["total"]["tracked"] / e["total"]["muon"] for m, e in record["flops"].items()}
+    compile_ratios = sorted(e["default_over_muon"] for e in record["compile"].values())
+    memory = record["memory"]["default_state_over_matrices"]
+    per_model = ", ".join(f"{ratio:.2f}x on {model}" for model, ratio in flops.items())
+    return (
+        f"its matmul FLOPs per tracked update are {per_model} Muon's; its training step "
+        f"compiles {compile_ratios[0]:.1f}-{compile_ratios[-1]:.1f}x longer than Muon's on "
+        f"CPU; its state is {memory:.2f}x the bytes of the matrices it preconditions"
     )
