@@ -680,7 +680,9 @@ def _frame(w: jax.Array, g: jax.Array, v: jax.Array, rounds: int, precision) -> 
     y = _mm(w, v, precision)
     yy_yg = _mm(_mT(y), jnp.concatenate([y, g], axis=-1), precision)  # one pass over y
     b, c = _sym(yy_yg[..., :n]), yy_yg[..., n:]
-    q = jnp.broadcast_to(jnp.eye(n, dtype=w.dtype), b.shape)
+    # Built from b (not broadcast from a constant) so that, inside shard_map, the loop's
+    # carry varies over the mesh axes as b does.
+    q = jnp.eye(n, dtype=w.dtype) + jnp.zeros_like(b)
 
     def rotate(_, carry):  # a loop, not unrolled: the round is compiled once
         b, q = carry
@@ -821,13 +823,16 @@ def tracked_precondition(
     """
     N = check_depth(N)
     _check_real("tracked_precondition", w=w, g=g, basis_v=basis.v)
-    alpha = _max_abs(w)
-    w_hat = w / alpha
-    tracked = _frame(w_hat, g, basis.v, _TRACKING_ROUNDS, precision)
+    alpha, beta = _max_abs(w), _max_abs(g)
+    # Both W and G are divided by their largest entry (P is homogeneous in W and linear in
+    # G), so y^T G neither underflows nor overflows whatever their scales.
+    w_hat, g_hat = w / alpha, g / beta
+    tracked = _frame(w_hat, g_hat, basis.v, _TRACKING_ROUNDS, precision)
     residual = _relative_off_diagonal(tracked, w.shape[-2:])
     need = ~(_is_orthonormal(basis.v) & (residual <= tolerance))
-    frame = _refresh_where(precision)(need, w_hat, g, tracked)
-    out, v_new = _apply_frame(frame, g, alpha, N, precision)
+    frame = _refresh_where(precision)(need, w_hat, g_hat, tracked)
+    out, v_new = _apply_frame(frame, g_hat, alpha, N, precision)
+    out = out * beta
     finite = jnp.all(jnp.isfinite(v_new), axis=(-2, -1))
     return out, TrackedBasis(_select(finite, v_new, basis.v)), need
 
