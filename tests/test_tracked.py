@@ -51,8 +51,11 @@ def test_tracked_follows_the_reference_along_a_moving_matrix(case, shape, tolera
         # fidelity benchmark's rank-deficient training run stays within 1.07x of the exact
         # rule's distance to the explicit network (docs/performance.md).
         bound = 1e-2
-    elif case == "ill_conditioned" and tolerance:
-        bound = 6e-6  # measured 4.3e-6: the smallest singular values are 1e-3 s_max
+    elif case == "ill_conditioned":
+        # Singular values down to 1e-3 s_max, which these moves change by a large fraction:
+        # the same sensitivity, milder. Measured 6.8e-3 at the default tolerance (the
+        # residual is relative to ||W^T W||_F, blind to the smallest values) and 4.3e-6 at 1e-6.
+        bound = 6e-6 if tolerance else 1e-2
     assert worst < bound, worst
     assert 1 <= int(state.decompositions) <= 6
 
