@@ -374,7 +374,7 @@ def test_scaling_tables_match_the_recorded_sharding_checks():
     temp = memory["memory"]
     growth = temp["split"]["temp_bytes"] / temp["replicated"]["temp_bytes"] - 1
     assert f"grow by {100 * growth:.1f}%" in prose
-    cache = results["state_follows_params[every2-Auto]"]
+    cache = results["state_follows_params[defaults-Auto]"]
     held = f"one device holds {cache['factor_bytes_per_device']:,} of the cache's"
     assert held in " ".join(text.split()), held
     assert f"{cache['factor_bytes']:,} bytes" in " ".join(text.split())
