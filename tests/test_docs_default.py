@@ -37,18 +37,15 @@ def test_cost_tables_are_the_json_rendered():
 
 
 def test_step_time_table_is_the_json_rendered():
-    idle = _load("step_time_tracked_idle_cpu.json")
-    busy = _load("step_time_tracked_busy1_cpu.json")
-    rendered = default_report.step_time_table(idle, busy)
+    rendered = default_report.step_time_table(_load("step_time_tracked_loaded_cpu.json"))
     assert _block("<!-- step-time-table-start -->", "<!-- step-time-table-end -->") == rendered
 
 
 def test_readme_sentences_match_the_json():
     fidelity = _load("fidelity_cpu.json")
     assert default_report.fidelity_sentence(fidelity) in README
-    idle = _load("step_time_tracked_idle_cpu.json")
-    busy = _load("step_time_tracked_busy1_cpu.json")
-    assert default_report.step_time_sentence(idle, busy) in README
+    loaded = _load("step_time_tracked_loaded_cpu.json")
+    assert default_report.step_time_sentence(loaded) in README
 
 
 def test_readme_cost_sentence_matches_the_json():
