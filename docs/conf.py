@@ -40,7 +40,7 @@ source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 # to the libraries we build on are not checked (their inventories would need the network).
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(jax|jaxlib|optax|flax|numpy|np|jnp|chex|orbax|matplotlib)(\..*)?"),
+    (r"py:.*", r"(jax|jaxlib|optax|flax|numpy|np|jnp|chex|orbax|matplotlib|absl)(\..*)?"),
     (r"py:.*", r"(collections\.abc|typing|types|pathlib|argparse|os|dataclasses)\..*"),
     (r"py:class", r"Params"),  # experiments.training's alias of Any in its annotations
 ]

@@ -186,7 +186,7 @@ def _truncate_below_rank_tolerance(s: jax.Array, shape, dtype) -> jax.Array:
 #: The values of ``method``: "tracked" (the default: a basis carried from update to update,
 #: :func:`tracked_precondition`) and the methods that decompose W afresh on every call.
 METHODS = ("tracked", "svd", "eigh", "newton")
-#: The methods that need no state: each call decomposes W afresh.
+#: The methods that need no state, each call decomposing W afresh.
 STATELESS_METHODS = ("svd", "eigh", "newton")
 
 #: The deepest N that ``method="newton"`` accepts. Its error grows with N (the powers of

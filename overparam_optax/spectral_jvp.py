@@ -7,7 +7,7 @@ P itself is smooth there. Here the singular vectors only serve as a basis; nothi
 by a difference of singular values.
 
 Derivation (tall W, m >= n; a wide W is transposed with G, as in `linalg`). Write
-Z_L = (W W^T)^{1/N}, Z_R = (W^T W)^{1/N}. Then
+Z_L = (W W^T)^{1/N}, Z_R = (W^T W)^{1/N}. Then::
 
     P = sum_{p+r=N-1} Z_L^p G Z_R^r,                  (Z^0 := I)
     dP = sum_{p+q+r=N-2} [Z_L^p dZ_L Z_L^q G Z_R^r + Z_L^p G Z_R^q dZ_R Z_R^r]
@@ -58,12 +58,12 @@ the tangent part of dW. Along a straight line W + t dW with rank W = r:
 
 * r = n (full column rank), or N = 1: P is smooth; the value is the derivative.
 * Om_00 != 0, 1 <= r < n: the small singular values grow like t and enter P as
-  |t|^{2/N}: for N = 2 the one-sided derivatives exist but are not linear in dW; for N >= 3
+  ``|t|^{2/N}``: for N = 2 the one-sided derivatives exist but are not linear in dW; for N >= 3
   they are infinite (in general). No derivative exists; the value returned drops Om_00.
-* W = 0: P_{t dW} = |t|^{2-2/N} P_{dW}; the derivative is 0 for N >= 3 (returned); for N = 2
+* W = 0: P_{t dW} = ``|t|^{2-2/N}`` P_{dW}; the derivative is 0 for N >= 3 (returned); for N = 2
   only one-sided derivatives +-P_{dW}(G) exist (0, their mean, is returned).
-* Om_00 = 0: the singular values grow like t^2 |Q| with Q = Om_0R S_R^{-1} Om_R0, entering as
-  |t|^{4/N}: the value is the derivative for N <= 3, or if Q = 0 (the line keeps the rank, e.g.
+* Om_00 = 0: the singular values grow like t^2 ``|Q|`` with Q = Om_0R S_R^{-1} Om_R0, entering as
+  ``|t|^{4/N}``: the value is the derivative for N <= 3, or if Q = 0 (the line keeps the rank, e.g.
   dW = U_R C or C V_R^T), and along every curve of constant rank with velocity dW (such as
   (I + tA) W (I + tB)); for N = 4 and Q != 0 the one-sided derivatives are not linear, for
   N >= 5 and Q != 0 they are infinite.
@@ -258,7 +258,7 @@ def _value_and_tangent(W, G, dW, dG, N: int, precision, method: str):
 def precondition_with_derivative(
     w: jax.Array, g: jax.Array, N: int, *, precision=_HIGHEST, method: str = "svd"
 ) -> jax.Array:
-    """P_W(G) as :func:`linalg.precondition_matrix`, with a derivative finite everywhere.
+    """P_W(G) as :func:`~overparam_optax.precondition_matrix`, with a finite derivative everywhere.
 
     The value is computed by ``method``; the JVP (and so ``jax.grad``, ``jax.jacfwd``) in W
     and G by :func:`precondition_tangent` from an SVD of W (tall or wide), finite and exact

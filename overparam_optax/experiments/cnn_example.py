@@ -30,6 +30,7 @@ from overparam_optax.experiments.models import (
 
 MODES = ("none", "implicit", "explicit")
 # Per-optimizer learning rates used when --lr is not given.
+#: The learning rate of each optimizer when ``--lr`` is not given.
 DEFAULT_LEARNING_RATES = {"sgd": 0.05, "momentum": 0.01, "adam": 1e-3}
 
 

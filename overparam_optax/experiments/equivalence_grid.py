@@ -232,8 +232,10 @@ def runs_for(task_name: str, grid: dict) -> list[tuple]:
 
 
 def device_info() -> dict:
-    """The device part of the report, from :func:`~overparam_optax.experiments.timing.
-    environment` (the keys this benchmark's JSON has always had)."""
+    """The device part of the report, from ``timing.environment()``.
+
+    The keys are those this benchmark's JSON has always had.
+    """
     from overparam_optax.experiments import timing
 
     env = timing.environment()

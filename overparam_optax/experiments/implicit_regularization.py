@@ -37,7 +37,9 @@ __all__ = [
     "update_field",
 ]
 
+#: Which entries of the 2 x 2 case are observed (all but w11).
 RAZIN_COHEN_MASK = np.array([[False, True], [True, True]])
+#: The observed values of the 2 x 2 case (w12 = w21 = 1, w22 = 0).
 RAZIN_COHEN_TARGET = np.array([[0.0, 1.0], [1.0, 0.0]])  # w11 is not observed
 
 

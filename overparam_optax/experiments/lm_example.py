@@ -33,14 +33,17 @@ from overparam_optax.experiments import models, text, timing, training
 
 MODES = ("adamw", "adamw+overparam", "momentum", "momentum+overparam", "momentum-explicit")
 # Learning rates chosen on the grids of benchmarks/transformer_lm.py (docs/transformer.md).
+#: The learning rate of each optimizer when ``--lr`` is not given.
 DEFAULT_LEARNING_RATES = {
     "adamw": 1e-2,
     "adamw+overparam": 3e-3,
     "momentum": 0.1,
     "momentum+overparam": 0.1,
 }
+#: The sizes of ``--long``.
 LONG_RUN = {"steps": 2000, "d_model": 128, "layers": 4, "eval_every": 100}
 # The measured runs (benchmarks/transformer_lm.py, docs/transformer.md) are these with 400 steps.
+#: The default sizes.
 DEFAULTS = {"steps": 300, "d_model": 64, "layers": 2, "eval_every": 20}
 
 

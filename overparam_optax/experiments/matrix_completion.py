@@ -13,7 +13,7 @@ Three ways to fit the observations:
   the end-to-end dynamics of a depth-N linear network started from balanced factors.
 * :func:`train_explicit`: gradient descent on the N factors themselves (the 2019 paper's
   model), from the Gaussian factors whose product is the implicit run's start.
-* ``"explicit balanced"`` in :func:`run_problem`: gradient descent on the balanced factors
+* ``"explicit balanced"`` in ``run_problem``: gradient descent on the balanced factors
   of the same start (:func:`balanced_factors_of`), the setting of the end-to-end theorem.
 * :func:`nuclear_norm_completion`: the minimum-nuclear-norm matrix that agrees with the
   observations, solved by cvxpy with SCS (the ``completion`` extra), as the paper's code did.
@@ -407,7 +407,7 @@ class NuclearNormResult(NamedTuple):
 def nuclear_norm_completion(problem: CompletionProblem) -> NuclearNormResult:
     """min ||X||_* subject to X_ij = W*_ij on every observed entry (cvxpy, SCS solver).
 
-    ``max_violation`` is the largest |X_ij - W*_ij| over the observed entries.
+    ``max_violation`` is the largest ``|X_ij - W*_ij|`` over the observed entries.
 
     Raises:
       ImportError: cvxpy is not installed (``pip install overparam_optax[completion]``).

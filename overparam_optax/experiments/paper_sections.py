@@ -283,7 +283,7 @@ def mnist_section(args, example: pathlib.Path) -> dict:
     three modes.
 
     Each mode is compared with the plain run by the steps it needs to reach the plain run's
-    smoothed training loss at half the horizon and at the horizon (:func:`_mnist_summary`).
+    smoothed training loss at half the horizon and at the horizon (``_mnist_summary``).
     """
     configs, log = {}, None
     for optimizer in args.mnist_optimizers:

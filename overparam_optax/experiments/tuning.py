@@ -30,6 +30,7 @@ FIG5_IDENTITY_STDDEV = 0.01
 CURVE_STRIDE = 50  # loss curves are stored every 50 steps
 CURVE_STRIDE_MNIST = 20  # the MNIST mean curves (of 100-step trailing means), every 20 steps
 # 97.5% quantiles of Student's t, by degrees of freedom, for 95% confidence intervals.
+#: The 97.5% quantile of Student's t by degrees of freedom (two-sided 95% intervals).
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228}  # fmt: skip
 
