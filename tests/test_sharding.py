@@ -25,9 +25,10 @@ import pytest
 from tests import sharding_checks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# About 1 minute on 2 idle cores, most of it compiling; the margin is for busy CI machines
-# (and for running beside the rest of the suite). Counted from the start of the subprocess.
-TIMEOUT_S = 420
+# A few minutes on 2 cores beside the rest of the suite (the tracked default's checks
+# decompose and carry bases; ~6 min measured on a loaded machine); the margin is for busy CI
+# machines. Counted from the start of the subprocess.
+TIMEOUT_S = 900
 
 _RUN = {}  # the one subprocess of the session: "proc", "folder", "log", "start"
 
