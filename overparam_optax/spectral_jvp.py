@@ -265,20 +265,8 @@ def precondition_with_derivative(
     at repeated singular values and at zero ones (module docstring for where P itself has
     no derivative and what is returned there).
     """
-    N = linalg.check_depth(N)
-    w, g = jnp.asarray(w), jnp.asarray(g)
-    if w.ndim < 2 or w.shape != g.shape:
-        raise ValueError(
-            f"precondition_with_derivative expects w and g of the same shape (..., m, n); got "
-            f"w {w.shape} and g {g.shape}."
-        )
-    if N == 1:
-        return g
-    if method not in linalg.STATELESS_METHODS:
-        raise ValueError(f"method must be one of {linalg.STATELESS_METHODS}, got {method!r}.")
-    if method == "newton":
-        linalg.check_newton_depth(N)
-    return differentiable_precondition(w, g, N, precision, method)
+    # linalg.precondition_matrix checks the arguments and goes through the same custom JVP.
+    return linalg.precondition_matrix(w, g, N, precision=precision, method=method)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
