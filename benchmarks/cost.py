@@ -3,8 +3,8 @@
 * FLOPs (XLA's compiled cost analysis, per matrix and update) of the default's two branches
   for every matrix of the paper's CNN, a 2048-wide MLP (784-2048-2048-2048-10) and one
   d_model-1024 transformer block (q, k, v, o 1024 x 1024, MLP 1024 x 4096 and back): the
-  tracked branch (every update) and the matmuls of the fresh branch (an eigendecomposition,
-  which runs on LAPACK/cuSOLVER and is not counted by XLA, then the same application),
+  tracked branch (every update) and the matmuls of the fresh branch (a thin SVD, which runs
+  on LAPACK/cuSOLVER and is not counted by XLA, then the same application),
   beside ``optax.contrib.muon``'s update of the same matrix. A projection for GPU/TPU,
   where matmul FLOPs set the time; weight the fresh branch by how often it runs
   (``state.decompositions``; the fidelity and step-time records hold measured rates).
@@ -13,6 +13,9 @@
   with the number of dot ops in the lowered step.
 * Memory: the bytes of the default's own state against the bytes of the matrices it
   preconditions, and against Adam's and Muon's states, on the 2048-wide MLP.
+* LAPACK beside XLA's products (CPU): an LU solve of 512 x 512 run in the same jitted
+  function as a 3136 x 512 product, against each alone; why the tracked update's rotations
+  are matmuls only.
 
 Usage (from the repository root):
 
@@ -38,7 +41,8 @@ RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """The command line (absl; every value checked while parsing)."""
     flags.DEFINE_boolean("quick", False, "small sizes (a smoke run)", flag_values=flag_values)
-    xflags.define_enum_list("sections", "flops,compile,memory", ("flops", "compile", "memory"),
+    xflags.define_enum_list("sections", "flops,compile,memory,lapack",
+                            ("flops", "compile", "memory", "lapack"),
                             "what to measure (a partial run updates the sections it ran in "
                             "the record at --out)", flag_values=flag_values)  # fmt: skip
     flags.DEFINE_integer("repeats", 3, "fresh compiles per contender", lower_bound=1,
@@ -59,9 +63,8 @@ def _flops(fn, *args) -> float:
 def matrix_flops(rows: int, cols: int, N: int = 3) -> dict:
     """Per-update FLOPs for one rows x cols matrix: tracked, fresh (matmuls) and Muon.
 
-    XLA counts a loop's body once and does not count LAPACK calls, so the tracked branch is
-    counted as its parts: the frame and the application, plus each Jacobi round (its
-    products, and 8/3 n^3 for the Cayley transform's LU solve with n right-hand sides).
+    XLA counts a loop's body once, so the tracked branch is counted as its parts: the frame
+    and the application, plus each Jacobi round (all matmuls).
     """
     import jax
     import jax.numpy as jnp
@@ -84,7 +87,7 @@ def matrix_flops(rows: int, cols: int, N: int = 3) -> dict:
         return linalg._mm(linalg._mT(r), linalg._mm(b, r, hi), hi), linalg._mm(q, r, hi)
 
     base = _flops(frame_and_apply, w, w, v)
-    rotation = _flops(one_round, v, v) + 8 / 3 * n**3
+    rotation = _flops(one_round, v, v)
     muon = optax.contrib.muon(0.1)
     params = {"w": jnp.ones((rows, cols), jnp.float32)}
     state = muon.init(params)
@@ -239,6 +242,57 @@ def memory_section(quick: bool) -> dict:
     return out
 
 
+def lapack_section(quick: bool, repeats: int = 20) -> dict:
+    """A LAPACK call beside XLA's products, in one jitted function and alone (median ms).
+
+    On CPU, XLA runs its products on its own thread pool and LAPACK (an LU solve here) on
+    OpenBLAS's: the tracked update is matmul-only because the two contend (docs/performance.md).
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from overparam_optax.experiments import timing
+
+    m, n = (392, 64) if quick else (3136, 512)
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    eye = jnp.eye(n, dtype=jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+
+    def gram(w):  # the tracked update's largest product: W^T [W W]
+        return jnp.matmul(w.T, jnp.concatenate([w, w], axis=1), precision=hi)[:, :n] / m
+
+    def solve(b):
+        return jnp.linalg.solve(eye + b, eye)
+
+    def four_products(b):
+        bb = jnp.matmul(b, b, precision=hi)
+        return jnp.matmul(jnp.matmul(bb, bb, precision=hi), bb, precision=hi)
+
+    cases = {
+        "products_alone": (gram, w),
+        "solve_alone": (solve, eye),
+        "four_nxn_products_alone": (four_products, eye),
+        "products_then_solve": (lambda w: solve(gram(w)), w),
+        "products_then_four_nxn_products": (lambda w: four_products(gram(w)), w),
+    }
+    out = {}
+    for name, (fn, arg) in cases.items():
+        fn = jax.jit(fn)
+        jax.block_until_ready(fn(arg))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(arg))
+            times.append(time.perf_counter() - start)
+        out[name] = 1e3 * timing.median(times)
+        print(f"{name:>32}: {out[name]:.1f} ms")
+    extra = out["products_then_solve"] - out["products_alone"] - out["solve_alone"]
+    print(f"LAPACK beside the products costs {extra:.1f} ms more than the two apart")
+    return {"shape": [m, n], "median_ms": out, "solve_extra_ms_beside_products": extra}
+
+
 def main(args) -> None:
     import jax
 
@@ -249,7 +303,8 @@ def main(args) -> None:
     record = json.loads(out.read_text()) if out.exists() else {}
     runs = {"flops": lambda: flops_section(args.quick),
             "compile": lambda: compile_section(args.quick, args.repeats),
-            "memory": lambda: memory_section(args.quick)}  # fmt: skip
+            "memory": lambda: memory_section(args.quick),
+            "lapack": lambda: lapack_section(args.quick)}  # fmt: skip
     for section in args.sections:
         record[section] = runs[section]()
         record.setdefault("environments", {})[section] = timing.environment()

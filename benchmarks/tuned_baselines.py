@@ -131,7 +131,9 @@ def _define_mnist_flags(fv: flags.FlagValues) -> None:
                          "measurement", **positive)  # fmt: skip
     flags.DEFINE_enum("mnist-method", "tracked", ("tracked", "svd", "eigh", "newton"),
                       "implicit mode's fast path", flag_values=fv)  # fmt: skip
-    flags.DEFINE_integer("mnist-every", 10, "its recomputation interval", **positive)
+    flags.DEFINE_integer("mnist-every", 10, "steps per window of the step-time measurement "
+                         "(the fast path has no recomputation interval since 0.2; the record "
+                         "still tags its runs with this value)", **positive)  # fmt: skip
     flags.DEFINE_integer("mnist-dense-width", 512, "dense width of the CNN", **positive)
     flags.DEFINE_integer("mnist-train-size", None, "first K training digits", **positive)
     flags.DEFINE_integer("mnist-test-size", None, "first K test digits", **positive)

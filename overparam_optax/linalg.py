@@ -586,25 +586,31 @@ def apply_depth_factors(
 #
 # For a tall W (m >= n) everything P_W needs is in the n x n eigenbasis V of W^T W. The
 # weights move little per update, so last update's V almost diagonalizes this update's
-# Gram matrix: B = (W V)^T (W V) = diag + E with E small. Rotations by the first-order
-# (Jacobi / Newton) correction X_ab = E_ab / (b_bb - b_aa), made exactly orthogonal by a
-# Cayley transform, remove E to second order; two rounds cost ~10 n x n x n products and
-# bring E to rounding level on a smoothly moving spectrum. The relative off-diagonal mass
-# left, ||off(B)||_F / ||B||_F, is measured on every update: it is the relative Frobenius
-# distance between W^T W and the Gram matrix whose exact preconditioner is applied. Where it
-# exceeds the tolerance (the first update, a jump, a crossing or a cluster of singular
-# values that moves too fast) the basis is recomputed from a thin SVD instead.
+# Gram matrix: B = (W V)^T (W V) = diag + E with E small. Rotations by the Jacobi angles
+# of all pairs at once (E_ab / (b_bb - b_aa) to first order), made orthogonal by a Cayley
+# transform computed with matmuls, remove E to second order; two rounds cost 14 n x n x n
+# products and bring E to rounding level on a smoothly moving spectrum. The relative
+# off-diagonal mass left, ||off(B)||_F / ||B||_F, is measured on every update: it is the
+# relative Frobenius distance between W^T W and the Gram matrix whose exact preconditioner
+# is applied. Where it exceeds the tolerance (the first update, a jump, a crossing or a
+# cluster of singular values that moves too fast) the basis is recomputed from a thin SVD.
 # --------------------------------------------------------------------------------------
 
 #: The default ``tolerance`` of the tracked basis (docs/performance.md, "Fidelity").
-DEFAULT_TOLERANCE = 1e-3
+DEFAULT_TOLERANCE = 1e-4
 
-#: Rotation rounds per update; the second removes what the first order of the first left.
+#: Rotation rounds per update; the second removes what the first order of the first left
+#: (skipping it where the first already held the tolerance cost up to 10x in the
+#: preconditioner's error on ill-conditioned W, measured: the residual is blind to small
+#: singular values).
 _TRACKING_ROUNDS = 2
 
-#: The largest first-order rotation |x_ab| = |E_ab / gap| that a pair is given; a pair
-#: coupled more strongly than this against its gap is not rotated.
+#: The largest angle (radians) by which one round turns a pair of basis vectors; a nearly
+#: degenerate pair (a large Jacobi angle) is turned this far and left to the next round.
 _MAX_ROTATION = 0.1
+
+#: The largest spectral norm of one round's rotation generator X (a larger one is shortened).
+_MAX_ROTATION_NORM = 0.2
 
 
 class TrackedBasis(NamedTuple):
@@ -655,23 +661,40 @@ def _resolved_pairs(b: jax.Array, shape) -> jax.Array:
 
 
 def _jacobi_rotation(b: jax.Array, resolved: jax.Array, precision) -> jax.Array:
-    """The orthogonal Q that removes the off-diagonal of a nearly diagonal B to first order.
+    """An orthogonal Q such that Q^T B Q is closer to diagonal than a nearly diagonal B.
 
-    Q^T B Q = diag + O(E^2) with X_ab = E_ab / (b_bb - b_aa) (antisymmetric), mapped to an
-    orthogonal matrix by the Cayley transform (I - X/2)^{-1} (I + X/2).
+    Each pair (a, b) gets the angle of the 2 x 2 Jacobi rotation that zeroes its entry,
+    theta_ab = atan(2 E_ab / (b_bb - b_aa)) / 2 (E_ab / (b_bb - b_aa) to first order),
+    clipped to _MAX_ROTATION; the antisymmetric X of these angles is mapped to an orthogonal
+    matrix by the Cayley transform (I - X/2)^{-1} (I + X/2), with matmuls only. Where the
+    pairs are well separated, Q^T B Q = diag + O(E^2); a nearly degenerate pair (coupling
+    not small against its gap) turns by at most _MAX_ROTATION per round.
     """
     lam = jnp.diagonal(b, axis1=-2, axis2=-1)
     gap = lam[..., None, :] - lam[..., :, None]
     off = _off_diagonal(b)
-    # A pair whose coupling is not small against its gap has no first-order rotation: it
-    # is left as it is (the residual check decides), so it cannot spoil the other pairs.
-    usable = resolved & (jnp.abs(off) < _MAX_ROTATION * jnp.abs(gap))
-    x = jnp.where(usable, off / jnp.where(usable, gap, 1), 0)
+    theta = 0.5 * jnp.arctan2(2 * off * jnp.sign(gap), jnp.abs(gap))
+    x = jnp.where(resolved, jnp.clip(theta, -_MAX_ROTATION, _MAX_ROTATION), 0)
+    # A larger rotation is shortened to spectral norm <= _MAX_ROTATION_NORM, so that the
+    # series below holds; what it leaves is the residual check's to judge. ||X||_2^2 =
+    # ||X^2||_2 is bounded by the smaller of X^2's Frobenius norm and largest row sum.
+    x2 = _mm(x, x, precision)
+    bound = jnp.sqrt(
+        jnp.minimum(
+            jnp.sqrt(jnp.sum(x2 * x2, axis=(-2, -1))),
+            jnp.max(jnp.sum(jnp.abs(x2), axis=-1), axis=-1),
+        )
+    )[..., None, None]
+    scale = 0.5 * jnp.minimum(1, _MAX_ROTATION_NORM / jnp.where(bound > 0, bound, 1))
+    y, y2 = scale * x, scale**2 * x2
+    # Cayley: (I - Y)^{-1} (I + Y) = (I + Y)^2 (I - Y^2)^{-1}, and (I - Y^2)^{-1} =
+    # I + Y^2 + Y^4 + Y^6 + O(Y^8), with ||Y^8|| <= 0.1^8: orthogonal to float32 rounding.
+    # LAPACK's solve would be cheaper in flops, but on CPU its threads contend with XLA's
+    # beside the large products (measured: +30 ms per solve on 2 cores, docs/performance.md).
     eye = jnp.eye(b.shape[-1], dtype=b.dtype)
-    # The Cayley transform of the antisymmetric X is orthogonal to rounding, however large
-    # X is (a matmul-only exp(X) lost accuracy on rank-deficient W, measured).
-    del precision
-    return jnp.linalg.solve(eye - 0.5 * x, eye + 0.5 * x)
+    y4 = _mm(y2, y2, precision)
+    series = eye + y2 + y4 + _mm(y2, y4, precision)
+    return _mm(eye + 2 * y + y2, series, precision)
 
 
 def _frame(w: jax.Array, g: jax.Array, v: jax.Array, rounds: int, precision) -> _Frame:
@@ -694,9 +717,8 @@ def _frame(w: jax.Array, g: jax.Array, v: jax.Array, rounds: int, precision) -> 
     return _Frame(v, q, y, b, c)
 
 
-def _relative_off_diagonal(frame: _Frame, shape) -> jax.Array:
+def _relative_off_diagonal(b: jax.Array, shape) -> jax.Array:
     """||off(B)||_F / ||B||_F over the resolved pairs, per matrix (0 for a zero W)."""
-    b = frame.b
     off = jnp.where(_resolved_pairs(b, shape), _off_diagonal(b), 0)
     total = jnp.sum(b * b, axis=(-2, -1))
     return jnp.sqrt(jnp.sum(off * off, axis=(-2, -1)) / jnp.where(total > 0, total, 1))
@@ -828,7 +850,7 @@ def tracked_precondition(
     # G), so y^T G neither underflows nor overflows whatever their scales.
     w_hat, g_hat = w / alpha, g / beta
     tracked = _frame(w_hat, g_hat, basis.v, _TRACKING_ROUNDS, precision)
-    residual = _relative_off_diagonal(tracked, w.shape[-2:])
+    residual = _relative_off_diagonal(tracked.b, w.shape[-2:])
     need = ~(_is_orthonormal(basis.v) & (residual <= tolerance))
     frame = _refresh_where(precision)(need, w_hat, g_hat, tracked)
     out, v_new = _apply_frame(frame, g_hat, alpha, N, precision)

@@ -380,7 +380,7 @@ def overparam_precondition(
         error of each. It decides the state's structure: under
         ``optax.inject_hyperparams`` list it in ``static_args``.
       tolerance: with the default method only, a float in (0, 1), default
-        :data:`~overparam_optax.linalg.DEFAULT_TOLERANCE` (1e-3): the largest relative
+        :data:`~overparam_optax.linalg.DEFAULT_TOLERANCE` (1e-4): the largest relative
         off-diagonal ||off(V^T W^T W V)||_F / ||W^T W||_F of the rotated basis V that is
         accepted without recomputing it. Smaller is closer to the exact rule and
         decomposes more often (``state.decompositions`` counts them).

@@ -36,8 +36,12 @@ def test_cost_tables_are_the_json_rendered():
     assert _block("<!-- cost-tables-start -->", "<!-- cost-tables-end -->") == rendered
 
 
+def _step_time_records():
+    return _load("step_time_tracked_idle_cpu.json"), _load("step_time_tracked_busy1_cpu.json")
+
+
 def test_step_time_table_is_the_json_rendered():
-    rendered = default_report.step_time_table(_load("step_time_tracked_loaded_cpu.json"))
+    rendered = default_report.step_time_table(*_step_time_records())
     assert _block("<!-- step-time-table-start -->", "<!-- step-time-table-end -->") == rendered
 
 
@@ -46,8 +50,7 @@ def test_readme_fidelity_sentence_matches_the_json():
 
 
 def test_readme_step_time_sentence_matches_the_json():
-    loaded = _load("step_time_tracked_loaded_cpu.json")
-    assert default_report.step_time_sentence(loaded) in README
+    assert default_report.step_time_sentence(*_step_time_records()) in README
 
 
 def test_readme_cost_sentence_matches_the_json():

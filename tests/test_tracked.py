@@ -22,13 +22,13 @@ CASES = ["random", "rank_deficient", "repeated", "ill_conditioned"]
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("shape", [(12, 5), (5, 12), (8, 8)])
-@pytest.mark.parametrize("tolerance, bound", [(None, 1e-3), (1e-6, 3e-6)])
-def test_tracked_follows_the_reference_along_a_moving_matrix(case, shape, tolerance, bound):
+@pytest.mark.parametrize("tolerance", [None, 1e-6])
+def test_tracked_follows_the_reference_along_a_moving_matrix(case, shape, tolerance):
     """Fresh on the first update, then tracked while W moves.
 
     The tolerance bounds the relative off-diagonal of the Gram matrix in the tracked basis;
-    the preconditioner's own error stays below it (measured: up to 3.7e-4 at the default
-    1e-3 on these moves, 1.2e-6 at 1e-6, where more updates decompose afresh).
+    the preconditioner's own error is measured below it: up to 9.1e-7 on random and
+    repeated singular values at either tolerance (the default 1e-4 and 1e-6).
     """
     rng = np.random.default_rng(0)
     w = _start(case, shape, rng)
@@ -44,18 +44,18 @@ def test_tracked_follows_the_reference_along_a_moving_matrix(case, shape, tolera
         want = reference.reference_precondition(np.asarray(params["w"], np.float64), g, 3)
         worst = max(worst, _rel(out["w"], want))
         params = {"w": params["w"] + 1e-4 * jnp.asarray(direction * (step + 1), jnp.float32)}
+    bound = 2e-6
     if case == "rank_deficient":
-        # Zero singular values that W's move lifts off zero: the eigendecomposition of W^T W
-        # resolves them only to ~sqrt(eps) s_max, where P (not Lipschitz at rank
-        # deficiency) is most sensitive. Measured up to 6.9e-3 at either tolerance; the
-        # fidelity benchmark's rank-deficient training run stays within 1.07x of the exact
-        # rule's distance to the explicit network (docs/performance.md).
-        bound = 1e-2
+        # Zero singular values that W's move lifts off zero, where P (not Lipschitz at rank
+        # deficiency) is most sensitive to the float32 Gram matrix W^T W. Measured up to
+        # 5.2e-4 at the default tolerance and 4.0e-4 at 1e-6; the fidelity benchmark's
+        # rank-deficient training run measures what this costs over a whole training.
+        bound = 1e-3
     elif case == "ill_conditioned":
         # Singular values down to 1e-3 s_max, which these moves change by a large fraction:
-        # the same sensitivity, milder. Measured 6.8e-3 at the default tolerance (the
-        # residual is relative to ||W^T W||_F, blind to the smallest values) and 4.3e-6 at 1e-6.
-        bound = 6e-6 if tolerance else 1e-2
+        # the same sensitivity, milder. Measured 2.2e-4 at the default tolerance (the
+        # residual is relative to ||W^T W||_F, blind to the smallest values) and 5.6e-6 at 1e-6.
+        bound = 1e-5 if tolerance else 5e-4
     assert worst < bound, worst
     assert 1 <= int(state.decompositions) <= 6
 

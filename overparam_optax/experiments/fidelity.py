@@ -196,7 +196,7 @@ def _lp_start(kind: str, d: int, rng) -> np.ndarray:
     raise ValueError(f"unknown start {kind!r}")
 
 
-def _lp_task(kind: str, learning_rate: float = 0.01, num_steps: int = 400) -> FidelityTask:
+def _lp_task(kind: str, learning_rate: float = 1.0, num_steps: int = 400) -> FidelityTask:
     """l4 regression onto a random 64 x 64 linear map: mean over 256 samples of ||x W - y||_4^4."""
     d, rng = 64, np.random.default_rng(1)
     x = rng.standard_normal((256, d)) / np.sqrt(d)
@@ -207,7 +207,7 @@ def _lp_task(kind: str, learning_rate: float = 0.01, num_steps: int = 400) -> Fi
         k = p["dense"]["kernel"]
         return jnp.mean(jnp.sum((jnp.asarray(x, k.dtype) @ k - jnp.asarray(y, k.dtype)) ** 4, -1))
 
-    name = f"l4_{kind}" + ("" if learning_rate == 0.01 else f"_lr{learning_rate:g}")
+    name = f"l4_{kind}" + ("" if learning_rate == 1.0 else f"_lr{learning_rate:g}")
     return FidelityTask(name, loss, {"dense": {"kernel": jnp.asarray(w)}}, learning_rate, num_steps)
 
 
@@ -233,7 +233,7 @@ def tasks(images: np.ndarray, labels: np.ndarray) -> dict[str, tuple[FidelityTas
     for kind in ("near_zero", "near_identity", "ill_conditioned", "rank_deficient"):
         task = _lp_task(kind)
         out[task.name] = (task, 3)
-    fast = _lp_task("near_zero", learning_rate=0.1, num_steps=100)
+    fast = _lp_task("near_zero", learning_rate=10.0, num_steps=100)
     out[fast.name] = (fast, 3)
     mlp = MLP(hidden=(256,))
     out["mlp_momentum"] = (
