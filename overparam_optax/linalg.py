@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_TOLERANCE",
     "METHODS",
     "NEWTON_MAX_DEPTH",
+    "PLATFORM_PRECISION",
     "PolarRoot",
     "STATELESS_METHODS",
     "SpectralBasis",
@@ -108,9 +109,38 @@ def _sym(x: jax.Array) -> jax.Array:
     return 0.5 * (x + _mT(x))
 
 
+#: What ``precision=None`` (the transform's default) means on each platform: the fastest
+#: matmul algorithm whose rounding the fidelity benchmark measured to keep the default on the
+#: exact rule's trajectory (docs/performance.md, "Matmul precision"). CPUs compute float32
+#: products whatever the setting; on NVIDIA GPUs this is three bfloat16 tensor-core passes
+#: (TF32, jax's default there, and one bfloat16 pass make the tolerance check decompose far
+#: more often); on TPUs the same three passes, which Precision.HIGH names there. Other
+#: platforms, and operands wider than float32, use HIGHEST.
+PLATFORM_PRECISION = {
+    "cpu": jax.lax.Precision.HIGHEST,
+    "cuda": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+    "tpu": jax.lax.Precision.HIGH,
+}
+
+
 def _mm(x: jax.Array, y: jax.Array, precision) -> jax.Array:
-    """Every product of the matmul-only path goes through here (benchmarks count them)."""
-    return jnp.matmul(x, y, precision=precision)
+    """Every product of this module goes through here (benchmarks count and emulate them).
+
+    ``precision=None`` is :data:`PLATFORM_PRECISION`'s choice for the platform the product
+    is lowered for (``lax.platform_dependent``: the compiled program holds only that one),
+    unless ``jax.default_matmul_precision`` is set where the product is traced: that wins,
+    as it does for every matmul of jax given no precision.
+    """
+    if precision is not None or jax.config.jax_default_matmul_precision is not None:
+        return jnp.matmul(x, y, precision=precision)
+    highest = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    if jnp.result_type(x, y) != jnp.float32:
+        return highest(x, y)
+    per_platform = {
+        platform: functools.partial(jnp.matmul, precision=choice)
+        for platform, choice in PLATFORM_PRECISION.items()
+    }
+    return jax.lax.platform_dependent(x, y, default=highest, **per_platform)
 
 
 def _max_abs(x: jax.Array, axes=(-2, -1)) -> jax.Array:
@@ -519,18 +549,18 @@ def _apply_basis(basis: SpectralBasis, g: jax.Array, N: int, precision) -> jax.A
     m, n = g.shape[-2:]
     if m <= 3 * n:
         # Four m x n x n products: B = G V, A = U^T B, [U ((K - 1 d^T) o A) + B d] V^T.
-        b = jnp.matmul(g, v, precision=precision)
-        a = jnp.matmul(_mT(u), b, precision=precision)
-        inner = jnp.matmul(u, (kernel - d[..., None, :]) * a, precision=precision)
-        out = jnp.matmul(inner + b * d[..., None, :], _mT(v), precision=precision)
+        b = _mm(g, v, precision)
+        a = _mm(_mT(u), b, precision)
+        inner = _mm(u, (kernel - d[..., None, :]) * a, precision)
+        out = _mm(inner + b * d[..., None, :], _mT(v), precision)
     else:
         # Very tall: three m x n x n products and n x n work instead,
         # P = U [((K - 1 d^T) o (U^T G V)) V^T] + G [V diag(d) V^T].
         vt = _mT(v)
-        e = jnp.matmul(jnp.matmul(_mT(u), g, precision=precision), v, precision=precision)
-        y = jnp.matmul((kernel - d[..., None, :]) * e, vt, precision=precision)
-        complement = jnp.matmul(v * d[..., None, :], vt, precision=precision)
-        out = jnp.matmul(
+        e = _mm(_mm(_mT(u), g, precision), v, precision)
+        y = _mm((kernel - d[..., None, :]) * e, vt, precision)
+        complement = _mm(v * d[..., None, :], vt, precision)
+        out = _mm(
             jnp.concatenate([u, g], axis=-1),
             jnp.concatenate([y, complement], axis=-2),
             precision=precision,

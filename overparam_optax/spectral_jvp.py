@@ -112,7 +112,7 @@ def _triple_sum(mu, y_left, gamma, y_right, N: int, precision):
 
     H_k[a, b] = sum_{p=0..k} mu_a^p mu_b^{k-p}; every coefficient is non-negative (N >= 2).
     """
-    mm = functools.partial(jnp.matmul, precision=precision)
+    mm = functools.partial(linalg._mm, precision=precision)
     h = jnp.ones_like(y_right)
     total = mm(y_left, gamma) + mm(gamma, y_right)
 
@@ -191,7 +191,7 @@ def precondition_tangent(u, s, v, g, dw, N: int, *, dg=None, precision=_HIGHEST)
 
 def _tangent_normalized(u_r, s, v, g, dw, N: int, precision) -> jax.Array:
     """The dW term of the module docstring, for s in [0, 1]; u_r is u with zero null columns."""
-    mm = functools.partial(jnp.matmul, precision=precision)
+    mm = functools.partial(linalg._mm, precision=precision)
     kernel = linalg.depth_kernel(s, s, N)
     inv_kernel = _safe_reciprocal(kernel)
     psi = _positive_power(s, (2.0 - N) / N)  # s / k(s, 0)

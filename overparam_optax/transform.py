@@ -326,7 +326,7 @@ def overparam_precondition(
     dimension_numbers: Any = None,
     mask: Any = None,
     block_size: int | None = None,
-    precision: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST,
+    precision: jax.lax.PrecisionLike = None,
     plain_gradient_at_zero: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions gradients as depth-N linear over-parameterization would.
@@ -395,7 +395,12 @@ def overparam_precondition(
         blocks of at most ``block_size x block_size``, each treated as its own factorized
         matrix with every other option (method, caching) applying to the blocks: cheaper,
         but not the exact rule (docs/scaling.md).
-      precision: precision of the matmuls (``jax.lax.Precision``).
+      precision: precision of every matmul of the preconditioner: a ``jax.lax.Precision``
+        or ``jax.lax.DotAlgorithmPreset``; None (default) picks per platform where the
+        step is compiled: float32 (HIGHEST) on CPU, three bfloat16 passes
+        (``BF16_BF16_F32_X3``) on NVIDIA GPUs, HIGH on TPU
+        (:data:`overparam_optax.linalg.PLATFORM_PRECISION`, docs/performance.md), unless
+        ``jax.default_matmul_precision`` is set.
       plain_gradient_at_zero: whether a matrix (or block, or single-output row) that is
         exactly zero gets the plain gradient instead of P_0(G) = 0. Default True.
 
@@ -518,7 +523,7 @@ def overparam_sgd(
     dimension_numbers: Any = None,
     mask: Any = None,
     block_size: int | None = None,
-    precision: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST,
+    precision: jax.lax.PrecisionLike = None,
     plain_gradient_at_zero: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD along the depth-N end-to-end dynamics, with the paper's weight decay.

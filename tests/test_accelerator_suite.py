@@ -83,7 +83,7 @@ def test_smoke_run_writes_every_section_with_finite_numbers(suite, tmp_path):
             assert set(res["ratio_to_sgd"]) <= contenders
             timed |= set(res["ratio_to_sgd"])
     assert timed == {"sgd", "adamw", "muon"} | {
-        f"overparam_{m}" for m in ("default", "svd", "eigh", "newton", "default_bf16x3")
+        f"overparam_{m}" for m in ("default", "svd", "eigh", "newton", "default_highest")
     }
 
     # (b) every method x precision timed at the first size; the smoke call budget (1e-9 s)

@@ -30,6 +30,12 @@ def test_fidelity_table_is_the_json_rendered():
     assert _block("<!-- fidelity-table-start -->", "<!-- fidelity-table-end -->") == rendered
 
 
+def test_precision_table_is_the_json_rendered():
+    record = _load("fidelity_precision_cpu.json")
+    rendered = default_report.precision_table(record)
+    assert _block("<!-- precision-table-start -->", "<!-- precision-table-end -->") == rendered
+
+
 def test_cost_tables_are_the_json_rendered():
     record = _load("cost_cpu.json")
     rendered = default_report.cost_tables(record)

@@ -129,3 +129,50 @@ def test_bfloat16_training_tracks_float32():
     rel = np.abs(bf16 - f32) / f32
     assert rel.max() < 0.05, rel.max()
     assert rel[-10:].mean() < 0.03, rel[-10:].mean()
+
+
+# --------------------------------------------------------------------------------------
+# The matmul precision of precision=None (the default), per platform: lowered for each
+# platform here, on any machine (linalg.PLATFORM_PRECISION; docs/performance.md).
+# --------------------------------------------------------------------------------------
+
+BF16_X3 = "lhs_precision_type = bf16, rhs_precision_type = bf16, accumulation_type = f32"
+
+
+def _lowered_update(platform, dtype=jnp.float32, **options):
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(24, 16)), dtype)}
+    tx = opx.overparam_precondition(3, **options)
+    traced = jax.jit(tx.update).trace(params, tx.init(params), params)
+    text = traced.lower(lowering_platforms=(platform,)).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    assert dots
+    return dots
+
+
+@pytest.mark.parametrize("method", ["tracked", "svd", "newton"])
+def test_default_precision_is_three_bf16_passes_on_gpu(method):
+    dots = _lowered_update("cuda", method=method)
+    assert all(BF16_X3 in d and "num_primitive_operations = 3" in d for d in dots), dots[0]
+
+
+@pytest.mark.parametrize("method", ["tracked", "newton"])
+def test_default_precision_is_highest_on_cpu_and_high_on_tpu(method):
+    assert all("precision = [HIGHEST, HIGHEST]" in d for d in _lowered_update("cpu", method=method))
+    # On TPU jax's own SVD adds HIGHEST products; every product of ours is HIGH.
+    tpu = _lowered_update("tpu", method=method)
+    assert any("precision = [HIGH, HIGH]" in d for d in tpu)
+    assert not any("DEFAULT" in d or BF16_X3 in d for d in tpu)
+
+
+def test_an_explicit_precision_and_float64_override_the_platform_choice():
+    explicit = _lowered_update("cuda", precision=jax.lax.Precision.HIGHEST)
+    assert all("precision = [HIGHEST, HIGHEST]" in d for d in explicit)
+    with jax.enable_x64(True):  # bfloat16 passes are for float32 operands only
+        wide = _lowered_update("cuda", dtype=jnp.float64)
+    assert all("precision = [HIGHEST, HIGHEST]" in d for d in wide)
+
+
+def test_jax_default_matmul_precision_wins_over_the_platform_choice():
+    with jax.default_matmul_precision("highest"):
+        dots = _lowered_update("cuda")
+    assert not any(BF16_X3 in d for d in dots)

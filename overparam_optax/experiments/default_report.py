@@ -11,6 +11,7 @@ __all__ = [
     "cost_tables",
     "fidelity_sentence",
     "fidelity_table",
+    "precision_table",
     "step_time_sentence",
     "step_time_table",
 ]
@@ -42,6 +43,23 @@ def fidelity_table(record: dict) -> str:
             f"{default['to_exact'][-1]:.1e} | {_distance_cell(configs.get('tolerance_1e-3'))} | "
             f"{_distance_cell(configs.get('tolerance_1e-2'))} |"
         )
+    return "\n".join(lines)
+
+
+def precision_table(record: dict) -> str:
+    """The matmul-precision table of docs/performance.md, from ``fidelity_precision_*.json``:
+    per task, each configuration's final distance (/ the exact rule's) and decompositions."""
+    emulated = record["emulated_precision"]
+    labels = {"default": "float32 (HIGHEST)"}
+    labels.update({name: f"{kind} (emulated)" for name, kind in emulated.items()})
+    lines = [
+        "| task | exact rule to explicit | " + " | ".join(labels.values()) + " |",
+        "|---|---|" + "---|" * len(labels),
+    ]
+    for name, task in record["tasks"].items():
+        configs = task["configs"]
+        cells = " | ".join(_distance_cell(configs.get(config)) for config in labels)
+        lines.append(f"| {name} | {configs['exact']['to_explicit'][-1]:.2e} | {cells} |")
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from overparam_optax.experiments.matmul_sections import emulated_precision
 from overparam_optax.factorized import collapse, factorize
 from overparam_optax.transform import overparam_precondition
 
@@ -108,6 +109,7 @@ def measure_fidelity(
     *,
     num_checkpoints: int = 10,
     key: jax.Array | None = None,
+    emulated: Mapping[str, str] | None = None,
 ) -> dict:
     """Trains the explicit network and each configuration; returns their distances.
 
@@ -118,6 +120,9 @@ def measure_fidelity(
         default); must contain ``"exact"`` (conventionally ``{"method": "svd"}``).
       num_checkpoints: evenly spaced checkpoints along the run (the last is the end).
       key: PRNG key of the balanced factorization's random frames (default: key 0).
+      emulated: config name -> a lower matmul precision ("bf16x3", "tf32", "bf16") in which
+        that configuration's products run, emulated on any backend
+        (:func:`~overparam_optax.experiments.matmul_sections.emulated_precision`).
 
     Returns:
       ``{"checkpoints": [...], "explicit_loss": float, "configs": {name: {"to_explicit":
@@ -145,7 +150,8 @@ def measure_fidelity(
     results = {}
     for name, options in configs.items():
         tx = optax.chain(overparam_precondition(N, mask=_kernel_mask, **options), _sgd(task))
-        found, final, state = _trajectory(task.loss_fn, task.params, tx, checkpoints, _kernels)
+        with emulated_precision((emulated or {}).get(name, "float32")):
+            found, final, state = _trajectory(task.loss_fn, task.params, tx, checkpoints, _kernels)
         results[name] = {
             "kernels": found,
             "final_loss": float(task.loss_fn(final)),

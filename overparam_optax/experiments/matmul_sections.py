@@ -9,6 +9,7 @@ benchmark's docstring describes them.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from overparam_optax.experiments import timing as common
@@ -71,8 +72,13 @@ def _rel(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
-def _emulated_matmul(kind):
-    """A drop-in for linalg._mm whose operands are rounded like a lower-precision pass."""
+def emulated_matmul(kind):
+    """A drop-in for linalg._mm whose operands are rounded like a lower-precision pass.
+
+    ``kind``: "bf16" (one pass on bfloat16 operands), "tf32" (operands rounded to 10
+    mantissa bits) or "bf16x3" (each operand split into a bfloat16 high and low part, three
+    passes: hi hi + hi lo + lo hi), each accumulated in float32, as GPUs and TPUs run them.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -97,6 +103,20 @@ def _emulated_matmul(kind):
         raise ValueError(kind)
 
     return mm
+
+
+@contextlib.contextmanager
+def emulated_precision(kind: str):
+    """Within the block, every product of ``overparam_optax.linalg`` is emulated as ``kind``
+    (:func:`emulated_matmul`; "float32" leaves them alone). Applies to what is traced inside."""
+    from overparam_optax import linalg
+
+    saved = linalg._mm
+    linalg._mm = saved if kind == "float32" else emulated_matmul(kind)
+    try:
+        yield
+    finally:
+        linalg._mm = saved
 
 
 def matmul_counts(m, n, N):
@@ -238,7 +258,6 @@ def section_precision(args, shapes, depths):
     from overparam_optax import linalg
 
     rows = []
-    saved = linalg._mm
     for m, n in shapes:
         rng = np.random.default_rng(m + n)
         w64 = _matrix(rng, m, n, 1e3)
@@ -248,16 +267,13 @@ def section_precision(args, shapes, depths):
             exact = _exact(w64, g64, N)
             row = {"m": m, "n": n, "N": N, "condition": 1e3, "relative_error": {}}
             for kind in PRECISIONS:
-                linalg._mm = saved if kind == "float32" else _emulated_matmul(kind)
-                try:
+                with emulated_precision(kind):
                     fn = jax.jit(
                         lambda w, g, N=N: linalg.apply_depth_factors(
                             linalg.depth_factors(w, N, "newton"), g, N
                         )
                     )
                     row["relative_error"][kind] = _rel(fn(w, g), exact)
-                finally:
-                    linalg._mm = saved
             rows.append(row)
             cells = "  ".join(f"{k}: {e:.1e}" for k, e in row["relative_error"].items())
             print(f"{m}x{n} N={N} condition 1e3: {cells}", flush=True)
