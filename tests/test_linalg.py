@@ -270,8 +270,9 @@ def test_scale_is_per_matrix_in_a_batch(method):
         2,
         method=method,
     )
+    bound = {"svd": 2e-6, "eigh": 2e-6, "newton": 5e-5}[method]  # measured 4e-7, 7e-7, 1.5e-5
     for i in range(3):
-        assert _rel_fro(out[i], reference_precondition(w0[i], g0[i], 2)) < 1e-3
+        assert _rel_fro(out[i], reference_precondition(w0[i], g0[i], 2)) < bound
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -290,7 +291,8 @@ def test_cached_factors_keep_the_scale(method):
         out = linalg.apply_depth_factors(factors, jnp.asarray(g0 / c, jnp.float32), 3)
         # P_{cW}(G / c) = c^{4/3 - 1} P_W(G) = c^{1/3} P_W(G)
         expected = c ** (1 / 3) * reference_precondition(w0, g0, 3)
-        assert _rel_fro(out, expected) < 1e-3
+        # measured 1.4e-6, 1.6e-5 (eigh: the Gram matrix of a condition-1e3 W), 3.9e-5
+        assert _rel_fro(out, expected) < {"svd": 5e-6, "eigh": 5e-5, "newton": 1e-4}[method]
 
 
 @pytest.mark.parametrize("k", SCALE_EXPONENTS)

@@ -62,7 +62,7 @@ def test_methods_zero_and_rank_deficient(method):
     exact = opx.precondition_matrix(low_rank, g, 3)
     out = opx.precondition_matrix(low_rank, g, 3, method=method)
     assert np.all(np.isfinite(out))
-    assert _rel(out, exact) < 1e-2
+    assert _rel(out, exact) < {"eigh": 3e-6, "newton": 1e-4}[method]  # measured 7.6e-7, 3.7e-5
 
 
 def test_eigh_error_on_ill_conditioned_is_bounded():
