@@ -247,7 +247,7 @@ def tasks(images: np.ndarray, labels: np.ndarray) -> dict[str, tuple[FidelityTas
         3,
     )
     cnn = TutorialCNN()
-    out["cnn_momentum"] = (_model_task("cnn_momentum", cnn, images, labels, 256, 0.01, 100), 3)
+    out["cnn_momentum"] = (_model_task("cnn_momentum", cnn, images, labels, 64, 0.01, 100), 3)
     return out
 
 
