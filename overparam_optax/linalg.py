@@ -136,9 +136,11 @@ def _mm(x: jax.Array, y: jax.Array, precision) -> jax.Array:
     highest = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
     if jnp.result_type(x, y) != jnp.float32:
         return highest(x, y)
+    # Only the platforms that differ from HIGHEST get a branch: each branch is traced.
     per_platform = {
         platform: functools.partial(jnp.matmul, precision=choice)
         for platform, choice in PLATFORM_PRECISION.items()
+        if choice != jax.lax.Precision.HIGHEST
     }
     return jax.lax.platform_dependent(x, y, default=highest, **per_platform)
 
