@@ -42,6 +42,7 @@ N <= :data:`NEWTON_MAX_DEPTH` and refuses deeper N with a ValueError.
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any, NamedTuple
 
 import jax
@@ -116,11 +117,13 @@ def _sym(x: jax.Array) -> jax.Array:
 #: (TF32, jax's default there, and one bfloat16 pass make the tolerance check decompose far
 #: more often); on TPUs the same three passes, which Precision.HIGH names there. Other
 #: platforms, and operands wider than float32, use HIGHEST.
-PLATFORM_PRECISION = {
-    "cpu": jax.lax.Precision.HIGHEST,
-    "cuda": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
-    "tpu": jax.lax.Precision.HIGH,
-}
+PLATFORM_PRECISION = types.MappingProxyType(
+    {
+        "cpu": jax.lax.Precision.HIGHEST,
+        "cuda": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+        "tpu": jax.lax.Precision.HIGH,
+    }
+)  # read-only: pass precision= to choose another
 
 
 def _mm(x: jax.Array, y: jax.Array, precision) -> jax.Array:
