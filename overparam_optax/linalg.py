@@ -112,8 +112,8 @@ def _sym(x: jax.Array) -> jax.Array:
 
 #: What ``precision=None`` (the transform's default) means on each platform: the fastest
 #: matmul algorithm whose rounding the fidelity benchmark measured to keep the default on the
-#: exact rule's trajectory (docs/performance.md, "Matmul precision"). CPUs compute float32
-#: products whatever the setting; on NVIDIA GPUs this is three bfloat16 tensor-core passes
+#: exact rule's trajectory (docs/performance.md, "Matmul precision per platform"). CPUs compute
+#: float32 products whatever the setting; on NVIDIA GPUs it is three bfloat16 tensor-core passes
 #: (TF32, jax's default there, and one bfloat16 pass make the tolerance check decompose far
 #: more often); on TPUs the same three passes, which Precision.HIGH names there. Other
 #: platforms, and operands wider than float32, use HIGHEST.
