@@ -64,7 +64,9 @@ def matrix_flops(rows: int, cols: int, N: int = 3) -> dict:
     """Per-update FLOPs for one rows x cols matrix: tracked, fresh (matmuls) and Muon.
 
     XLA counts a loop's body once, so the tracked branch is counted as its parts: the frame
-    and the application, plus each Jacobi round (all matmuls).
+    and the application, plus the two Jacobi rounds of every update (all matmuls); a round
+    past those two (run only where two leave the residual above the tolerance) costs
+    ``round``.
     """
     import jax
     import jax.numpy as jnp
@@ -79,8 +81,8 @@ def matrix_flops(rows: int, cols: int, N: int = 3) -> dict:
     alpha = jnp.ones((1, 1, 1), jnp.float32)
 
     def frame_and_apply(w, g, v):  # the fresh branch less its SVD, and the tracked one's base
-        frame = linalg._frame(w, g, v, 0, hi)
-        return linalg._apply_frame(frame, g, alpha, N, hi)
+        frame = linalg._frame(w, g, v, hi)
+        return linalg._apply_frame(frame, w, g, alpha, N, hi)
 
     def one_round(b, q):
         r = linalg._jacobi_rotation(b, linalg._resolved_pairs(b, (m, n)), hi)
@@ -95,6 +97,7 @@ def matrix_flops(rows: int, cols: int, N: int = 3) -> dict:
         "shape": [rows, cols],
         "tracked": base + linalg._TRACKING_ROUNDS * rotation,
         "fresh_matmuls": base,
+        "round": rotation,
         "muon": _flops(lambda g, s: muon.update(g, s, params), params, state),
     }
 

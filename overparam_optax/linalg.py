@@ -625,10 +625,12 @@ def apply_depth_factors(
 # of all pairs at once (E_ab / (b_bb - b_aa) to first order), made orthogonal by a Cayley
 # transform computed with matmuls, remove E to second order; two rounds cost 14 n x n x n
 # products and bring E to rounding level on a smoothly moving spectrum. The relative
-# off-diagonal mass left, ||off(B)||_F / ||B||_F, is measured on every update: it is the
+# off-diagonal mass left, ||off(B)||_F / ||B||_F, is measured after every round: it is the
 # relative Frobenius distance between W^T W and the Gram matrix whose exact preconditioner
-# is applied. Where it exceeds the tolerance (the first update, a jump, a crossing or a
-# cluster of singular values that moves too fast) the basis is recomputed from a thin SVD.
+# is applied. Where two rounds leave it above the tolerance, more rounds follow while each
+# at least halves it (a faster step, clipped rotations of close pairs); where it still
+# exceeds the tolerance (the first update, a jump, a crossing or a cluster of singular
+# values that moves too fast) the basis is recomputed from a thin SVD.
 # --------------------------------------------------------------------------------------
 
 #: The default ``tolerance`` of the tracked basis (docs/performance.md, "Fidelity").
@@ -639,6 +641,17 @@ DEFAULT_TOLERANCE = 1e-4
 #: preconditioner's error on ill-conditioned W, measured: the residual is blind to small
 #: singular values).
 _TRACKING_ROUNDS = 2
+
+#: The most rotation rounds in one update. Rounds past _TRACKING_ROUNDS run only for a
+#: matrix above the tolerance whose last round at least halved its residual (_STALL); on
+#: the paper's CNN they replace most decompositions afresh of the 3136 x 512 kernel (7
+#: n x n x n products a round, against a thin SVD that takes several rounds' time on CPU;
+#: docs/performance.md, "Cost").
+_MAX_TRACKING_ROUNDS = 6
+
+#: A round that leaves more than this fraction of the residual it started from has
+#: stalled: no more rounds, the basis is recomputed if it is still above the tolerance.
+_STALL = 0.5
 
 #: The largest angle (radians) by which one round turns a pair of basis vectors; a nearly
 #: degenerate pair (a large Jacobi angle) is turned this far and left to the next round.
@@ -660,14 +673,16 @@ class TrackedBasis(NamedTuple):
 
 
 class _Frame(NamedTuple):
-    """One update's view of a tall W in the basis ``v``: y = W v, b = q^T y^T y q, c = y^T G.
+    """One update's view of a tall W in the basis ``v``: b = q^T v^T W^T W v q, c = v^T W^T G.
 
     ``q`` (n x n, orthogonal) is this update's rotation of ``v``; the new basis is v q.
+    Every field is n x n: W V itself is not kept (the application multiplies W instead),
+    so choosing between the tracked and the fresh frame (a ``lax.cond``) passes no m x n
+    array through the cond.
     """
 
     v: jax.Array
     q: jax.Array
-    y: jax.Array
     b: jax.Array
     c: jax.Array
 
@@ -732,24 +747,47 @@ def _jacobi_rotation(b: jax.Array, resolved: jax.Array, precision) -> jax.Array:
     return _mm(eye + 2 * y + y2, series, precision)
 
 
-def _frame(w: jax.Array, g: jax.Array, v: jax.Array, rounds: int, precision) -> _Frame:
-    """y = W v, then ``rounds`` rotations of v that diagonalize B = y^T y further."""
+def _frame(w: jax.Array, g: jax.Array, v: jax.Array, precision) -> _Frame:
+    """y = W v, B = y^T y and C = y^T G in the basis ``v`` (not rotated yet: q = I)."""
     n = w.shape[-1]
     y = _mm(w, v, precision)
     yy_yg = _mm(_mT(y), jnp.concatenate([y, g], axis=-1), precision)  # one pass over y
     b, c = _sym(yy_yg[..., :n]), yy_yg[..., n:]
-    # Built from b (not broadcast from a constant) so that, inside shard_map, the loop's
-    # carry varies over the mesh axes as b does.
+    # Built from b (not broadcast from a constant) so that, inside shard_map, the rotation
+    # loop's carry varies over the mesh axes as b does.
     q = jnp.eye(n, dtype=w.dtype) + jnp.zeros_like(b)
+    return _Frame(v, q, b, c)
 
-    def rotate(_, carry):  # a loop, not unrolled: the round is compiled once
-        b, q = carry
-        r = _jacobi_rotation(b, _resolved_pairs(b, w.shape[-2:]), precision)
-        return _sym(_mm(_mT(r), _mm(b, r, precision), precision)), _mm(q, r, precision)
 
-    if rounds:
-        b, q = jax.lax.fori_loop(0, rounds, rotate, (b, q))
-    return _Frame(v, q, y, b, c)
+def _rotated(frame: _Frame, shape, tolerance: float, precision) -> tuple[_Frame, jax.Array]:
+    """The frame after Jacobi rounds, and its relative off-diagonal per matrix.
+
+    Every matrix gets _TRACKING_ROUNDS rounds; then, up to _MAX_TRACKING_ROUNDS in all,
+    more for each matrix still above ``tolerance`` whose last round at least halved its
+    residual (one that stalls is left to the decomposition afresh). A matrix's rounds
+    depend on it alone, not on the others stacked with it.
+    """
+
+    def more(carry):
+        return jnp.any(carry[-1])
+
+    def round_(carry):  # a loop, not unrolled: the round is compiled once
+        i, b, q, residual, active = carry
+        # An inactive matrix gets no angles: its rotation is exactly I, so its b and q
+        # come through unchanged (cheaper to compile than selecting them).
+        pairs = _resolved_pairs(b, shape) & active[..., None, None]
+        r = _jacobi_rotation(b, pairs, precision)
+        b = _sym(_mm(_mT(r), _mm(b, r, precision), precision))
+        q = _mm(q, r, precision)
+        new = _relative_off_diagonal(b, shape)
+        i = i + 1
+        extra = (i < _MAX_TRACKING_ROUNDS) & (new > tolerance) & (new < _STALL * residual)
+        return i, b, q, new, active & ((i < _TRACKING_ROUNDS) | extra)
+
+    residual = _relative_off_diagonal(frame.b, shape)
+    carry = (0, frame.b, frame.q, residual, residual >= 0)
+    _, b, q, residual, _ = jax.lax.while_loop(more, round_, carry)
+    return frame._replace(b=b, q=q), residual
 
 
 def _relative_off_diagonal(b: jax.Array, shape) -> jax.Array:
@@ -775,7 +813,7 @@ def _fresh_frame(w: jax.Array, g: jax.Array, precision) -> _Frame:
     little.
     """
     _, _, vt = jnp.linalg.svd(w, full_matrices=False)
-    return _frame(w, g, _mT(vt), rounds=0, precision=precision)
+    return _frame(w, g, _mT(vt), precision)
 
 
 def _select(which: jax.Array, new: Any, old: Any) -> Any:
@@ -817,12 +855,14 @@ def _refresh_where(precision):
     return refresh_where
 
 
-def _apply_frame(frame: _Frame, g: jax.Array, alpha: jax.Array, N: int, precision):
-    """P_W(G) from a frame of W / alpha (``alpha`` (..., 1, 1) > 0), and the new basis v q.
+def _apply_frame(
+    frame: _Frame, w: jax.Array, g: jax.Array, alpha: jax.Array, N: int, precision
+):
+    """P_W(G) from a frame of w = W / alpha (``alpha`` (..., 1, 1) > 0), and the basis v q.
 
-    With U = y q S^{-1} and V' = v q this is the SVD-basis formula of :func:`_apply_basis`,
+    With V' = v q and U = w V' S^{-1} this is the SVD-basis formula of :func:`_apply_basis`,
     P = [U ((K - 1 d^T) o (U^T G V')) + G V' diag(d)] V'^T, with every n x n factor folded
-    into one final (m x 2n) x (2n x n) product [y G] [R; C].
+    into one final (m x 2n) x (2n x n) product [w G] [R; C].
     """
     v_new = _mm(frame.v, frame.q, precision)
     s = jnp.sqrt(jnp.maximum(jnp.diagonal(frame.b, axis1=-2, axis2=-1), 0))
@@ -834,13 +874,13 @@ def _apply_frame(frame: _Frame, g: jax.Array, alpha: jax.Array, N: int, precisio
     inv_s = jnp.where(s > 0, 1 / jnp.where(s > 0, s, 1), 0)
     kernel = depth_kernel(s_hat, s_hat, N)
     d = jnp.power(s_hat, 2.0 * (N - 1) / N)
-    # U^T G V' = S^{-1} q^T (y^T G) V'
+    # U^T G V' = S^{-1} q^T (v^T w^T G) V'
     core = inv_s[..., :, None] * _mm(_mT(frame.q), _mm(frame.c, v_new, precision), precision)
     inner = (kernel - d[..., None, :]) * core * t
-    right = _mm(_mm(frame.q, inv_s[..., :, None] * inner, precision), _mT(v_new), precision)
+    right = _mm(_mm(v_new, inv_s[..., :, None] * inner, precision), _mT(v_new), precision)
     complement = _mm(v_new * d[..., None, :], _mT(v_new), precision)
     out = _mm(
-        jnp.concatenate([frame.y, g * t], axis=-1),
+        jnp.concatenate([w, g * t], axis=-1),
         jnp.concatenate([right, complement], axis=-2),
         precision,
     )
@@ -859,12 +899,13 @@ def tracked_precondition(
     """P_W(G) for tall W from a basis carried over from the previous update.
 
     The basis is rotated toward W's current right singular basis (two Jacobi rounds, matmul
-    and n x n work only). Where the rotated basis still leaves a relative off-diagonal
-    ||off(V^T W^T W V)||_F / ||W^T W||_F above ``tolerance``, or where ``basis`` is not
-    an orthonormal basis (the first update, a state rebuilt from zeros), the basis is
-    recomputed from a thin SVD of W. So the preconditioner applied is the
-    exact P for a Gram matrix within relative Frobenius distance ``tolerance`` of W^T W,
-    singular values taken as the column norms of W V.
+    and n x n work only; up to four more for a matrix that two leave above ``tolerance``,
+    while each round at least halves its residual). Where the rotated basis still leaves a
+    relative off-diagonal ||off(V^T W^T W V)||_F / ||W^T W||_F above ``tolerance``, or
+    where ``basis`` is not an orthonormal basis (the first update, a state rebuilt from
+    zeros), the basis is recomputed from a thin SVD of W. So the preconditioner applied is
+    the exact P for a Gram matrix within relative Frobenius distance ``tolerance`` of
+    W^T W, singular values taken as the column norms of W V.
 
     Args:
       w: tall matrices (..., m, n), m >= n, in the compute dtype.
@@ -884,11 +925,12 @@ def tracked_precondition(
     # Both W and G are divided by their largest entry (P is homogeneous in W and linear in
     # G), so y^T G neither underflows nor overflows whatever their scales.
     w_hat, g_hat = w / alpha, g / beta
-    tracked = _frame(w_hat, g_hat, basis.v, _TRACKING_ROUNDS, precision)
-    residual = _relative_off_diagonal(tracked.b, w.shape[-2:])
+    tracked, residual = _rotated(
+        _frame(w_hat, g_hat, basis.v, precision), w.shape[-2:], tolerance, precision
+    )
     need = ~(_is_orthonormal(basis.v) & (residual <= tolerance))
     frame = _refresh_where(precision)(need, w_hat, g_hat, tracked)
-    out, v_new = _apply_frame(frame, g_hat, alpha, N, precision)
+    out, v_new = _apply_frame(frame, w_hat, g_hat, alpha, N, precision)
     out = out * beta
     finite = jnp.all(jnp.isfinite(v_new), axis=(-2, -1))
     return out, TrackedBasis(_select(finite, v_new, basis.v)), need

@@ -110,6 +110,34 @@ def test_a_state_of_zeros_is_recomputed_not_applied():
     assert int(state.decompositions) == 1
 
 
+@pytest.mark.parametrize("max_rounds", [2, linalg._MAX_TRACKING_ROUNDS])
+def test_more_rounds_hold_the_tolerance_where_two_do_not(monkeypatch, max_rounds):
+    """W's basis turns 0.25 rad in one well-separated pair between two updates.
+
+    Two rounds of at most 0.1 rad leave a residual above the tolerance; the third removes
+    the rest (each round at least halving it), so no SVD is needed. Capped at two rounds,
+    the update decomposes afresh. Either way the update matches the float64 reference.
+    """
+    monkeypatch.setattr(linalg, "_MAX_TRACKING_ROUNDS", max_rounds)
+    rng = np.random.default_rng(3)
+    u, _ = np.linalg.qr(rng.standard_normal((12, 6)))
+    v, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    s = np.array([3.0, 2.5, 2.0, 1.5, 1.0, 0.5])
+    c, t = np.cos(0.25), np.sin(0.25)
+    turn = np.eye(6)
+    turn[:2, :2] = [[c, -t], [t, c]]
+    tx = opx.overparam_precondition(3)
+    g = rng.standard_normal((12, 6))
+    state = tx.init({"w": jnp.zeros((12, 6))})
+    for basis in (v, v @ turn):
+        w = (u * s) @ basis.T
+        params = {"w": jnp.asarray(w, jnp.float32)}
+        out, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+    assert int(state.decompositions) == (2 if max_rounds == 2 else 1)
+    want = reference.reference_precondition(np.asarray(params["w"], np.float64), g, 3)
+    assert _rel(out["w"], want) < 2e-6  # measured 6.1e-7 afresh, 1.3e-6 after 3+ rounds
+
+
 def test_non_finite_weights_never_poison_the_basis():
     rng = np.random.default_rng(2)
     params = {"w": jnp.asarray(_start("random", (9, 5), rng), jnp.float32)}
