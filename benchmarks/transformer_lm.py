@@ -252,6 +252,43 @@ def _mean_or_none(values):
     return float(np.mean(values)) if values else None
 
 
+#: (mode, the mode it is compared with), for the table of paired differences.
+PAIRED_COMPARISONS = (
+    ("adamw+overparam", "adamw"),
+    ("momentum+overparam", "momentum"),
+    ("momentum+overparam", "momentum-explicit"),
+    ("adamw", "momentum"),
+)
+
+
+def _final_losses_ci(seeds) -> dict:
+    """Mean and 95% t-interval half-width of the seeds' final validation losses."""
+    from overparam_optax.experiments import tuning
+
+    return tuning.mean_ci([s["final_val_loss"] for s in seeds])
+
+
+def _paired_differences_table(modes: dict) -> list[str]:
+    """Final validation loss of one mode minus another's, paired by seed (a seed fixes the
+    initial weights and the minibatches), as mean ± 95% t-interval."""
+    lines = [
+        "| final validation loss | paired difference, mean ± 95% t-interval | seeds |",
+        "|---|---|---|",
+    ]
+    for a, b in PAIRED_COMPARISONS:
+        if a not in modes or b not in modes:
+            continue
+        first, second = modes[a]["seeds"], modes[b]["seeds"]
+        common = [seed for seed in first if seed in second]
+        diff = _final_losses_ci(
+            [{"final_val_loss": first[s]["final_val_loss"] - second[s]["final_val_loss"]}
+             for s in common]
+        )  # fmt: skip
+        lines.append(f"| {a} minus {b} | {diff['mean']:+.4f} ± {diff['ci95']:.4f} | "
+                     f"{len(common)} |")  # fmt: skip
+    return lines
+
+
 def tables_markdown(result: dict) -> str:
     """The grid table and the measured table, as in docs/transformer.md."""
     grid_seed = result["config"]["grid_seed"]
@@ -270,7 +307,7 @@ def tables_markdown(result: dict) -> str:
     seeds_of = {mode: list(row["seeds"]) for mode, row in summary["modes"].items()}
     lines += [
         "",
-        "| mode | lr | final validation loss, mean ± std | per seed "
+        "| mode | lr | final validation loss, mean ± 95% t-interval | per seed "
         f"({', '.join(seeds_of.get('adamw', []))}) | s/step, own runs | s/step, paired "
         "| paired / AdamW |",
         "|---|---|---|---|---|---|---|",
@@ -279,14 +316,16 @@ def tables_markdown(result: dict) -> str:
         finals = " / ".join(f"{s['final_val_loss']:.4f}" for s in row["seeds"].values())
         seconds_paired = paired["seconds_per_step"].get(mode)
         ratio = paired["ratio_to_adamw"].get(mode)
+        loss = _final_losses_ci(row["seeds"].values())
         lines.append(
-            f"| {mode} | {row['learning_rate']:g} | {row['final_val_loss_mean']:.4f} ± "
-            f"{row['final_val_loss_std']:.4f} | {finals} | {row['seconds_per_step_mean']:.3f} | "
+            f"| {mode} | {row['learning_rate']:g} | {loss['mean']:.4f} ± "
+            f"{loss['ci95']:.4f} | {finals} | {row['seconds_per_step_mean']:.3f} | "
             + ("-" if seconds_paired is None else f"{seconds_paired:.3f}")
             + " | "
             + ("-" if ratio is None else f"{ratio:.2f}")
             + " |"
         )
+    lines += ["", *_paired_differences_table(summary["modes"])]
     names = list(summary["targets"])
     lines += [
         "",
