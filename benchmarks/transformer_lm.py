@@ -261,11 +261,15 @@ PAIRED_COMPARISONS = (
 )
 
 
-def _final_losses_ci(seeds) -> dict:
-    """Mean and 95% t-interval half-width of the seeds' final validation losses."""
+def _final_losses_ci(seeds) -> str:
+    """The seeds' final validation losses as "mean ± 95% t-interval" (the mean alone for
+    one seed)."""
     from overparam_optax.experiments import tuning
 
-    return tuning.mean_ci([s["final_val_loss"] for s in seeds])
+    stats = tuning.mean_ci([s["final_val_loss"] for s in seeds])
+    if stats.get("ci95") is None:
+        return f"{stats['mean']:+.4f}"
+    return f"{stats['mean']:+.4f} ± {stats['ci95']:.4f}"
 
 
 def _paired_differences_table(modes: dict) -> list[str]:
@@ -284,8 +288,7 @@ def _paired_differences_table(modes: dict) -> list[str]:
             [{"final_val_loss": first[s]["final_val_loss"] - second[s]["final_val_loss"]}
              for s in common]
         )  # fmt: skip
-        lines.append(f"| {a} minus {b} | {diff['mean']:+.4f} ± {diff['ci95']:.4f} | "
-                     f"{len(common)} |")  # fmt: skip
+        lines.append(f"| {a} minus {b} | {diff} | {len(common)} |")
     return lines
 
 
@@ -316,10 +319,10 @@ def tables_markdown(result: dict) -> str:
         finals = " / ".join(f"{s['final_val_loss']:.4f}" for s in row["seeds"].values())
         seconds_paired = paired["seconds_per_step"].get(mode)
         ratio = paired["ratio_to_adamw"].get(mode)
-        loss = _final_losses_ci(row["seeds"].values())
+        loss = _final_losses_ci(row["seeds"].values()).lstrip("+")
         lines.append(
-            f"| {mode} | {row['learning_rate']:g} | {loss['mean']:.4f} ± "
-            f"{loss['ci95']:.4f} | {finals} | {row['seconds_per_step_mean']:.3f} | "
+            f"| {mode} | {row['learning_rate']:g} | {loss} | {finals} | "
+            f"{row['seconds_per_step_mean']:.3f} | "
             + ("-" if seconds_paired is None else f"{seconds_paired:.3f}")
             + " | "
             + ("-" if ratio is None else f"{ratio:.2f}")
