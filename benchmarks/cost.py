@@ -85,8 +85,7 @@ def matrix_flops(rows: int, cols: int, N: int = 3) -> dict:
         return linalg._apply_frame(frame, w, g, alpha, N, hi)
 
     def one_round(b, q):
-        r = linalg._jacobi_rotation(b, linalg._resolved_pairs(b, (m, n)), hi)
-        return linalg._mm(linalg._mT(r), linalg._mm(b, r, hi), hi), linalg._mm(q, r, hi)
+        return linalg._jacobi_round(b, q, linalg._resolved_pairs(b, (m, n)), hi)
 
     base = _flops(frame_and_apply, w, w, v)
     rotation = _flops(one_round, v, v)

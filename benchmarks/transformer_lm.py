@@ -239,7 +239,6 @@ def summarize(logs: dict, chosen: dict, args) -> dict:
             "learning_rate": chosen[mode],
             "seeds": per_seed,
             "final_val_loss_mean": float(np.mean(finals)),
-            "final_val_loss_std": float(np.std(finals)),
             "seconds_per_step_mean": float(
                 np.mean([s["seconds_per_step"] for s in per_seed.values()])
             ),
@@ -261,15 +260,14 @@ PAIRED_COMPARISONS = (
 )
 
 
-def _final_losses_ci(seeds) -> str:
-    """The seeds' final validation losses as "mean ± 95% t-interval" (the mean alone for
-    one seed)."""
+def _mean_ci(values, sign: str = "") -> str:
+    """Values over seeds as "mean ± 95% t-interval" (the mean alone for one seed); ``sign``
+    "+" shows the sign of a difference."""
     from overparam_optax.experiments import tuning
 
-    stats = tuning.mean_ci([s["final_val_loss"] for s in seeds])
-    if stats.get("ci95") is None:
-        return f"{stats['mean']:+.4f}"
-    return f"{stats['mean']:+.4f} ± {stats['ci95']:.4f}"
+    stats = tuning.mean_ci(values)
+    mean = f"{stats['mean']:{sign}.4f}"
+    return mean if stats.get("ci95") is None else f"{mean} ± {stats['ci95']:.4f}"
 
 
 def _paired_differences_table(modes: dict) -> list[str]:
@@ -284,11 +282,8 @@ def _paired_differences_table(modes: dict) -> list[str]:
             continue
         first, second = modes[a]["seeds"], modes[b]["seeds"]
         common = [seed for seed in first if seed in second]
-        diff = _final_losses_ci(
-            [{"final_val_loss": first[s]["final_val_loss"] - second[s]["final_val_loss"]}
-             for s in common]
-        )  # fmt: skip
-        lines.append(f"| {a} minus {b} | {diff} | {len(common)} |")
+        diffs = [first[s]["final_val_loss"] - second[s]["final_val_loss"] for s in common]
+        lines.append(f"| {a} minus {b} | {_mean_ci(diffs, '+')} | {len(common)} |")
     return lines
 
 
@@ -319,7 +314,7 @@ def tables_markdown(result: dict) -> str:
         finals = " / ".join(f"{s['final_val_loss']:.4f}" for s in row["seeds"].values())
         seconds_paired = paired["seconds_per_step"].get(mode)
         ratio = paired["ratio_to_adamw"].get(mode)
-        loss = _final_losses_ci(row["seeds"].values()).lstrip("+")
+        loss = _mean_ci([s["final_val_loss"] for s in row["seeds"].values()])
         lines.append(
             f"| {mode} | {row['learning_rate']:g} | {loss} | {finals} | "
             f"{row['seconds_per_step_mean']:.3f} | "

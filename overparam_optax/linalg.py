@@ -747,6 +747,13 @@ def _jacobi_rotation(b: jax.Array, resolved: jax.Array, precision) -> jax.Array:
     return _mm(eye + 2 * y + y2, series, precision)
 
 
+def _jacobi_round(b: jax.Array, q: jax.Array, pairs: jax.Array, precision):
+    """One round: (R^T B R, Q R) for the rotation R of :func:`_jacobi_rotation` (``pairs``
+    the pairs it may turn)."""
+    r = _jacobi_rotation(b, pairs, precision)
+    return _sym(_mm(_mT(r), _mm(b, r, precision), precision)), _mm(q, r, precision)
+
+
 def _frame(w: jax.Array, g: jax.Array, v: jax.Array, precision) -> _Frame:
     """y = W v, B = y^T y and C = y^T G in the basis ``v`` (not rotated yet: q = I)."""
     n = w.shape[-1]
@@ -776,9 +783,7 @@ def _rotated(frame: _Frame, shape, tolerance: float, precision) -> tuple[_Frame,
         # An inactive matrix gets no angles: its rotation is exactly I, so its b and q
         # come through unchanged (cheaper to compile than selecting them).
         pairs = _resolved_pairs(b, shape) & active[..., None, None]
-        r = _jacobi_rotation(b, pairs, precision)
-        b = _sym(_mm(_mT(r), _mm(b, r, precision), precision))
-        q = _mm(q, r, precision)
+        b, q = _jacobi_round(b, q, pairs, precision)
         new = _relative_off_diagonal(b, shape)
         i = i + 1
         extra = (i < _MAX_TRACKING_ROUNDS) & (new > tolerance) & (new < _STALL * residual)
