@@ -64,9 +64,9 @@ def matrix_flops(rows: int, cols: int, N: int = 3) -> dict:
     """Per-update FLOPs for one rows x cols matrix: tracked, fresh (matmuls) and Muon.
 
     XLA counts a loop's body once, so the tracked branch is counted as its parts: the frame
-    and the application, plus the two Jacobi rounds of every update (all matmuls); a round
-    past those two (run only where two leave the residual above the tolerance) costs
-    ``round``.
+    and the application, plus the two Jacobi rounds of every update (all matmuls; the
+    first has no product q R, q being I); a round past those two (run only where two leave
+    the residual above the tolerance) costs ``round``.
     """
     import jax
     import jax.numpy as jnp
@@ -84,17 +84,21 @@ def matrix_flops(rows: int, cols: int, N: int = 3) -> dict:
         frame = linalg._frame(w, g, v, hi)
         return linalg._apply_frame(frame, w, g, alpha, N, hi)
 
-    def one_round(b, q):
-        return linalg._jacobi_round(b, q, linalg._resolved_pairs(b, (m, n)), hi)
+    def first_round(b):  # its q is I: no product q R
+        return linalg._jacobi_round(b, linalg._resolved_pairs(b, (m, n)), hi)
+
+    def later_round(b, q):
+        b, r = first_round(b)
+        return b, linalg._mm(q, r, hi)
 
     base = _flops(frame_and_apply, w, w, v)
-    rotation = _flops(one_round, v, v)
+    first, rotation = _flops(first_round, v), _flops(later_round, v, v)
     muon = optax.contrib.muon(0.1)
     params = {"w": jnp.ones((rows, cols), jnp.float32)}
     state = muon.init(params)
     return {
         "shape": [rows, cols],
-        "tracked": base + linalg._TRACKING_ROUNDS * rotation,
+        "tracked": base + first + (linalg._TRACKING_ROUNDS - 1) * rotation,
         "fresh_matmuls": base,
         "round": rotation,
         "muon": _flops(lambda g, s: muon.update(g, s, params), params, state),

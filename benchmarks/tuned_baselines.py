@@ -22,10 +22,11 @@ Sections (``--section``, one per call; results of earlier sections are kept):
   pair is O(stddev^2) near zero (about 0.2 here) and about sqrt(127) near the identity
   (I against the rank-1 e_1 e_1^T).
 * ``mnist`` (part 2) — the MNIST CNN of ``examples/mnist_cnn.py`` with momentum SGD, best
-  against best. Phase 1 tunes the learning rate of plain and of implicit depth 2 (fast path
-  ``method="auto", precondition_every=10``) on a grid (``--mnist-lrs``, extended until its
-  top no longer trains, or the best is interior) over the first ``--mnist-tune-seeds``
-  seeds. Phase 2 runs each mode's best rate on the remaining seeds, a control that
+  against best. Phase 1 tunes the learning rate of plain and of implicit depth 2 (the
+  method of ``--mnist-method``, by default the library's tracked default; the committed
+  record ran version 0.1's ``method="auto", precondition_every=10``, since removed) on a
+  grid (``--mnist-lrs``, extended until its top no longer trains, or the best is interior)
+  over the first ``--mnist-tune-seeds`` seeds. Phase 2 runs each mode's best rate on the remaining seeds, a control that
   multiplies only the dense kernels' learning rate by c at plain's best rate (first
   ``--mnist-control-seeds`` seeds), the explicit
   2-factor network at the implicit best rate (first ``--mnist-explicit-seeds`` seeds), and

@@ -623,7 +623,7 @@ def apply_depth_factors(
 # weights move little per update, so last update's V almost diagonalizes this update's
 # Gram matrix: B = (W V)^T (W V) = diag + E with E small. Rotations by the Jacobi angles
 # of all pairs at once (E_ab / (b_bb - b_aa) to first order), made orthogonal by a Cayley
-# transform computed with matmuls, remove E to second order; two rounds cost 14 n x n x n
+# transform computed with matmuls, remove E to second order; two rounds cost 11 n x n x n
 # products and bring E to rounding level on a smoothly moving spectrum. The relative
 # off-diagonal mass left, ||off(B)||_F / ||B||_F, is measured after every round: it is the
 # relative Frobenius distance between W^T W and the Gram matrix whose exact preconditioner
@@ -644,7 +644,7 @@ _TRACKING_ROUNDS = 2
 
 #: The most rotation rounds in one update. Rounds past _TRACKING_ROUNDS run only for a
 #: matrix above the tolerance whose last round at least halved its residual (_STALL); on
-#: the paper's CNN they replace most decompositions afresh of the 3136 x 512 kernel (7
+#: the paper's CNN they replace most decompositions afresh of the 3136 x 512 kernel (6
 #: n x n x n products a round, against a thin SVD that takes several rounds' time on CPU;
 #: docs/performance.md, "Cost").
 _MAX_TRACKING_ROUNDS = 6
@@ -657,7 +657,11 @@ _STALL = 0.5
 #: degenerate pair (a large Jacobi angle) is turned this far and left to the next round.
 _MAX_ROTATION = 0.1
 
-#: The largest spectral norm of one round's rotation generator X (a larger one is shortened).
+#: The largest spectral norm of one round's rotation generator X (a larger one is shortened):
+#: it bounds the error of the rotation's truncated series (:func:`_jacobi_rotation`). A cap
+#: of 0.1 made that error negligible but raised the preconditioner's error on an
+#: ill-conditioned 8 x 8 W from 2.2e-4 to 5.8e-4 (tests/test_tracked.py: more of the
+#: rotation is left to the second round).
 _MAX_ROTATION_NORM = 0.2
 
 
@@ -673,7 +677,8 @@ class TrackedBasis(NamedTuple):
 
 
 class _Frame(NamedTuple):
-    """One update's view of a tall W in the basis ``v``: b = q^T v^T W^T W v q, c = v^T W^T G.
+    """One update's view of a tall W in the basis ``v``: b = q^T v^T W^T W v q, c = v^T W^T G
+    (None where the application does not read it).
 
     ``q`` (n x n, orthogonal) is this update's rotation of ``v``; the new basis is v q.
     Every field is n x n: W V itself is not kept (the application multiplies W instead),
@@ -684,7 +689,7 @@ class _Frame(NamedTuple):
     v: jax.Array
     q: jax.Array
     b: jax.Array
-    c: jax.Array
+    c: jax.Array | None
 
 
 def tracked_basis_like(shape, dtype) -> TrackedBasis:
@@ -715,8 +720,9 @@ def _jacobi_rotation(b: jax.Array, resolved: jax.Array, precision) -> jax.Array:
 
     Each pair (a, b) gets the angle of the 2 x 2 Jacobi rotation that zeroes its entry,
     theta_ab = atan(2 E_ab / (b_bb - b_aa)) / 2 (E_ab / (b_bb - b_aa) to first order),
-    clipped to _MAX_ROTATION; the antisymmetric X of these angles is mapped to an orthogonal
-    matrix by the Cayley transform (I - X/2)^{-1} (I + X/2), with matmuls only. Where the
+    clipped to _MAX_ROTATION; the antisymmetric X of these angles is mapped to a rotation by
+    the Cayley transform (I - X/2)^{-1} (I + X/2), the inverse a series cut after X^4
+    (matmuls only; orthogonal to 2 ||X/2||^6, at most 2e-6 at the norm cap). Where the
     pairs are well separated, Q^T B Q = diag + O(E^2); a nearly degenerate pair (coupling
     not small against its gap) turns by at most _MAX_ROTATION per round.
     """
@@ -738,28 +744,46 @@ def _jacobi_rotation(b: jax.Array, resolved: jax.Array, precision) -> jax.Array:
     scale = 0.5 * jnp.minimum(1, _MAX_ROTATION_NORM / jnp.where(bound > 0, bound, 1))
     y, y2 = scale * x, scale**2 * x2
     # Cayley: (I - Y)^{-1} (I + Y) = (I + Y)^2 (I - Y^2)^{-1}, and (I - Y^2)^{-1} =
-    # I + Y^2 + Y^4 + Y^6 + O(Y^8), with ||Y^8|| <= 0.1^8: orthogonal to float32 rounding.
+    # I + Y^2 + Y^4 + O(Y^6): the truncation turns R into R (I - Y^6), orthogonal to
+    # 2 ||Y||^6 <= 2e-6 for a capped generator (||Y|| = 0.1) and to float32 rounding for
+    # ||Y|| <= 0.05 (the Y^6 term would cost one more n x n product in every round).
     # LAPACK's solve would be cheaper in flops, but on CPU its threads contend with XLA's
-    # beside the large products (measured: +18 ms per 512 x 512 solve on 2 cores, cost_cpu.json).
+    # beside the large products (measured: +17 ms per 512 x 512 solve on 2 cores, cost_cpu.json).
     eye = jnp.eye(b.shape[-1], dtype=b.dtype)
-    y4 = _mm(y2, y2, precision)
-    series = eye + y2 + y4 + _mm(y2, y4, precision)
+    series = eye + y2 + _mm(y2, y2, precision)
     return _mm(eye + 2 * y + y2, series, precision)
 
 
-def _jacobi_round(b: jax.Array, q: jax.Array, pairs: jax.Array, precision):
-    """One round: (R^T B R, Q R) for the rotation R of :func:`_jacobi_rotation` (``pairs``
+def _jacobi_round(b: jax.Array, pairs: jax.Array, precision):
+    """One round: (R^T B R, R) for the rotation R of :func:`_jacobi_rotation` (``pairs``
     the pairs it may turn)."""
     r = _jacobi_rotation(b, pairs, precision)
-    return _sym(_mm(_mT(r), _mm(b, r, precision), precision)), _mm(q, r, precision)
+    return _sym(_mm(_mT(r), _mm(b, r, precision), precision)), r
+
+
+def _near_square(shape) -> bool:
+    """Whether P costs fewer products from W V' and G V' than from n x n factors.
+
+    Counting one product as 2 m n^2 or 2 n^3 FLOPs: the frame and application through n x n
+    factors (:class:`_Frame` ``c``) take 5 products with W or G and 6 of n x n, through
+    W V' and G V' 7 and 1. The latter is cheaper below m = 2.5 n (a square W: 8 against 11).
+    """
+    m, n = shape[-2:]
+    return 2 * m < 5 * n
 
 
 def _frame(w: jax.Array, g: jax.Array, v: jax.Array, precision) -> _Frame:
-    """y = W v, B = y^T y and C = y^T G in the basis ``v`` (not rotated yet: q = I)."""
+    """y = W v, B = y^T y and C = y^T G in the basis ``v`` (not rotated yet: q = I).
+
+    C is computed only where the application reads it (not :func:`_near_square`).
+    """
     n = w.shape[-1]
     y = _mm(w, v, precision)
-    yy_yg = _mm(_mT(y), jnp.concatenate([y, g], axis=-1), precision)  # one pass over y
-    b, c = _sym(yy_yg[..., :n]), yy_yg[..., n:]
+    if _near_square(w.shape):
+        b, c = _sym(_mm(_mT(y), y, precision)), None
+    else:
+        yy_yg = _mm(_mT(y), jnp.concatenate([y, g], axis=-1), precision)  # one pass over y
+        b, c = _sym(yy_yg[..., :n]), yy_yg[..., n:]
     # Built from b (not broadcast from a constant) so that, inside shard_map, the rotation
     # loop's carry varies over the mesh axes as b does.
     q = jnp.eye(n, dtype=w.dtype) + jnp.zeros_like(b)
@@ -783,7 +807,9 @@ def _rotated(frame: _Frame, shape, tolerance: float, precision) -> tuple[_Frame,
         # An inactive matrix gets no angles: its rotation is exactly I, so its b and q
         # come through unchanged (cheaper to compile than selecting them).
         pairs = _resolved_pairs(b, shape) & active[..., None, None]
-        b, q = _jacobi_round(b, q, pairs, precision)
+        b, r = _jacobi_round(b, pairs, precision)
+        # The first round's q is I: its product is skipped (a cond on the round counter).
+        q = jax.lax.cond(i == 0, lambda: r, lambda: _mm(q, r, precision))
         new = _relative_off_diagonal(b, shape)
         i = i + 1
         extra = (i < _MAX_TRACKING_ROUNDS) & (new > tolerance) & (new < _STALL * residual)
@@ -867,7 +893,8 @@ def _apply_frame(
 
     With V' = v q and U = w V' S^{-1} this is the SVD-basis formula of :func:`_apply_basis`,
     P = [U ((K - 1 d^T) o (U^T G V')) + G V' diag(d)] V'^T, with every n x n factor folded
-    into one final (m x 2n) x (2n x n) product [w G] [R; C].
+    into one final (m x 2n) x (2n x n) product [w G] [R; C]; or, where that takes more
+    products (:func:`_near_square`), computed as written from w V' and G V'.
     """
     v_new = _mm(frame.v, frame.q, precision)
     s = jnp.sqrt(jnp.maximum(jnp.diagonal(frame.b, axis1=-2, axis2=-1), 0))
@@ -879,6 +906,12 @@ def _apply_frame(
     inv_s = jnp.where(s > 0, 1 / jnp.where(s > 0, s, 1), 0)
     kernel = depth_kernel(s_hat, s_hat, N)
     d = jnp.power(s_hat, 2.0 * (N - 1) / N)
+    if _near_square(w.shape):  # the same formula through W V' and G V'
+        wv, gv = _mm(w, v_new, precision), _mm(g, v_new, precision) * t
+        core = inv_s[..., :, None] * _mm(_mT(wv), gv, precision)  # U^T G V' t
+        inner = (kernel - d[..., None, :]) * core
+        z = _mm(wv * inv_s[..., None, :], inner, precision) + gv * d[..., None, :]
+        return _mm(z, _mT(v_new), precision) * t, v_new
     # U^T G V' = S^{-1} q^T (v^T w^T G) V'
     core = inv_s[..., :, None] * _mm(_mT(frame.q), _mm(frame.c, v_new, precision), precision)
     inner = (kernel - d[..., None, :]) * core * t

@@ -72,7 +72,7 @@ def cost_tables(record: dict) -> str:
     for model, entry in record["flops"].items():
         t = entry["total"]
         lines.append(f"| {model} | {t['tracked']:.3g} | {t['fresh_matmuls']:.3g} | "
-                     f"{t['muon']:.3g} | {t['tracked'] / t['muon']:.2f} |")  # fmt: skip
+                     f"{t['muon']:.3g} | {t['tracked'] / t['muon']:.3f} |")  # fmt: skip
     lines += ["", "| model | SGD | default | Muon | default / Muon | dot ops: SGD, default, Muon |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for model, entry in record["compile"].items():
@@ -152,7 +152,7 @@ def cost_sentence(record: dict) -> str:
     flops = {m: e["total"]["tracked"] / e["total"]["muon"] for m, e in record["flops"].items()}
     compile_ratios = sorted(e["default_over_muon"] for e in record["compile"].values())
     memory = record["memory"]["default_state_over_matrices"]
-    per_model = ", ".join(f"{ratio:.2f}x on {model}" for model, ratio in flops.items())
+    per_model = ", ".join(f"{ratio:.3f}x on {model}" for model, ratio in flops.items())
     return (
         f"its matmul FLOPs per tracked update are {per_model} Muon's; its training step "
         f"compiles {compile_ratios[0]:.1f}-{compile_ratios[-1]:.1f}x longer than Muon's on "
