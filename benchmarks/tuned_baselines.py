@@ -26,9 +26,9 @@ Sections (``--section``, one per call; results of earlier sections are kept):
   method of ``--mnist-method``, by default the library's tracked default; the committed
   record ran version 0.1's ``method="auto", precondition_every=10``, since removed) on a
   grid (``--mnist-lrs``, extended until its top no longer trains, or the best is interior)
-  over the first ``--mnist-tune-seeds`` seeds. Phase 2 runs each mode's best rate on the remaining seeds, a control that
-  multiplies only the dense kernels' learning rate by c at plain's best rate (first
-  ``--mnist-control-seeds`` seeds), the explicit
+  over the first ``--mnist-tune-seeds`` seeds. Phase 2 runs each mode's best rate on the
+  remaining seeds, a control that multiplies only the dense kernels' learning rate by c at
+  plain's best rate (first ``--mnist-control-seeds`` seeds), the explicit
   2-factor network at the implicit best rate (first ``--mnist-explicit-seeds`` seeds), and
   the exact path (SVD every step) at the implicit best rate (first ``--mnist-exact-seeds``
   seeds) to check the fast path. Runs are trained by
