@@ -622,15 +622,15 @@ def apply_depth_factors(
 # For a tall W (m >= n) everything P_W needs is in the n x n eigenbasis V of W^T W. The
 # weights move little per update, so last update's V almost diagonalizes this update's
 # Gram matrix: B = (W V)^T (W V) = diag + E with E small. Rotations by the Jacobi angles
-# of all pairs at once (E_ab / (b_bb - b_aa) to first order), made orthogonal by a Cayley
-# transform computed with matmuls, remove E to second order; two rounds cost 11 n x n x n
-# products and bring E to rounding level on a smoothly moving spectrum. The relative
-# off-diagonal mass left, ||off(B)||_F / ||B||_F, is measured after every round: it is the
-# relative Frobenius distance between W^T W and the Gram matrix whose exact preconditioner
-# is applied. Where two rounds leave it above the tolerance, more rounds follow while each
-# at least halves it (a faster step, clipped rotations of close pairs); where it still
-# exceeds the tolerance (the first update, a jump, a crossing or a cluster of singular
-# values that moves too fast) the basis is recomputed from a thin SVD.
+# of all pairs at once (E_ab / (b_bb - b_aa) to first order), made orthogonal (to 2e-6 at
+# most) by a Cayley transform computed with matmuls, remove E to second order; two rounds
+# cost 11 n x n x n products and bring E to rounding level on a smoothly moving spectrum.
+# The relative off-diagonal mass left, ||off(B)||_F / ||B||_F, is measured after every
+# round: it is the relative Frobenius distance between W^T W and the Gram matrix whose
+# exact preconditioner is applied. Where two rounds leave it above the tolerance, more
+# rounds follow while each at least halves it (a faster step, clipped rotations of close
+# pairs); where it still exceeds the tolerance (the first update, a jump, a crossing or a
+# cluster of singular values that moves too fast) the basis is recomputed from a thin SVD.
 # --------------------------------------------------------------------------------------
 
 #: The default ``tolerance`` of the tracked basis (docs/performance.md, "Fidelity").
