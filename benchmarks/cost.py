@@ -11,6 +11,10 @@
 * Compile time of the full training step (forward, backward, optimizer) on the CNN and a
   1024-wide MLP, for SGD, the default and Muon: fresh compiles, interleaved, median of 3,
   with the number of dot ops in the lowered step.
+* Where that compile time goes (``--sections compile_parts``): each preconditioned matrix's
+  update compiled alone, whole (the default, Muon) and in parts (the tracked arithmetic
+  without its fallback; the fallback alone), with the whole step's ratio to Muon's that
+  each projects.
 * Memory: the bytes of the default's own state against the bytes of the matrices it
   preconditions, and against Adam's and Muon's states, on the 2048-wide MLP.
 * LAPACK beside XLA's products (CPU): an LU solve of 512 x 512 run in the same jitted
@@ -41,8 +45,8 @@ RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """The command line (absl; every value checked while parsing)."""
     flags.DEFINE_boolean("quick", False, "small sizes (a smoke run)", flag_values=flag_values)
-    xflags.define_enum_list("sections", "flops,compile,memory,lapack",
-                            ("flops", "compile", "memory", "lapack"),
+    xflags.define_enum_list("sections", "flops,compile,compile_parts,memory,lapack",
+                            ("flops", "compile", "compile_parts", "memory", "lapack"),
                             "what to measure (a partial run updates the sections it ran in "
                             "the record at --out)", flag_values=flag_values)  # fmt: skip
     flags.DEFINE_integer("repeats", 3, "fresh compiles per contender", lower_bound=1,
@@ -218,6 +222,97 @@ def compile_section(quick: bool, repeats: int) -> dict:
     return out
 
 
+def _per_matrix_updates(rows: int, cols: int) -> dict:
+    """One matrix's update, whole and in parts: name -> (function, args) to compile.
+
+    ``default`` and ``muon`` are the transforms' updates of {"w": W}; ``tracked_only`` is the
+    default's arithmetic without its fallback (the frame, the rounds' loop and the
+    application: no residual test, no ``lax.cond``, no SVD); ``fresh_only`` is the fallback
+    alone (a thin SVD, its frame and the same application).
+    """
+    import jax.numpy as jnp
+    import optax
+
+    import overparam_optax as opx
+    from overparam_optax import linalg
+
+    params = {"w": jnp.ones((rows, cols), jnp.float32)}
+    default, muon = opx.overparam_precondition(3), optax.contrib.muon(0.01)
+    m, n = max(rows, cols), min(rows, cols)
+    w = jnp.ones((1, m, n), jnp.float32)
+    v = jnp.zeros((1, n, n), jnp.float32)
+
+    def scaled(fn):  # the default's normalization around a frame -> (P, basis) function
+        def run(w, g, v):
+            alpha, beta = linalg._max_abs(w), linalg._max_abs(g)
+            frame = fn(w / alpha, g / beta, v)
+            out, v_new = linalg._apply_frame(frame, w / alpha, g / beta, alpha, 3, None)
+            return out * beta, v_new
+
+        return run
+
+    def tracked(w, g, v):
+        frame = linalg._frame(w, g, v, None)
+        return linalg._rotated(frame, (m, n), linalg.DEFAULT_TOLERANCE, None)[0]
+
+    # The params are arguments, not captured constants (which XLA would fold at compile time).
+    return {
+        "default": (default.update, (params, default.init(params), params)),
+        "muon": (muon.update, (params, muon.init(params), params)),
+        "tracked_only": (scaled(tracked), (w, w, v)),
+        "fresh_only": (scaled(lambda w, g, v: linalg._fresh_frame(w, g, None)), (w, w, v)),
+    }
+
+
+def compile_parts_section(quick: bool, repeats: int) -> dict:
+    """Where the compile time goes: each preconditioned matrix's update, whole and in parts.
+
+    Fresh compiles (``jit(...).lower(...).compile()``), interleaved, median of ``repeats``,
+    per matrix of the compile section's models, beside the model's SGD step. The projection
+    ``(sgd step + sum of a part) / (sgd step + sum of Muon's)`` estimates the whole step's
+    ratio to Muon's were the rest free; ``default`` projected this way checks the estimate
+    against the compile section's measured ratio.
+    """
+    import jax
+    import optax
+
+    from overparam_optax.experiments import timing
+
+    shapes = {"cnn": [(25, 32), (800, 64), (3136, 512), (512, 10)],
+              "mlp1024": [(784, 1024), (1024, 1024), (1024, 10)]}  # fmt: skip
+    if quick:
+        shapes = {"cnn": [(25, 8), (200, 16)], "mlp1024": [(784, 64), (64, 64)]}
+    models = _models(quick)
+    out = {}
+    for model, matrices in shapes.items():
+        loss, params, x, y = models[model]
+        sgd_seconds = []
+        parts = {shape: _per_matrix_updates(*shape) for shape in matrices}
+        per_matrix = {f"{r}x{c}": {name: [] for name in p} for (r, c), p in parts.items()}
+        for _ in range(repeats):
+            sgd = optax.sgd(0.01)
+            start = time.perf_counter()
+            timing.train_step(loss, sgd).lower((params, sgd.init(params)), x, y).compile()
+            sgd_seconds.append(time.perf_counter() - start)
+            for shape, fns in parts.items():
+                for name, (fn, args) in fns.items():
+                    start = time.perf_counter()
+                    jax.jit(lambda *a, fn=fn: fn(*a)).lower(*args).compile()
+                    per_matrix["{}x{}".format(*shape)][name].append(time.perf_counter() - start)
+        medians = {s: {k: timing.median(v) for k, v in d.items()} for s, d in per_matrix.items()}
+        sgd = timing.median(sgd_seconds)
+        names = ("default", "muon", "tracked_only", "fresh_only")
+        total = {k: sum(d[k] for d in medians.values()) for k in names}
+        projected = {k: (sgd + total[k]) / (sgd + total["muon"])
+                     for k in ("default", "tracked_only", "fresh_only")}  # fmt: skip
+        out[model] = {"sgd_step_seconds": sgd, "median_seconds": medians,
+                      "summed_seconds": total, "projected_over_muon": projected}  # fmt: skip
+        print(f"{model:>10}: sgd step {sgd:.2f} s; summed over matrices "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in total.items())
+              + "; projected / muon " + ", ".join(f"{k} {v:.2f}" for k, v in projected.items()))
+    return out
+
+
 def memory_section(quick: bool) -> dict:
     import jax
     import jax.numpy as jnp
@@ -309,6 +404,7 @@ def main(args) -> None:
     record = json.loads(out.read_text()) if out.exists() else {}
     runs = {"flops": lambda: flops_section(args.quick),
             "compile": lambda: compile_section(args.quick, args.repeats),
+            "compile_parts": lambda: compile_parts_section(args.quick, args.repeats),
             "memory": lambda: memory_section(args.quick),
             "lapack": lambda: lapack_section(args.quick)}  # fmt: skip
     for section in args.sections:

@@ -80,6 +80,8 @@ def cost_tables(record: dict) -> str:
         lines.append(f"| {model} | {m['sgd']:.1f} s | {m['default']:.1f} s | {m['muon']:.1f} s | "
                      f"{entry['default_over_muon']:.2f} | {d['sgd']}, {d['default']}, "
                      f"{d['muon']} |")  # fmt: skip
+    if "compile_parts" in record:
+        lines += ["", _compile_parts_table(record["compile_parts"])]
     mem = record["memory"]
     b = mem["state_bytes"]
     lines += ["", "| state | bytes | / preconditioned matrices |", "|---|---|---|"]
@@ -101,6 +103,26 @@ def cost_tables(record: dict) -> str:
         }
         for key, label in labels.items():
             lines.append(f"| {label} | {lapack['median_ms'][key]:.1f} |")
+    return "\n".join(lines)
+
+
+def _compile_parts_table(parts: dict) -> str:
+    """Per-matrix compile seconds of the update, whole and in parts, and the projections."""
+    columns = ("default", "tracked_only", "fresh_only", "muon")
+    lines = [
+        "| model: matrix | default | tracked only | fresh only | Muon |",
+        "|---|---|---|---|---|",
+    ]
+    for model, entry in parts.items():
+        for shape, seconds in entry["median_seconds"].items():
+            cells = " | ".join(f"{seconds[c]:.2f} s" for c in columns)
+            lines.append(f"| {model}: {shape.replace('x', ' x ')} | {cells} |")
+        projected = entry["projected_over_muon"]
+        cells = " | ".join(f"{projected[c]:.2f}" for c in columns[:-1])
+        lines.append(
+            f"| {model}: step / Muon's, projected (SGD step {entry['sgd_step_seconds']:.2f} s) "
+            f"| {cells} | 1 |"
+        )
     return "\n".join(lines)
 
 
