@@ -37,7 +37,8 @@ Examples::
   python examples/transformer_lm.py --text-file README.md --modes adamw,adamw+overparam
 
 Writes ``<output-dir>/transformer_lm.json`` (configuration, corpus description, per-step
-training losses, validation curves, timings, steps/time to the target) and
+training losses, validation curves, timings, steps/time to the target, and with
+``--method tracked`` how many matrix updates decomposed W afresh) and
 ``<output-dir>/transformer_lm_loss.png``.
 """
 

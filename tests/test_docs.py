@@ -79,6 +79,15 @@ def test_transformer_md_tables_are_those_of_the_results_json():
     assert not missing, missing
 
 
+def test_transformer_md_default_table_is_that_of_its_json():
+    """docs/transformer.md quotes the default-vs-exact table of transformer_default.py."""
+    import json
+
+    record = DOCS.parent / "benchmarks" / "results" / "transformer_default_cpu.json"
+    table = _load_benchmark("transformer_default").table_markdown(json.loads(record.read_text()))
+    assert table in (DOCS / "transformer.md").read_text()
+
+
 def test_transformer_md_recipe_is_the_library_function():
     """The copyable recipe in docs/transformer.md gives the same tree as the helper."""
     import jax

@@ -254,3 +254,23 @@ def test_default_corpus_is_the_sorted_stdlib_sources():
     assert corpus.train.size + corpus.validation.size == total
     assert corpus.train.size == int(0.9 * total)
     assert bytes(corpus.train[: files[0].stat().st_size]) == files[0].read_bytes()
+
+
+@pytest.mark.parametrize("method", ["tracked", "svd"])
+def test_log_counts_the_defaults_fresh_decompositions(params, grads, method):
+    """The example's log counts every layer's matrices: the first update decomposes each."""
+    from overparam_optax.experiments import lm_example
+
+    numbers = models.transformer_dimension_numbers(params)
+    tx = optax.chain(
+        opx.overparam_precondition(2, method=method, dimension_numbers=numbers), optax.adamw(1e-3)
+    )
+    state, update = tx.init(params), jax.jit(tx.update)
+    for _ in range(2):  # the second update keeps the first's bases: W has not moved
+        _, state = update(grads, state, params)
+    counts = lm_example.tracked_decompositions(state)
+    if method == "svd":  # no tracked bases: nothing to count
+        assert counts is None
+        return
+    matrices = LAYERS * 6  # q, k, v, o and the two MLP kernels of every layer
+    assert counts == {"decompositions": matrices, "matrix_updates": 2 * matrices}

@@ -219,3 +219,21 @@ def test_extend_lrs_stops_at_a_stuck_top_and_halves_a_best_bottom(tb):
     assert tuned_mnist.extend_lrs(logs, [0.04, 0.08]) == [0.16, 0.02]
     logs[-1] = log(0.08, 2, [2.3] + [np.nan] * 99)  # one seed diverged at the top
     assert tuned_mnist.extend_lrs(logs, [0.04, 0.08]) == [0.02]
+
+
+@pytest.mark.parametrize("method", ["tracked", "svd"])
+def test_estimate_from_logs_reads_the_committed_step_time_record(tb, method):
+    """``--estimate -1`` reads the CNN's step-time record for the method it was timed with."""
+    args = tb.parse_args(["--section", "mnist", "--mnist-method", method])
+    results = REPO / "benchmarks" / "results"
+    record = json.loads((results / tuned_mnist.STEP_TIME_RECORD).read_text())
+    contender = tuned_mnist.STEP_TIME_CONTENDERS[method]
+    estimate = tuned_mnist.mnist_estimate_from_logs(args)
+    assert estimate["fast_path_ratio_to_sgd"] == record["target1_cnn"]["ratio_to_sgd"][contender]
+    assert estimate["hours"] > 0
+
+
+def test_estimate_from_logs_names_the_flag_for_an_untimed_method(tb):
+    args = tb.parse_args(["--section", "mnist", "--mnist-method", "eigh"])
+    with pytest.raises(ValueError, match="--mnist-method=eigh"):
+        tuned_mnist.mnist_estimate_from_logs(args)

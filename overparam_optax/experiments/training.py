@@ -332,6 +332,7 @@ class MinibatchResult(NamedTuple):
         compilation excluded, evaluations excluded) and the entries returned by
         ``eval_fn``. Empty without it.
       compile_seconds: seconds spent compiling the training step (ahead of the loop).
+      opt_state: the optimizer state after the last step.
     """
 
     params: Params
@@ -342,6 +343,7 @@ class MinibatchResult(NamedTuple):
     seconds: float
     evaluations: list = []
     compile_seconds: float | None = None
+    opt_state: Any = None
 
 
 def _cross_entropy_and_accuracy(logits, labels):
@@ -527,4 +529,5 @@ def run_minibatch(
         seconds,
         evaluations=evaluations,
         compile_seconds=compile_seconds,
+        opt_state=opt_state,
     )

@@ -16,7 +16,7 @@ import math
 import os
 import pathlib
 import time
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 
 import jax
 import numpy as np
@@ -92,8 +92,8 @@ def _stored_log(run: dict, args, train_size: int) -> dict | None:
 def mnist_build(run: dict, args, plain_params):
     """(logits_fn, params, tx) of one run; the control scales only the dense kernels' step."""
     ns = SimpleNamespace(optimizer="momentum", lr=run["lr"], depth=2, precondition_conv=False,
-                            method=run["method"] or "svd", precondition_every=run["every"],
-                            dense_width=args.mnist_dense_width, seed=run["seed"])  # fmt: skip
+                            method=run["method"] or "svd", dense_width=args.mnist_dense_width,
+                            seed=run["seed"])  # fmt: skip
     mode = "none" if run["mode"] == "dense-lr" else run["mode"]
     logits_fn, params, tx = cnn_example.build_run(mode, ns, plain_params)
     if run["mode"] == "dense-lr":
@@ -137,7 +137,7 @@ def _worker_init(args) -> None:
     # One thread per worker: on a small CPU, K single-threaded runs side by side train
     # ~1.6x more steps per second than one run on K threads (measured on 2 cores). Set
     # before the worker's first jax computation; the parent process is not affected.
-    # OPENBLAS_NUM_THREADS is left alone: method="auto" reads it (docs/performance.md).
+    # OPENBLAS_NUM_THREADS is left alone: users' LAPACK runs with its default threads.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen"
                                "=false intra_op_parallelism_threads=1").strip()  # fmt: skip
     _WORKER.update(data=load_mnist_splits(args))
@@ -174,10 +174,9 @@ class MnistRunner:
             self.pool = concurrent.futures.ProcessPoolExecutor(
                 self.args.mnist_workers, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_worker_init, initargs=(self.args,))  # fmt: skip
-        # The workers pin XLA's threads, not LAPACK's (method="auto" reads
-        # OPENBLAS_NUM_THREADS, so pinning it would change the fast path's branch): two
-        # exact-path (SVD) runs at once oversubscribe a small CPU, >4x slower on 2 cores.
-        # They go one at a time, beside the other runs.
+        # The workers pin XLA's threads, not LAPACK's: two exact-path (SVD) runs at once
+        # oversubscribe a small CPU, >4x slower on 2 cores. They go one at a time, beside
+        # the other runs.
         exact = [i for i in todo if runs[i]["method"] == "svd"]
         first = self._run(runs[exact[0]]) if exact else None  # the slowest, before the rest
         futures = {i: self._run(runs[i]) for i in todo if i not in exact}
@@ -395,15 +394,31 @@ def mnist_plan_counts(args) -> dict:
             "implicit svd": min(args.mnist_exact_seeds, n_seed)}  # fmt: skip
 
 
+#: The step-time record of the CNN that the estimate from logs reads (``benchmarks/step_time.py
+#: --targets 1``, idle), and its contender for each ``--mnist-method`` it timed.
+STEP_TIME_RECORD = "step_time_tracked_idle_cpu.json"
+STEP_TIME_CONTENDERS = MappingProxyType({"tracked": "default", "svd": "svd"})
+
+
 def mnist_estimate_from_logs(args) -> dict:
     """Hours of the plan from earlier timings on this machine, without running anything.
 
     Per-step seconds of plain, exact implicit and explicit steps come from the 1,000-step
     MNIST runs of reproduce_paper.py (batch 50, one 2-core CPU when it was quieter), scaled
-    by batch / 50; the fast implicit step is the plain step times the fast path's step-time
-    ratio to SGD measured by step_time.py on the same CNN (all four kernels preconditioned,
-    N = 3, so an upper bound for dense kernels only, N = 2).
+    by batch / 50; the implicit step of ``--mnist-method`` is the plain step times that
+    method's step-time ratio to SGD in :data:`STEP_TIME_RECORD` (the same CNN, all four
+    kernels preconditioned, N = 3, so an upper bound for dense kernels only, N = 2).
+
+    Raises:
+      ValueError: for a ``--mnist-method`` that record did not time.
     """
+    contender = STEP_TIME_CONTENDERS.get(args.mnist_method)
+    if contender is None:
+        raise ValueError(
+            f"--mnist-method={args.mnist_method}: {STEP_TIME_RECORD} has no step time for it "
+            f"(it times {', '.join(STEP_TIME_CONTENDERS)}); estimate by timing steps "
+            "instead (--estimate STEPS)"
+        )
     results = pathlib.Path(args.results_dir)
     configs = json.loads((results / "reproduce_paper.json").read_text())["results"]["mnist"][
         "configs"]
@@ -413,9 +428,8 @@ def mnist_estimate_from_logs(args) -> dict:
         per[key] = float(np.mean([
             c["runs"][mode]["seconds"] / int(c["argv"][c["argv"].index("--steps") + 1])
             for c in configs.values()]))
-    steps_log = json.loads((results / "step_time_target1_cpu.json").read_text())
-    ratio = steps_log["target1_cnn"]["ratio_to_sgd"][f"{args.mnist_method}_every"
-                                                     f"{args.mnist_every}"]  # fmt: skip
+    steps_log = json.loads((results / STEP_TIME_RECORD).read_text())
+    ratio = steps_log["target1_cnn"]["ratio_to_sgd"][contender]
     per[f"implicit {args.mnist_method}"] = per["none"] * ratio
     scale = args.mnist_batch_size / 50
     counts = mnist_plan_counts(args)
@@ -427,18 +441,18 @@ def mnist_estimate_from_logs(args) -> dict:
 def mnist_estimate(args, train, test) -> dict:
     """Times ``--estimate`` steps of each mode now, and estimates from earlier logs too."""
     counts = mnist_plan_counts(args)
-    out = {"from_logs": mnist_estimate_from_logs(args), "runs": counts}
-    print(f"[estimate] from earlier timings: {out['from_logs']['hours']:.1f} h", flush=True)
+    out = {"from_logs": None, "runs": counts}
+    if args.estimate < 0 or args.mnist_method in STEP_TIME_CONTENDERS:
+        out["from_logs"] = mnist_estimate_from_logs(args)
+        print(f"[estimate] from earlier timings: {out['from_logs']['hours']:.1f} h", flush=True)
     if args.estimate < 0:  # --estimate -1: the estimate from the logs only
         return out
     per_step = {}
-    for mode, method, every in (("none", None, None), ("implicit", args.mnist_method,
-                                args.mnist_every), ("implicit", "svd", None),
-                                ("explicit", None, None)):  # fmt: skip
+    for mode, method in (("none", None), ("implicit", args.mnist_method), ("implicit", "svd"),
+                         ("explicit", None)):  # fmt: skip
         ns = SimpleNamespace(optimizer="momentum", lr=args.mnist_lrs[0], depth=2,
-                                precondition_conv=False, method=method or "svd",
-                                precondition_every=every, dense_width=args.mnist_dense_width,
-                                seed=0)  # fmt: skip
+                             precondition_conv=False, method=method or "svd",
+                             dense_width=args.mnist_dense_width, seed=0)  # fmt: skip
         plain = models.TutorialCNN(dense_width=args.mnist_dense_width).init(
             jax.random.PRNGKey(0), train[0][:1], False)["params"]
         logits_fn, params, tx = cnn_example.build_run(mode, ns, plain)
