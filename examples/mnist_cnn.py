@@ -20,7 +20,9 @@ minibatches and the same dropout masks:
 * ``none``     — the plain network and the base optimizer;
 * ``implicit`` — the plain network, with ``optax.chain(overparam_precondition(N, mask=...),
   base optimizer)``: the dense kernels (and the conv kernels with ``--precondition-conv``)
-  move along the end-to-end dynamics of a depth-N factorization, with no extra parameters;
+  move along the end-to-end dynamics of a depth-N factorization, with no extra parameters
+  (the library's default; ``--method svd`` takes the exact rule, a thin SVD of every
+  kernel on every step, as docs/reproduction.md's recorded runs did);
 * ``explicit`` — the network with each dense layer replaced by a depth-N
   :class:`overparam_optax.factorized.FactorizedDense` (hidden width ``min(in, out)``),
   initialized as a *balanced* factorization of the very kernels the other two runs start

@@ -341,3 +341,35 @@ def test_transformer_lm_long_flag_sets_the_longer_run_unless_overridden():
     assert parse_args(["--long", "--steps", "10"]).steps == 10
     assert parse_args(["--lr", "adamw=0.5"]).lr["adamw"] == 0.5
     assert parse_args([]).lr == lm_example.DEFAULT_LEARNING_RATES
+
+
+@pytest.mark.parametrize("method, reused", [("svd", True), ("tracked", False)])
+def test_reproduce_paper_reuses_logs_written_when_svd_was_the_examples_default(
+    tmp_path, monkeypatch, method, reused
+):
+    """A log whose command lacks ``--method svd`` (the example's default until 0.2) is the
+    exact rule's run only if its config says svd; otherwise the run is redone."""
+    from types import SimpleNamespace
+
+    from overparam_optax.experiments import paper_sections
+
+    args = SimpleNamespace(mnist_steps=5, mnist_batch_size=8, mnist_lr=None,
+                           mnist_data_dir=None, mnist_dense_width=None, mnist_train_size=None,
+                           mnist_test_size=None)  # fmt: skip
+    argv = paper_sections._mnist_argv(args, "momentum", 0, tmp_path)
+    assert argv[argv.index("--method") + 1] == "svd"
+    legacy = " ".join(["python examples/mnist_cnn.py", *argv]).replace(" --method svd", "")
+    log = {"command": legacy, "config": {"method": method}, "timestamp": "then"}
+    (tmp_path / "mnist_cnn.json").write_text(json.dumps(log))
+
+    def run(*_, **__):
+        raise RuntimeError("trained again")
+
+    monkeypatch.setattr(paper_sections.subprocess, "run", run)
+    if reused:
+        assert paper_sections._mnist_log(REPO / "examples" / "mnist_cnn.py", argv, tmp_path,
+                                         reuse=True) == log  # fmt: skip
+    else:
+        with pytest.raises(RuntimeError, match="trained again"):
+            paper_sections._mnist_log(REPO / "examples" / "mnist_cnn.py", argv, tmp_path,
+                                      reuse=True)  # fmt: skip

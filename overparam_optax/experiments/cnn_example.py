@@ -131,9 +131,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          flag_values=fv)  # fmt: skip
     flags.DEFINE_boolean("progress", False, "show a tqdm progress bar", flag_values=fv)
     flags.DEFINE_enum(
-        "method", "svd", ("tracked", "svd", "eigh", "newton"),
-        "how the implicit mode computes P_W (docs/performance.md): svd is the exact rule, as "
-        "in the recorded runs; tracked is the library's default", flag_values=fv,
+        "method", "tracked", ("tracked", "svd", "eigh", "newton"),
+        "how the implicit mode computes P_W (docs/performance.md): tracked is the library's "
+        "default; svd is the exact rule, as in docs/reproduction.md's recorded runs",
+        flag_values=fv,
     )  # fmt: skip
     xflags.require_valid_method_depth("depth", "method", flag_values=fv)
     xflags.require(
