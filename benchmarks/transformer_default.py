@@ -9,7 +9,7 @@ per seed and method), and compares their validation curves: the final loss of ea
 difference, the largest difference anywhere on the curve, and how many of the default's
 matrix updates decomposed W afresh.
 
-    python benchmarks/transformer_default.py     # ~8 CPU-minutes on 2 cores
+    python benchmarks/transformer_default.py     # ~7 minutes on 2 cores
 
 Writes ``<results-dir>/transformer_default_cpu.json`` and prints the table that
 docs/transformer.md quotes.

@@ -259,7 +259,7 @@ def test_default_corpus_is_the_sorted_stdlib_sources():
 @pytest.mark.parametrize("method", ["tracked", "svd"])
 def test_log_counts_the_defaults_fresh_decompositions(params, grads, method):
     """The example's log counts every layer's matrices: the first update decomposes each."""
-    from overparam_optax.experiments import lm_example
+    from overparam_optax.experiments import training
 
     numbers = models.transformer_dimension_numbers(params)
     tx = optax.chain(
@@ -268,7 +268,7 @@ def test_log_counts_the_defaults_fresh_decompositions(params, grads, method):
     state, update = tx.init(params), jax.jit(tx.update)
     for _ in range(2):  # the second update keeps the first's bases: W has not moved
         _, state = update(grads, state, params)
-    counts = lm_example.tracked_decompositions(state)
+    counts = training.tracked_decompositions(state)
     if method == "svd":  # no tracked bases: nothing to count
         assert counts is None
         return

@@ -215,6 +215,7 @@ def train(args, command: str) -> dict:
             "test_loss": result.test_loss,
             "test_accuracy": result.test_accuracy,
             "seconds": result.seconds,
+            "tracked_decompositions": training.tracked_decompositions(result.opt_state),
         }
         print(
             f"[{name}] test accuracy {result.test_accuracy:.4f}  test loss "

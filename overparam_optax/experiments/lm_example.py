@@ -273,22 +273,6 @@ def resolve(args):
     return args
 
 
-def tracked_decompositions(opt_state) -> dict | None:
-    """The default's fresh decompositions in a trained optimizer state, and the matrix
-    updates they came from; None where no transform in it keeps tracked bases."""
-    states = jax.tree.leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, opx.OverparamPreconditionState)
-    )
-    tracked = [s for s in states
-               if isinstance(s, opx.OverparamPreconditionState) and jax.tree.leaves(s.factors)]
-    if not tracked:
-        return None
-    updates = sum(int(s.count) * sum(math.prod(v.shape[:-2]) for v in jax.tree.leaves(s.factors))
-                  for s in tracked)  # fmt: skip
-    return {"decompositions": sum(int(s.decompositions) for s in tracked),
-            "matrix_updates": updates}  # fmt: skip
-
-
 def train(args, command: str) -> dict:
     """Trains every mode of ``args`` (parsed flags); returns the log, also written to disk.
 
@@ -358,7 +342,7 @@ def train(args, command: str) -> dict:
             "train_seconds": final["train_seconds"],
             "compile_seconds": result.compile_seconds,
             "seconds_per_step": final["train_seconds"] / args.steps,
-            "tracked_decompositions": tracked_decompositions(result.opt_state),
+            "tracked_decompositions": training.tracked_decompositions(result.opt_state),
         }
         print(
             f"[{mode}] validation loss {final['val_loss']:.4f} nats/byte, accuracy "

@@ -17,6 +17,7 @@ parameters, as :func:`overparam_optax.overparam_precondition` requires.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -25,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from overparam_optax import OverparamPreconditionState
 
 __all__ = [
     "GridSearchResult",
@@ -38,6 +41,7 @@ __all__ = [
     "run_minibatch",
     "smoothed_steps_to_reach",
     "steps_to_reach",
+    "tracked_decompositions",
     "trailing_mean",
 ]
 
@@ -344,6 +348,22 @@ class MinibatchResult(NamedTuple):
     evaluations: list = []
     compile_seconds: float | None = None
     opt_state: Any = None
+
+
+def tracked_decompositions(opt_state) -> dict | None:
+    """The default's fresh decompositions in a trained optimizer state, and the matrix
+    updates they came from; None where no transform in it keeps tracked bases."""
+    states = jax.tree.leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, OverparamPreconditionState)
+    )
+    tracked = [s for s in states
+               if isinstance(s, OverparamPreconditionState) and jax.tree.leaves(s.factors)]
+    if not tracked:
+        return None
+    updates = sum(int(s.count) * sum(math.prod(v.shape[:-2]) for v in jax.tree.leaves(s.factors))
+                  for s in tracked)  # fmt: skip
+    return {"decompositions": sum(int(s.decompositions) for s in tracked),
+            "matrix_updates": updates}  # fmt: skip
 
 
 def _cross_entropy_and_accuracy(logits, labels):
