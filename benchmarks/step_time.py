@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import optax
 
 import overparam_optax as opx
-from overparam_optax.experiments import cli, timing
+from overparam_optax.experiments import cli, timing, training
 from overparam_optax.experiments.models import MLP, TutorialCNN, kernel_mask
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
@@ -96,10 +96,10 @@ def _target(text: str) -> str:
 
 
 def _decompositions(state) -> dict:
-    """The default's fresh decompositions over the timed steps, per matrix update."""
-    inner = state[0]
-    updates = int(inner.count) * len(jax.tree.leaves(inner.factors))
-    return {"count": int(inner.decompositions), "matrix_updates": updates}
+    """The default's fresh decompositions over the timed steps, per matrix update (the
+    records' keys: ``count`` is ``decompositions``)."""
+    counts = training.tracked_decompositions(state)
+    return {"count": counts["decompositions"], "matrix_updates": counts["matrix_updates"]}
 
 
 def _nbytes(tree) -> int:

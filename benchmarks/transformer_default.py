@@ -38,9 +38,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     xflags.define_int_list("seeds", "0,1,2", "seeds (init and minibatch order)", lower_bound=0,
                            flag_values=fv)  # fmt: skip
     flags.DEFINE_float("lr-adamw-overparam", 0.003, "adamw+overparam's rate (the one "
-                       "transformer_lm.py chose)", lower_bound=0, flag_values=fv)  # fmt: skip
+                       "transformer_lm.py chose)", lower_bound=1e-12, flag_values=fv)  # fmt: skip
     flags.DEFINE_float("lr-momentum-overparam", 0.1, "momentum+overparam's rate (the one "
-                       "transformer_lm.py chose)", lower_bound=0, flag_values=fv)  # fmt: skip
+                       "transformer_lm.py chose)", lower_bound=1e-12, flag_values=fv)  # fmt: skip
     flags.DEFINE_integer("steps", 400, "training steps (transformer_lm.py's)", lower_bound=1,
                          flag_values=fv)  # fmt: skip
     xflags.define_output_dir("results-dir", str(RESULTS_DIR), "the JSON and the run logs",
@@ -55,8 +55,7 @@ def run_seed(args, seed: int, method: str) -> dict:
     argv = ["--modes", ",".join(MODES), "--lr", rates, "--method", method, "--seed", str(seed),
             "--steps", str(args.steps), "--no-progress",
             "--output-dir", str(output_dir)]  # fmt: skip
-    command = " ".join(["python examples/transformer_lm.py", *argv])
-    return lm_example.train(xflags.parse(lm_example.define_flags, argv), command)
+    return lm_example.train_argv(argv)
 
 
 def compare(default: dict, exact: dict) -> dict:

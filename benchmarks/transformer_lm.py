@@ -109,13 +109,12 @@ def run_one(args, mode: str, lr: float, seed: int) -> dict:
         argv += ["--text-file", args.text_file]
     argv += ["--no-progress", "--output-dir", str(output_dir)]
     log_path = output_dir / "transformer_lm.json"
-    command = " ".join(["python examples/transformer_lm.py", *argv])
     if not args.no_reuse and log_path.exists():
         log = json.loads(log_path.read_text())
-        if log["command"] == command:
+        if log["command"] == lm_example.command_line(argv):
             print(f"reusing {log_path} ({log['timestamp']})", flush=True)
             return log
-    return lm_example.train(xflags.parse(lm_example.define_flags, argv), command)
+    return lm_example.train_argv(argv)
 
 
 def paired_step_times(args, chosen: dict) -> dict:

@@ -1,7 +1,8 @@
 """The byte-level transformer comparison of ``examples/transformer_lm.py``, importable.
 
 The example's flags (:func:`define_flags`), its modes, models and optimizers
-(:func:`build_run`) and the whole run (:func:`train`), shared by the example and by
+(:func:`build_run`) and the whole run (:func:`train`, or :func:`train_argv` from a command
+line), shared by the example and by
 ``benchmarks/transformer_lm.py``, which tunes and repeats it. The example's docstring
 describes the modes and the measurements.
 
@@ -271,6 +272,16 @@ def resolve(args):
             setattr(args, name, value)
     args.lr = {**DEFAULT_LEARNING_RATES, **args.lr}
     return args
+
+
+def command_line(argv: list[str]) -> str:
+    """The example's command line for ``argv``, as a log records it."""
+    return " ".join(["python examples/transformer_lm.py", *argv])
+
+
+def train_argv(argv: list[str]) -> dict:
+    """Parses ``argv`` as the example's flags and trains (:func:`train`); returns the log."""
+    return train(xflags.parse(define_flags, argv), command_line(argv))
 
 
 def train(args, command: str) -> dict:

@@ -351,8 +351,24 @@ class MinibatchResult(NamedTuple):
 
 
 def tracked_decompositions(opt_state) -> dict | None:
-    """The default's fresh decompositions in a trained optimizer state, and the matrix
-    updates they came from; None where no transform in it keeps tracked bases."""
+    """How often the default decomposed W afresh, from a trained optimizer state.
+
+    Every :class:`overparam_optax.OverparamPreconditionState` in ``opt_state`` (at any depth
+    of a chain) that keeps tracked bases counts: its ``decompositions``, and its matrix
+    updates, ``count`` times the matrices its bases hold (a stacked leaf of shape
+    (..., n, n) holds one per leading index).
+
+    Args:
+      opt_state: an optimizer state, e.g. of ``optax.chain(overparam_precondition(N), ...)``.
+
+    Returns:
+      ``{"decompositions": int, "matrix_updates": int}``, or None where no transform in
+      the state keeps tracked bases (a stateless ``method``, or no such transform).
+
+    Example::
+
+      counts = tracked_decompositions(opt_state)   # {"decompositions": 12, ...}
+    """
     states = jax.tree.leaves(
         opt_state, is_leaf=lambda x: isinstance(x, OverparamPreconditionState)
     )
