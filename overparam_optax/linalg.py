@@ -541,6 +541,13 @@ def depth_factors_like(shape, dtype, N: int, method: str) -> SpectralBasis | Pol
     raise ValueError(f"method must be 'svd', 'eigh' or 'newton', got {method!r}.")
 
 
+def _combine(u, a, b, kernel, d, v, precision) -> jax.Array:
+    """[U ((K - 1 d^T) o A) + B diag(d)] V^T, with A = U^T G V and B = G V (the SVD-basis
+    formula of the module docstring, given its two m x n x n inputs)."""
+    inner = _mm(u, (kernel - d[..., None, :]) * a, precision)
+    return _mm(inner + b * d[..., None, :], _mT(v), precision)
+
+
 def _apply_basis(basis: SpectralBasis, g: jax.Array, N: int, precision) -> jax.Array:
     """P(G) from a thin SVD basis (module docstring), for tall g of the basis's shape."""
     u, s, v = basis
@@ -555,9 +562,7 @@ def _apply_basis(basis: SpectralBasis, g: jax.Array, N: int, precision) -> jax.A
     if m <= 3 * n:
         # Four m x n x n products: B = G V, A = U^T B, [U ((K - 1 d^T) o A) + B d] V^T.
         b = _mm(g, v, precision)
-        a = _mm(_mT(u), b, precision)
-        inner = _mm(u, (kernel - d[..., None, :]) * a, precision)
-        out = _mm(inner + b * d[..., None, :], _mT(v), precision)
+        out = _combine(u, _mm(_mT(u), b, precision), b, kernel, d, v, precision)
     else:
         # Very tall: three m x n x n products and n x n work instead,
         # P = U [((K - 1 d^T) o (U^T G V)) V^T] + G [V diag(d) V^T].
@@ -909,9 +914,8 @@ def _apply_frame(
     if _near_square(w.shape):  # the same formula through W V' and G V'
         wv, gv = _mm(w, v_new, precision), _mm(g, v_new, precision) * t
         core = inv_s[..., :, None] * _mm(_mT(wv), gv, precision)  # U^T G V' t
-        inner = (kernel - d[..., None, :]) * core
-        z = _mm(wv * inv_s[..., None, :], inner, precision) + gv * d[..., None, :]
-        return _mm(z, _mT(v_new), precision) * t, v_new
+        out = _combine(wv * inv_s[..., None, :], core, gv, kernel, d, v_new, precision)
+        return out * t, v_new
     # U^T G V' = S^{-1} q^T (v^T w^T G) V'
     core = inv_s[..., :, None] * _mm(_mT(frame.q), _mm(frame.c, v_new, precision), precision)
     inner = (kernel - d[..., None, :]) * core * t
