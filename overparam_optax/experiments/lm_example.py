@@ -275,12 +275,26 @@ def resolve(args):
 
 
 def command_line(argv: list[str]) -> str:
-    """The example's command line for ``argv``, as a log records it."""
+    """The example's command line for ``argv``, as a log records it (``log["command"]``).
+
+    Args:
+      argv: the example's arguments, e.g. ``["--modes", "adamw", "--steps", "3"]``.
+
+    Returns:
+      ``"python examples/transformer_lm.py --modes adamw --steps 3"``.
+    """
     return " ".join(["python examples/transformer_lm.py", *argv])
 
 
 def train_argv(argv: list[str]) -> dict:
-    """Parses ``argv`` as the example's flags and trains (:func:`train`); returns the log."""
+    """Trains as ``python examples/transformer_lm.py *argv`` would, in this process.
+
+    Args:
+      argv: the example's arguments (absl checks them while parsing, before any work).
+
+    Returns:
+      The log :func:`train` writes, with :func:`command_line` as its command.
+    """
     return train(xflags.parse(define_flags, argv), command_line(argv))
 
 
