@@ -7,19 +7,19 @@ deep trajectory with no extra parameters:
 
     tx = optax.chain(overparam_optax.overparam_precondition(N=3), optax.sgd(1e-2))
 
-``overparam_optax.factorized`` holds the explicit depth-N baselines. The helpers of the
-examples and benchmarks (data loaders, training loops, trajectory comparison) live in
-:mod:`overparam_optax.experiments`, which this package does not import.
+``overparam_optax.factorized`` holds the explicit depth-N baselines;
+:mod:`overparam_optax.testing` (imported only on request) a float64 reference for tests.
 """
 
-from overparam_optax import factorized
+from overparam_optax import factorized, methods
 from overparam_optax.factorized import FactorizedConv, FactorizedDense, balancedness, collapse
-from overparam_optax.linalg import depth_kernel, precondition_matrix, precondition_vector
-from overparam_optax.sharding import state_shardings
+from overparam_optax.linalg import precondition_matrix, precondition_vector
+from overparam_optax.numerics import depth_kernel
 from overparam_optax.transform import (
     OverparamPreconditionState,
     overparam_precondition,
     overparam_sgd,
+    state_shardings,
 )
 from overparam_optax.views import MatrixDimensionNumbers
 
@@ -34,6 +34,7 @@ __all__ = [
     "collapse",
     "depth_kernel",
     "factorized",
+    "methods",
     "overparam_precondition",
     "overparam_sgd",
     "precondition_matrix",

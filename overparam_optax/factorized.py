@@ -5,7 +5,7 @@ A :class:`FactorizedDense` layer holds N matrices and computes ``x @ K_0 @ K_1 @
 convolutions. Training these with plain gradient descent from a *balanced* initialization
 moves the end-to-end matrix the way ``overparam_precondition(N)`` moves a single matrix
 (Arora, Cohen & Hazan, ICML 2018, Theorem 1), so the pair is the ground truth against which
-the transform is checked (``overparam_optax.experiments.trajectories``,
+the transform is checked (``overparam_experiments.trajectories``,
 ``benchmarks/equivalence.py``, ``docs/equivalence.md``).
 
 Orientation (read this before comparing formulas with the paper)
@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from overparam_optax.checks import check_real_floating
-from overparam_optax.linalg import compute_dtype
+from overparam_optax.numerics import compute_dtype
 
 __all__ = [
     "FactorizedConv",

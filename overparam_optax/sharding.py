@@ -5,8 +5,8 @@ itself. Under ``Explicit`` axes (``jax.sharding.AxisType.Explicit``) a sharding 
 an array's type and those ops refuse sharded operands, so the transform gathers each
 preconditioned leaf first and gives its update the leaf's sharding back. Under either, the
 batch of same-shaped matrices is then split between the devices (:func:`map_over_mesh`).
-The optimizer state is sharded like the params (:func:`state_shardings`), the cached
-factors included.
+The optimizer state is sharded like the params
+(:func:`~overparam_optax.transform.state_shardings`), the methods' entries included.
 """
 
 from __future__ import annotations
@@ -17,16 +17,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
-
-from overparam_optax import linalg
 
 __all__ = [
     "explicit_spec",
     "gathered",
     "keep_explicit_shardings",
     "map_over_mesh",
-    "state_shardings",
     "whole_on_every_device",
 ]
 
@@ -64,8 +60,8 @@ def gathered(x: jax.Array) -> jax.Array:
 def whole_on_every_device(x: jax.Array) -> jax.Array:
     """x replicated over the mesh in context, Auto axes included (else x as it is).
 
-    For the cached factors, which :func:`state_shardings` splits by rows while the spread
-    decomposition splits them by matrices: going through the whole array (an all-gather,
+    For the methods' state entries, which ``state_shardings`` splits like their parameter
+    while the spread update splits them by matrices: going through the whole array (an all-gather,
     then local slices) is what XLA's partitioner would do anyway, but said here it does
     not warn of an "involuntary full rematerialization" for each of them.
 
@@ -181,87 +177,3 @@ def map_over_mesh(fn: Callable, count: int, batched: Any, shared: Any) -> Any:
         fn, in_specs=(split, jax.sharding.PartitionSpec()), out_specs=split, axis_names=set(axes)
     )
     return mapped(jax.tree.map(place, batched), shared)
-
-
-def _is_factors(x: Any) -> bool:
-    return isinstance(x, (linalg.TrackedBasis, optax.MaskedNode))
-
-
-def _mesh_axes_used(param_sharding: Any) -> tuple:
-    """The mesh axes a NamedSharding splits its array over, in the order of its spec."""
-    spec = getattr(param_sharding, "spec", None)
-    if spec is None or getattr(param_sharding, "mesh", None) is None:
-        return ()
-    return tuple(a for entry in spec if entry is not None for a in _axis_names(entry))
-
-
-def _factor_sharding(factor: Any, param_sharding: Any, replicated: Any) -> Any:
-    """A cached factor's sharding: split like its parameter, or ``replicated``.
-
-    The tracked basis ``v`` (short side x short side, one per matrix of the leaf) is split
-    by rows over the mesh axes that the parameter's sharding uses, so that a parameter split
-    k ways keeps 1/k of its basis per device; bases of replicated parameters and row counts
-    that do not divide stay ``replicated``.
-    """
-    axes = _mesh_axes_used(param_sharding)
-    if len(factor.shape) != 3 or not axes:
-        return replicated
-    mesh = param_sharding.mesh
-    ways = math.prod(mesh.shape[a] for a in axes)
-    if ways == 1 or factor.shape[1] % ways:
-        return replicated
-    rows = axes if len(axes) > 1 else axes[0]
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, rows, None))
-
-
-def state_shardings(
-    tx: optax.GradientTransformation, params: Any, param_shardings: Any, replicated: Any
-) -> Any:
-    """Shardings for ``tx.init(params)``: each parameter-like state leaf like its parameter.
-
-    This is ``optax.tree.map_params`` with two rules: a state leaf that mirrors a
-    parameter (momentum, Adam's moments, ...) takes that parameter's sharding, and the
-    tracked bases of the default (whose shapes differ from the parameter's) are split by
-    rows over the mesh axes the parameter is split over (rows that do not divide are
-    ``replicated``); every other state leaf (step counts) is ``replicated``.
-
-    Args:
-      tx: the optimizer (any chain containing :func:`overparam_precondition`).
-      params: the parameters, or ``jax.ShapeDtypeStruct`` s of them.
-      param_shardings: a tree like ``params`` of shardings (``NamedSharding`` s; any other
-        kind gives replicated factors).
-      replicated: the sharding for every other leaf, e.g. ``NamedSharding(mesh, P())``.
-
-    Returns:
-      A tree of shardings with the state's structure, for ``jax.jit``'s
-      ``in_shardings``/``out_shardings`` or ``jax.device_put``.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax
-      >>> import overparam_optax as opx
-      >>> from jax.sharding import NamedSharding, PartitionSpec as P
-      >>> mesh = jax.make_mesh((1,), ("data",))
-      >>> params = {"w": jnp.ones((4, 3))}
-      >>> tx = optax.chain(opx.overparam_precondition(2),
-      ...                  optax.sgd(0.1, momentum=0.9))
-      >>> shardings = opx.state_shardings(
-      ...     tx, params, {"w": NamedSharding(mesh, P("data"))}, NamedSharding(mesh, P()))
-      >>> state = jax.device_put(tx.init(params), shardings)
-    """
-    abstract_state = jax.eval_shape(tx.init, params)
-
-    def like_param(state_leaf, param_sharding):
-        if _is_factors(state_leaf):
-            return jax.tree.map(
-                lambda f: _factor_sharding(f, param_sharding, replicated), state_leaf
-            )
-        return param_sharding
-
-    return optax.tree.map_params(
-        tx,
-        like_param,
-        abstract_state,
-        param_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=_is_factors,
-    )

@@ -6,7 +6,7 @@ its derivative in W. Differentiating through an SVD instead divides by s_a^2 - s
 P itself is smooth there. Here the singular vectors only serve as a basis; nothing is divided
 by a difference of singular values.
 
-Derivation (tall W, m >= n; a wide W is transposed with G, as in `linalg`). Write
+Derivation (tall W, m >= n; a wide W is transposed with G, as everywhere). Write
 Z_L = (W W^T)^{1/N}, Z_R = (W^T W)^{1/N}. Then::
 
     P = sum_{p+r=N-1} Z_L^p G Z_R^r,                  (Z^0 := I)
@@ -20,7 +20,7 @@ f(x) = x^{1/N} at W W^T (Daleckii-Krein) is its first divided difference times t
 perturbation E_L = U_f^T (dW W^T + W dW^T) U_f = Om Sh^T + Sh Om^T; as x = mu^N,
 
     f[l_a, l_c] = (mu_a - mu_c) / (mu_a^N - mu_c^N) = 1 / k(s_a, s_c),
-    k(s_a, s_c) = sum_{p+r=N-1} mu_a^p mu_c^r   (`linalg.depth_kernel`),
+    k(s_a, s_c) = sum_{p+r=N-1} mu_a^p mu_c^r   (`numerics.depth_kernel`),
 
 which is also the limit f'(l_a) = 1 / (N mu_a^{N-1}) on equal values: the divided difference
 is evaluated as 1/k, never as a difference quotient, so equal values need no limit. Hence
@@ -68,7 +68,7 @@ the tangent part of dW. Along a straight line W + t dW with rank W = r:
   (I + tA) W (I + tB)); for N = 4 and Q != 0 the one-sided derivatives are not linear, for
   N >= 5 and Q != 0 they are infinite.
 
-Singular values below the rank tolerance of `linalg` are exact zeros of the basis, so a
+Singular values below the rank tolerance of `numerics` are exact zeros of the basis, so a
 numerically rank-deficient W is differentiated as rank-deficient. Near (not at) a
 rank-deficient W with N >= 3 the true derivative is large, psi(s) = s^{-(N-2)/N}; it is
 returned as it is, finite for every positive s.
@@ -84,15 +84,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from overparam_optax import linalg
+from overparam_optax import numerics
+from overparam_optax.numerics import matrix_transpose as _mT
 
-__all__ = ["precondition_tangent", "precondition_with_derivative"]
+__all__ = ["differentiable_precondition", "precondition_tangent", "with_basis_tangent"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _mT(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
 
 
 def _positive_power(s: jax.Array, exponent: float) -> jax.Array:
@@ -101,18 +98,12 @@ def _positive_power(s: jax.Array, exponent: float) -> jax.Array:
     return jnp.where(positive, jnp.power(jnp.where(positive, s, 1), exponent), 0)
 
 
-def _safe_reciprocal(x: jax.Array) -> jax.Array:
-    """1 / x where x > 0, else 0: the 0 * inf := 0 convention on doubly-zero entries."""
-    positive = x > 0
-    return jnp.where(positive, 1 / jnp.where(positive, x, 1), 0)
-
-
 def _triple_sum(mu, y_left, gamma, y_right, N: int, precision):
     """(S, H) = (sum_{p+q+r=N-2} D^p Y_L D^q Ga D^r + D^p Ga D^q Y_R D^r, H_{N-2}), D = diag(mu).
 
     H_k[a, b] = sum_{p=0..k} mu_a^p mu_b^{k-p}; every coefficient is non-negative (N >= 2).
     """
-    mm = functools.partial(linalg._mm, precision=precision)
+    mm = functools.partial(numerics.matmul, precision=precision)
     h = jnp.ones_like(y_right)
     total = mm(y_left, gamma) + mm(gamma, y_right)
 
@@ -164,16 +155,16 @@ def precondition_tangent(u, s, v, g, dw, N: int, *, dg=None, precision=_HIGHEST)
     Returns:
       The tangent, shape (..., m, n), in the compute dtype (float32 or wider).
     """
-    N = linalg.check_depth(N)
+    N = numerics.check_depth(N)
     u, s, v, g, dw = (jnp.asarray(x) for x in (u, s, v, g, dw))
     dg = None if dg is None else jnp.asarray(dg)
     _check_basis_shapes(u, s, v, g, dw, dg)
     parts = (u, s, v, g, dw) + (() if dg is None else (dg,))
-    dtype = linalg.compute_dtype(jnp.result_type(*parts))
+    dtype = numerics.compute_dtype(jnp.result_type(*parts))
     u, s, v, g, dw = (x.astype(dtype) for x in (u, s, v, g, dw))
     if N == 1:  # P = G
         return jnp.zeros_like(g) if dg is None else dg.astype(dtype)
-    # Normalized units (as linalg does): with W = c W_hat, c = max s,
+    # Normalized units (as every method does): with W = c W_hat, c = max s,
     # D_W P_W(G)[dW] = c^{2-2/N} D P_{W_hat}(G)[dW / c] = t D P_{W_hat}(t G)[dW / c].
     s = jnp.maximum(s, 0)
     s_max = jnp.max(s, axis=-1, keepdims=True)
@@ -183,17 +174,17 @@ def precondition_tangent(u, s, v, g, dw, N: int, *, dg=None, precision=_HIGHEST)
     g, dw = g * t, dw / s_max[..., None]
     out = _tangent_normalized(u * (s > 0)[..., None, :], s, v, g, dw, N, precision)
     if dg is not None:
-        out = out + linalg.apply_depth_factors(
-            linalg.SpectralBasis(u, s, v), dg.astype(dtype) * t, N, precision=precision
+        out = out + numerics.apply_basis(
+            numerics.SpectralBasis(u, s, v), dg.astype(dtype) * t, N, precision
         )
     return out * t
 
 
 def _tangent_normalized(u_r, s, v, g, dw, N: int, precision) -> jax.Array:
     """The dW term of the module docstring, for s in [0, 1]; u_r is u with zero null columns."""
-    mm = functools.partial(linalg._mm, precision=precision)
-    kernel = linalg.depth_kernel(s, s, N)
-    inv_kernel = _safe_reciprocal(kernel)
+    mm = functools.partial(numerics.matmul, precision=precision)
+    kernel = numerics.depth_kernel(s, s, N)
+    inv_kernel = numerics.safe_reciprocal(kernel)  # 0 * inf := 0 on doubly-zero entries
     psi = _positive_power(s, (2.0 - N) / N)  # s / k(s, 0)
     b, bd = mm(g, v), mm(dw, v)
     gamma, omega = mm(_mT(u_r), b), mm(_mT(u_r), bd)
@@ -209,30 +200,46 @@ def _tangent_normalized(u_r, s, v, g, dw, N: int, precision) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------
-# A differentiable P_W(G): the primal as linalg computes it, the tangent from an SVD basis.
+# A differentiable P_W(G): the primal as a method computes it, the tangent from an SVD basis.
 # --------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def differentiable_precondition(W, G, N: int, precision, method: str) -> jax.Array:
-    """linalg's jitted P_W(G) (validated arguments, concrete method) with the JVP below."""
-    return linalg._precondition_jit(W, G, N, precision, method)
+@functools.partial(jax.jit, static_argnames=("method", "N", "precision"))
+def _primal(method, W: jax.Array, G: jax.Array, N: int, precision) -> jax.Array:
+    """P_W(G) by a decomposing ``method``: its factors of the tall orientation of W, then
+    their application (P is invariant under transposing W and G together)."""
+    dtype = numerics.compute_dtype(jnp.promote_types(W.dtype, G.dtype))
+    w, g = W.astype(dtype), G.astype(dtype)
+    wide = w.shape[-2] < w.shape[-1]
+    if wide:
+        w, g = _mT(w), _mT(g)
+    out = method.apply(method.factors(w, N, precision), g, N, precision)
+    return (_mT(out) if wide else out).astype(G.dtype)
 
 
-def _differentiable_precondition_jvp(N, precision, method, primals, tangents):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 3, 4))
+def differentiable_precondition(method, W, G, N: int, precision) -> jax.Array:
+    """P_W(G) as a decomposing ``method`` computes it (arguments already validated), with
+    the JVP of :func:`precondition_tangent` from an SVD of W (tall or wide): finite and exact
+    at repeated and zero singular values (module docstring for where P itself has no
+    derivative and what is returned there)."""
+    return _primal(method, W, G, N, precision)
+
+
+def _differentiable_precondition_jvp(method, N, precision, primals, tangents):
     W, G = primals
     # A tangent that is zero by construction (grad in W only, or in G only) is skipped.
     dW, dG = (None if isinstance(x, jax.custom_derivatives.SymbolicZero) else x for x in tangents)
-    return _value_and_tangent(W, G, dW, dG, N, precision, method)
+    return _value_and_tangent(method, W, G, dW, dG, N, precision)
 
 
 differentiable_precondition.defjvp(_differentiable_precondition_jvp, symbolic_zeros=True)
 
 
-@functools.partial(jax.jit, static_argnames=("N", "precision", "method"))
-def _value_and_tangent(W, G, dW, dG, N: int, precision, method: str):
+@functools.partial(jax.jit, static_argnames=("method", "N", "precision"))
+def _value_and_tangent(method, W, G, dW, dG, N: int, precision):
     """(P_W(G), D_W P[dW] + P_W(dG)); dW or dG may be None (zero)."""
-    dtype = linalg.compute_dtype(jnp.promote_types(W.dtype, G.dtype))
+    dtype = numerics.compute_dtype(jnp.promote_types(W.dtype, G.dtype))
     w, g = W.astype(dtype), G.astype(dtype)
     dw = jnp.zeros_like(w) if dW is None else dW.astype(dtype)
     dg = None if dG is None else dG.astype(dtype)
@@ -240,33 +247,19 @@ def _value_and_tangent(W, G, dW, dG, N: int, precision, method: str):
     if wide:  # P is invariant under transposing W and G together
         w, g, dw = _mT(w), _mT(g), _mT(dw)
         dg = None if dg is None else _mT(dg)
-    basis = linalg.depth_factors(w, N, "svd", precision=precision)
-    if method == "svd":  # the primal's own path, sharing the decomposition
-        out = linalg.apply_depth_factors(basis, g, N, precision=precision)
+    basis = numerics.svd_basis(w)
+    if method.factors_are_svd:  # the primal's own path, sharing the decomposition
+        out = numerics.apply_basis(basis, g, N, precision)
         out = (_mT(out) if wide else out).astype(G.dtype)
     else:
-        out = linalg._precondition_jit(W, G, N, precision, method)
+        out = _primal(method, W, G, N, precision)
     if dW is None and dg is None:
         tangent = jnp.zeros_like(g)
     elif dW is None:
-        tangent = linalg.apply_depth_factors(basis, dg, N, precision=precision)
+        tangent = numerics.apply_basis(basis, dg, N, precision)
     else:
         tangent = precondition_tangent(*basis, g, dw, N, dg=dg, precision=precision)
     return out, (_mT(tangent) if wide else tangent).astype(G.dtype)
-
-
-def precondition_with_derivative(
-    w: jax.Array, g: jax.Array, N: int, *, precision=_HIGHEST, method: str = "svd"
-) -> jax.Array:
-    """P_W(G) as :func:`~overparam_optax.precondition_matrix`, with a finite derivative everywhere.
-
-    The value is computed by ``method``; the JVP (and so ``jax.grad``, ``jax.jacfwd``) in W
-    and G by :func:`precondition_tangent` from an SVD of W (tall or wide), finite and exact
-    at repeated singular values and at zero ones (module docstring for where P itself has
-    no derivative and what is returned there).
-    """
-    # linalg.precondition_matrix checks the arguments and goes through the same custom JVP.
-    return linalg.precondition_matrix(w, g, N, precision=precision, method=method)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
@@ -288,12 +281,9 @@ def _with_basis_tangent_jvp(N, precision, primals, tangents):
     )
     if dw is None and dg is None:
         return value, jnp.zeros_like(value)
-    y = jnp.matmul(w, v, precision=precision)
-    s = jnp.sqrt(jnp.sum(y * y, axis=-2))
-    s = linalg._truncate_below_rank_tolerance(s, w.shape[-2:], w.dtype)
-    u = y * jnp.where(s > 0, 1 / jnp.where(s > 0, s, 1), 0)[..., None, :]
+    basis = numerics.basis_from_columns(numerics.matmul(w, v, precision), v, w.shape[-2:])
     dw = jnp.zeros_like(w) if dw is None else dw
-    tangent = precondition_tangent(u, s, v, g, dw, N, dg=dg, precision=precision)
+    tangent = precondition_tangent(*basis, g, dw, N, dg=dg, precision=precision)
     return value, tangent.astype(value.dtype)
 
 

@@ -1,9 +1,9 @@
 """The optax transforms: the depth-N preconditioner applied to every matrix in a tree.
 
 An update reads as a few named steps: views (which axes of each leaf form its matrices,
-``views.py``) -> group the matrices of equal shape -> precondition each group with its
-tracked bases (``cache.py``, ``linalg.py``) or a fresh decomposition -> back to the
-leaves, with the leaves' shardings (``sharding.py``).
+``views.py``) -> group the matrices of equal shape -> the method updates each group with its
+state entries (``methods/``) -> back to the leaves, with the leaves' shardings
+(``sharding.py``). Nothing here depends on which method runs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from overparam_optax import cache, linalg, sharding, spectral_jvp
+from overparam_optax import linalg, methods, numerics, sharding
 from overparam_optax.views import (
     MatrixDimensionNumbers,
     MatrixView,
@@ -31,11 +31,13 @@ __all__ = [
     "OverparamPreconditionState",
     "overparam_precondition",
     "overparam_sgd",
+    "state_shardings",
 ]
 
 
-#: The values of ``method`` (see :func:`overparam_precondition`).
-Method = Literal["tracked", "svd", "eigh", "newton"]
+#: The values of ``method`` (see :func:`overparam_precondition`): a name, or a method
+#: instance with its options (:mod:`overparam_optax.methods`).
+Method = Literal["tracked", "svd", "eigh", "newton"] | methods.Method
 
 
 class OverparamPreconditionState(NamedTuple):
@@ -47,10 +49,12 @@ class OverparamPreconditionState(NamedTuple):
         scalar, saturating): with the default, the first update of each matrix and every
         update whose tracked basis could not hold the tolerance; 0 with the other methods,
         which decompose every matrix on every update.
-      factors: a tree shaped like the params: for each leaf with matrices, with the default
-        ``method="tracked"``, the tracked right singular bases of its matrices in the tall
-        orientation (:class:`~overparam_optax.linalg.TrackedBasis`, batched over the
-        leaf's matrices); ``optax.MaskedNode()`` for every other leaf.
+      factors: a tree shaped like the params: for each leaf with matrices, the method's
+        state entry for them in the tall orientation, batched over the leaf's matrices
+        (with the default, :class:`~overparam_optax.methods.TrackedBasis`: their tracked
+        right singular bases); ``optax.MaskedNode()`` for every other leaf and for methods
+        that keep no state. Its types and shapes depend only on the params and the options,
+        never on the machine or the backend, so a checkpoint restores anywhere.
     """
 
     count: jax.Array
@@ -76,7 +80,7 @@ def _groups(views: list[MatrixView | None], leaves) -> list[_Group]:
     members: dict[tuple, list[int]] = {}
     for index, (view, leaf) in enumerate(zip(views, leaves, strict=True)):
         if view is not None and not view.is_vector:
-            key = (view.rows, view.cols, jnp.dtype(linalg.compute_dtype(leaf.dtype)))
+            key = (view.rows, view.cols, jnp.dtype(numerics.compute_dtype(leaf.dtype)))
             members.setdefault(key, []).append(index)
     return [
         _Group(tuple(indices), rows < cols, dtype)
@@ -131,18 +135,21 @@ class _Rule:
     """The validated options that decide how matrices are preconditioned."""
 
     N: int
-    method: str
-    tolerance: float
+    method: methods.Method
     precision: Any
     at_zero: bool  # plain_gradient_at_zero
 
-    @property
-    def cached(self) -> bool:
-        return self.method == "tracked" and self.N > 1
+
+def _init_entry(rule: _Rule, view: MatrixView | None, dtype) -> Any:
+    """One leaf's state entry: the method's for its matrices (tall), or an empty one."""
+    if view is None or view.is_vector or rule.N == 1:
+        return optax.MaskedNode()
+    shape = (view.count, max(view.rows, view.cols), min(view.rows, view.cols))
+    return rule.method.init_entry(shape, numerics.compute_dtype(dtype), rule.N)
 
 
 def _precondition_leaves(rule: _Rule, views, params, updates, entries):
-    """New update leaves, new cache entries, and how many matrices were decomposed afresh."""
+    """New update leaves, new state entries, and how many matrices were decomposed afresh."""
     new_leaves, entries = list(updates), list(entries)
     for i, view in enumerate(views):
         if view is not None and view.is_vector:
@@ -152,31 +159,31 @@ def _precondition_leaves(rule: _Rule, views, params, updates, entries):
     decomposed = jnp.zeros([], jnp.int32)
     for group in _groups(views, params):
         count = sum(views[i].count for i in group.indices)
-        cached = _stacked_cache([entries[i] for i in group.indices]) if rule.cached else None
+        stacked = _stacked_entries([entries[i] for i in group.indices])
         # Each device of a mesh computes its share of the group's matrices.
-        basis, out, fresh = sharding.map_over_mesh(
+        entry, out, fresh = sharding.map_over_mesh(
             functools.partial(_group_update, rule),
             count,
-            (_stack(group, views, params), _stack(group, views, updates), cached),
+            (_stack(group, views, params), _stack(group, views, updates), stacked),
             None,
         )
-        basis, out, fresh = jax.tree.map(
-            lambda x, c=count: sharding.gathered(x)[:c], (basis, out, fresh)
+        entry, out, fresh = jax.tree.map(
+            lambda x, c=count: sharding.gathered(x)[:c], (entry, out, fresh)
         )
-        if rule.cached:  # whole, then each leaf's basis takes the state's sharding
-            decomposed = decomposed + jnp.sum(fresh, dtype=jnp.int32)
-            basis = jax.tree.map(sharding.whole_on_every_device, basis)
-            for i, entry in zip(group.indices, _split(group, views, basis), strict=True):
-                entries[i] = entry
+        decomposed = decomposed + jnp.sum(fresh, dtype=jnp.int32)
+        # Whole, then each leaf's entry takes the state's sharding.
+        entry = jax.tree.map(sharding.whole_on_every_device, entry)
+        for i, piece in zip(group.indices, _split(group, views, entry), strict=True):
+            entries[i] = piece
         for i, piece in zip(group.indices, _split(group, views, out), strict=True):
             new_leaves[i] = _to_leaf(group, views[i], piece, updates[i])
     return new_leaves, entries, decomposed
 
 
-def _stacked_cache(entries: list[Any]) -> Any:
-    """The cached factors of a group's leaves as one stack, whole on every device.
+def _stacked_entries(entries: list[Any]) -> Any:
+    """The state entries of a group's leaves as one stack, whole on every device.
 
-    ``state_shardings`` splits each leaf's factors by rows; the decomposition spread over
+    ``state_shardings`` splits each leaf's entry like its parameter; the update spread over
     the mesh splits the stack by matrices.
     """
 
@@ -187,31 +194,15 @@ def _stacked_cache(entries: list[Any]) -> Any:
 
 
 def _group_update(rule: _Rule, batched, _):
-    """(new bases, preconditioned G, which bases were computed afresh) for stacked matrices.
+    """(new entries, preconditioned G, which matrices were decomposed afresh) for a stack.
 
-    Without a cache (a method that decomposes every update) the first and last are None.
     Each matrix is handled on its own, so a mesh can split the stack between devices.
     """
-    w, g, basis = batched
-    # Derivatives through the update (meta-learning, unrolled optimization) come from the
-    # spectral formula of spectral_jvp, finite at repeated and zero singular values, not
-    # from differentiating the decompositions.
-    if rule.cached:
-        out, basis, fresh = linalg.tracked_precondition(
-            jax.lax.stop_gradient(w),
-            jax.lax.stop_gradient(g),
-            basis,
-            rule.N,
-            tolerance=rule.tolerance,
-            precision=rule.precision,
-        )
-        out = spectral_jvp.with_basis_tangent(w, g, out, basis.v, rule.N, rule.precision)
-    else:
-        out = spectral_jvp.differentiable_precondition(w, g, rule.N, rule.precision, rule.method)
-        basis = fresh = None
+    w, g, entry = batched
+    out, entry, fresh = rule.method.update(w, g, entry, rule.N, rule.precision)
     if rule.at_zero:
         out = jnp.where(_is_zero(w)[:, None, None], g, out)
-    return basis, out, fresh
+    return entry, out, fresh
 
 
 def _gathered(views: list[MatrixView | None], leaves: list[Any]) -> list[Any]:
@@ -222,35 +213,22 @@ def _gathered(views: list[MatrixView | None], leaves: list[Any]) -> list[Any]:
     ]
 
 
-def _check_options(method, tolerance, block_size, precision, plain_gradient_at_zero) -> float:
-    """Checks the options of :func:`overparam_precondition`; returns the tolerance to use."""
-    if method not in linalg.METHODS:
-        raise ValueError(f"method must be one of {linalg.METHODS}, got {method!r}.")
-    if tolerance is None:
-        tolerance = linalg.DEFAULT_TOLERANCE
-    elif method != "tracked":
-        raise ValueError(
-            f"tolerance applies to the tracked basis of the default method only; "
-            f"method={method!r} decomposes W afresh on every update (drop tolerance)."
-        )
-    elif isinstance(tolerance, bool) or not isinstance(tolerance, (int, float, np.floating)):
-        raise ValueError(f"tolerance must be a float in (0, 1), got {tolerance!r}.")
-    elif not 0 < tolerance < 1:
-        raise ValueError(f"tolerance must be a float in (0, 1), got {tolerance!r}.")
+def _check_options(block_size, precision, plain_gradient_at_zero) -> None:
+    """Checks the method-independent options of :func:`overparam_precondition`."""
     if block_size is not None and (
         isinstance(block_size, bool)
         or not isinstance(block_size, (int, np.integer))
         or block_size < 2
     ):
         raise ValueError(f"block_size must be an int >= 2 or None, got {block_size!r}.")
-    try:  # jax's own check of the value, on a 1 x 1 product traced abstractly
-        one = jax.ShapeDtypeStruct((1, 1), jnp.float32)
-        jax.eval_shape(lambda x: jnp.matmul(x, x, precision=precision), one)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"precision: {error}") from None
+    if not callable(precision):
+        try:  # jax's own check of the value, on a 1 x 1 product traced abstractly
+            one = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+            jax.eval_shape(lambda x: jnp.matmul(x, x, precision=precision), one)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"precision: {error}") from None
     if not isinstance(plain_gradient_at_zero, bool):
         raise ValueError(f"plain_gradient_at_zero must be a bool, got {plain_gradient_at_zero!r}.")
-    return float(tolerance)
 
 
 def _saturating_add(total: jax.Array, more: jax.Array) -> jax.Array:
@@ -322,7 +300,6 @@ def overparam_precondition(
     N: int,
     *,
     method: Method = "tracked",
-    tolerance: float | None = None,
     dimension_numbers: Any = None,
     mask: Any = None,
     block_size: int | None = None,
@@ -358,8 +335,8 @@ def overparam_precondition(
 
     By default each matrix carries its right singular basis from one update to the next
     and rotates it toward the current W with matmuls and small n x n work (n the shorter
-    side); the basis is computed afresh (a thin SVD of W) only when the
-    rotation cannot hold ``tolerance``: the update is then the exact P for a Gram matrix
+    side); the basis is computed afresh (a thin SVD of W) only when the rotation cannot
+    hold the method's ``tolerance``: the update is then the exact P for a Gram matrix
     within relative Frobenius distance ``tolerance`` of W^T W. docs/performance.md has its
     distance to the exact rule and to the explicit depth-N network over whole trainings,
     and its cost. ``method="svd"`` is the exact rule from a fresh SVD on every update.
@@ -373,17 +350,13 @@ def overparam_precondition(
       N: the depth, a positive Python int. N = 1 is the identity (the updates pass
         through unchanged, whatever the other options).
       method: "tracked" (the default: a basis carried in the state and rotated every
-        update, recomputed when it cannot hold ``tolerance``), or a method that decomposes
+        update, recomputed when it cannot hold its tolerance), or a method that decomposes
         every matrix afresh on every update and keeps no state: "svd" (the exact
         reference), "eigh" (eigendecomposition of the smaller Gram matrix W^T W) or
-        "newton" (matmul-only iteration). docs/performance.md has the measured speed and
-        error of each. It decides the state's structure: under
-        ``optax.inject_hyperparams`` list it in ``static_args``.
-      tolerance: with the default method only, a float in (0, 1), default
-        :data:`~overparam_optax.linalg.DEFAULT_TOLERANCE` (1e-4): the largest relative
-        off-diagonal ||off(V^T W^T W V)||_F / ||W^T W||_F of the rotated basis V that is
-        accepted without recomputing it. Smaller is closer to the exact rule and
-        decomposes more often (``state.decompositions`` counts them).
+        "newton" (matmul-only iteration); or a method instance with its own options, e.g.
+        ``overparam_optax.methods.Tracked(tolerance=1e-3)`` (:mod:`overparam_optax.methods`).
+        docs/performance.md has the measured speed and error of each. It decides the
+        state's structure: under ``optax.inject_hyperparams`` list it in ``static_args``.
       dimension_numbers: None (the defaults in :class:`MatrixDimensionNumbers`), one
         ``MatrixDimensionNumbers`` for every leaf of rank >= 2, a pytree like the params
         with a ``MatrixDimensionNumbers`` or None (pass through) per leaf, or a callable
@@ -399,8 +372,9 @@ def overparam_precondition(
         or ``jax.lax.DotAlgorithmPreset``; None (default) picks per platform where the
         step is compiled: float32 (HIGHEST) on CPU, three bfloat16 passes
         (``BF16_BF16_F32_X3``) on NVIDIA GPUs, HIGH on TPU
-        (:data:`overparam_optax.linalg.PLATFORM_PRECISION`, docs/performance.md), unless
-        ``jax.default_matmul_precision`` is set.
+        (:data:`overparam_optax.numerics.PLATFORM_PRECISION`, docs/performance.md), unless
+        ``jax.default_matmul_precision`` is set. A callable ``(x, y) -> x @ y`` computes
+        every product instead (to emulate another precision or count products).
       plain_gradient_at_zero: whether a matrix (or block, or single-output row) that is
         exactly zero gets the plain gradient instead of P_0(G) = 0. Default True.
 
@@ -427,11 +401,11 @@ def overparam_precondition(
       Arora, Cohen & Hazan, "On the Optimization of Deep Networks: Implicit
       Acceleration by Overparameterization", ICML 2018.
     """
-    N = linalg.check_depth(N)
-    tolerance = _check_options(method, tolerance, block_size, precision, plain_gradient_at_zero)
-    if method == "newton":
-        linalg.check_newton_depth(N)
-    rule = _Rule(N, method, tolerance, precision, plain_gradient_at_zero)
+    N = numerics.check_depth(N)
+    chosen = methods.resolve(method)
+    chosen.check_depth(N)
+    _check_options(block_size, precision, plain_gradient_at_zero)
+    rule = _Rule(N, chosen, precision, plain_gradient_at_zero)
 
     def views_of(params):
         return resolve_views(params, dimension_numbers, mask, block_size)
@@ -440,7 +414,7 @@ def overparam_precondition(
         # Views are resolved (and validated) now, so a misfit is reported before any step.
         _, views, treedef = views_of(params)
         entries = [
-            cache.init_entry(view, jnp.result_type(leaf), N, method)
+            _init_entry(rule, view, jnp.result_type(leaf))
             for view, leaf in zip(views, treedef.flatten_up_to(params), strict=True)
         ]
         return OverparamPreconditionState(
@@ -519,7 +493,6 @@ def overparam_sgd(
     momentum: float | None = None,
     nesterov: bool = False,
     method: Method = "tracked",
-    tolerance: float | None = None,
     dimension_numbers: Any = None,
     mask: Any = None,
     block_size: int | None = None,
@@ -567,7 +540,6 @@ def overparam_sgd(
         overparam_precondition(
             N,
             method=method,
-            tolerance=tolerance,
             dimension_numbers=dimension_numbers,
             mask=mask,
             block_size=block_size,
@@ -576,4 +548,65 @@ def overparam_sgd(
         ),
         _add_depth_scaled_decay(weight_decay, N, dimension_numbers, mask),
         optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+    )
+
+
+def state_shardings(
+    tx: optax.GradientTransformation, params: Any, param_shardings: Any, replicated: Any
+) -> Any:
+    """Shardings for ``tx.init(params)``: each parameter-like state leaf like its parameter.
+
+    This is ``optax.tree.map_params`` with two rules: a state leaf that mirrors a
+    parameter (momentum, Adam's moments, ...) takes that parameter's sharding, and a
+    method's state entry (whose shapes differ from the parameter's) takes the sharding its
+    method gives it (:meth:`~overparam_optax.methods.Method.entry_sharding`: the default's
+    tracked bases are split by rows over the mesh axes the parameter is split over, rows
+    that do not divide ``replicated``); every other state leaf (step counts) is
+    ``replicated``.
+
+    Args:
+      tx: the optimizer (any chain containing :func:`overparam_precondition`).
+      params: the parameters, or ``jax.ShapeDtypeStruct`` s of them.
+      param_shardings: a tree like ``params`` of shardings (``NamedSharding`` s; any other
+        kind gives replicated factors).
+      replicated: the sharding for every other leaf, e.g. ``NamedSharding(mesh, P())``.
+
+    Returns:
+      A tree of shardings with the state's structure, for ``jax.jit``'s
+      ``in_shardings``/``out_shardings`` or ``jax.device_put``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import overparam_optax as opx
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("data",))
+      >>> params = {"w": jnp.ones((4, 3))}
+      >>> tx = optax.chain(opx.overparam_precondition(2),
+      ...                  optax.sgd(0.1, momentum=0.9))
+      >>> shardings = opx.state_shardings(
+      ...     tx, params, {"w": NamedSharding(mesh, P("data"))}, NamedSharding(mesh, P()))
+      >>> state = jax.device_put(tx.init(params), shardings)
+    """
+    abstract_state = jax.eval_shape(tx.init, params)
+
+    entry_types = (optax.MaskedNode, *methods.entry_types())
+
+    def is_entry(x):
+        return isinstance(x, entry_types)
+
+    def like_param(state_leaf, param_sharding):
+        owner = methods.owner(state_leaf)
+        if owner is not None:
+            return owner.entry_sharding(state_leaf, param_sharding, replicated)
+        if isinstance(state_leaf, optax.MaskedNode):
+            return state_leaf
+        return param_sharding
+
+    return optax.tree.map_params(
+        tx,
+        like_param,
+        abstract_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=is_entry,
     )
