@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from overparam_optax.checks import check_real_floating
-from overparam_optax.numerics import compute_dtype
+from overparam_optax.numerics import check_depth, compute_dtype
 
 __all__ = [
     "FactorizedConv",
@@ -96,7 +96,7 @@ def hidden_widths(hidden: int | Sequence[int] | None, depth: int, fan_in: int, f
     Returns:
       A tuple of N - 1 positive ints (empty for N = 1).
     """
-    depth = _check_depth(depth)
+    depth = check_depth(depth, "depth")
     if hidden is None:
         widths = (min(fan_in, fan_out),) * (depth - 1)
     elif isinstance(hidden, (int, np.integer)):
@@ -108,12 +108,6 @@ def hidden_widths(hidden: int | Sequence[int] | None, depth: int, fan_in: int, f
     if any(h < 1 for h in widths):
         raise ValueError(f"hidden widths must be positive, got {widths}.")
     return widths
-
-
-def _check_depth(depth) -> int:
-    if isinstance(depth, (int, np.integer)) and not isinstance(depth, bool) and depth >= 1:
-        return int(depth)
-    raise ValueError(f"depth must be a positive int, got {depth!r}.")
 
 
 def _check_kernels(function: str, kernels: Sequence[Any], names: Sequence[str]) -> None:
@@ -216,7 +210,7 @@ def balanced_factors(
       in the matrix's dtype. The SVD and the products are computed in float32 (or wider):
       a bfloat16 or float16 matrix gets the float32 factors of its values, rounded once.
     """
-    depth = _check_depth(depth)
+    depth = check_depth(depth, "depth")
     matrix = jnp.asarray(matrix)
     _check_kernels("balanced_factors", [matrix], ["matrix"])
     if matrix.ndim != 2:
@@ -464,6 +458,14 @@ def balancedness(params: Any, *, relative: bool = True, precision=_HIGHEST) -> j
 # --------------------------------------------------------------------------------------
 
 
+def _check_features(module: nn.Module) -> None:
+    features = module.features
+    if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or features < 1:
+        raise ValueError(
+            f"{type(module).__name__}: features must be a positive int, got {features!r}."
+        )
+
+
 def _make_factors(module: nn.Module, first_shape: tuple, widths: tuple, features: int):
     """Declares kernel_0 .. kernel_{N-1} on ``module`` (inside its compact __call__)."""
     depth = len(widths) + 1
@@ -539,6 +541,7 @@ class FactorizedDense(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
+        _check_features(self)
         fan_in = jnp.shape(inputs)[-1]
         widths = hidden_widths(self.hidden, self.depth, fan_in, self.features)
         kernels = _make_factors(self, (fan_in,), widths, self.features)
@@ -627,6 +630,7 @@ class FactorizedConv(nn.Module):
         batch_shape = inputs.shape[: -(n_spatial + 1)]
         inputs = jnp.reshape(inputs, (-1,) + inputs.shape[-(n_spatial + 1) :])
 
+        _check_features(self)
         fan_in = inputs.shape[-1]
         widths = hidden_widths(
             self.hidden, self.depth, math.prod(kernel_size) * fan_in, self.features

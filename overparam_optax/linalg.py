@@ -72,7 +72,7 @@ def precondition_matrix(
             f"precondition_matrix expects W and G of the same shape (..., m, n); got W "
             f"{W.shape} and G {G.shape}."
         )
-    if N == 1:
+    if N == 1 or W.size == 0:  # an empty matrix has an empty update
         return G
     decomposing = methods.resolve(method)
     if not isinstance(decomposing, methods.Decomposing):
@@ -84,8 +84,10 @@ def precondition_matrix(
             f"over), got {method!r}."
         )
     decomposing.check_depth(N)
+    W, lifted = numerics.lift_subnormal(W.astype(numerics.compute_dtype(W.dtype)))
     # Differentiable in W and G for every method, also at repeated and zero singular values.
-    return spectral_jvp.differentiable_precondition(decomposing, W, G, N, precision)
+    out = spectral_jvp.differentiable_precondition(decomposing, W, G, N, precision)
+    return numerics.unlift(out, lifted, N).astype(G.dtype)
 
 
 
@@ -124,6 +126,8 @@ def precondition_vector(w: jax.Array, g: jax.Array, N: int) -> jax.Array:
         return g
     dtype = numerics.compute_dtype(jnp.promote_types(w.dtype, g.dtype))
     wc, gc = w.astype(dtype), g.astype(dtype)
+    wc, lifted = numerics.lift_subnormal(wc[..., None, :])  # subnormal w read as it is
+    wc = wc[..., 0, :]
     alpha = numerics.max_abs(wc, axes=-1)
     wc = wc / alpha
     t = numerics.half_scale(alpha, N, dtype)
@@ -132,5 +136,8 @@ def precondition_vector(w: jax.Array, g: jax.Array, N: int) -> jax.Array:
     # Guard the division only: where w = 0 the scale below is 0, so the projection is moot.
     safe_sq_norm = jnp.where(sq_norm > 0, sq_norm, 1)
     projection = jnp.sum(wc * gc, axis=-1, keepdims=True) / safe_sq_norm * wc
-    scale = jnp.power(sq_norm, 1.0 - 1.0 / N)
-    return ((scale * (gc + (N - 1) * projection)) * t).astype(g.dtype)
+    # 0 where w = 0, through a guarded power: the derivative of x^{1-1/N} is infinite at 0,
+    # and an unguarded one would make the derivative there NaN (0 * inf).
+    scale = jnp.where(sq_norm > 0, jnp.power(safe_sq_norm, 1.0 - 1.0 / N), 0)
+    out = numerics.unlift((scale * (gc + (N - 1) * projection)) * t, lifted, N)
+    return out.astype(g.dtype)

@@ -52,33 +52,39 @@ __all__ = [
     "PLATFORM_PRECISION",
     "SpectralBasis",
     "apply_basis",
+    "basis_from_columns",
     "check_depth",
     "check_real",
     "combine",
     "compute_dtype",
     "depth_kernel",
     "half_scale",
+    "lift_subnormal",
     "matmul",
     "matrix_transpose",
     "max_abs",
+    "normalized_spectrum",
     "safe_reciprocal",
     "select",
     "svd_basis",
     "symmetrize",
     "tall",
     "truncate_below_rank_tolerance",
+    "unlift",
 ]
 
 
-def check_depth(N) -> int:
-    """Returns N as a Python int, or raises ValueError if it is not a positive integer."""
+def check_depth(N, name: str = "N") -> int:
+    """Returns N as a Python int, or raises ValueError (naming the argument ``name``) if it
+    is not a positive integer."""
     # numpy integers are accepted; bools, floats and traced arrays are not (the number of
     # terms in the sum must be known when tracing).
     if isinstance(N, (int, np.integer)) and not isinstance(N, bool) and N >= 1:
         return int(N)
+    hint = " With optax.inject_hyperparams, pass static_args=('N',)." if name == "N" else ""
     raise ValueError(
-        f"N (the depth) must be a positive Python int, got {N!r} of type {type(N).__name__}. "
-        "With optax.inject_hyperparams, pass static_args=('N',)."
+        f"{name} (the depth) must be a positive Python int, got {N!r} of type "
+        f"{type(N).__name__}.{hint}"
     )
 
 
@@ -215,7 +221,8 @@ def depth_kernel(s_left: jax.Array, s_right: jax.Array, N: int) -> jax.Array:
     below = log_rho < 0
     safe = jnp.where(below, log_rho, -1.0)  # keeps the unselected branch finite
     series = jnp.where(below, jnp.expm1(2 * safe) / jnp.expm1((2.0 / N) * safe), float(N))
-    return jnp.where(positive, jnp.power(hi, 2.0 * (N - 1) / N) * series, 0)
+    kernel = jnp.where(positive, jnp.power(hi, 2.0 * (N - 1) / N) * series, 0)
+    return jnp.where(jnp.isnan(a) | jnp.isnan(b), jnp.nan, kernel)  # NaN in, NaN out
 
 
 def truncate_below_rank_tolerance(s: jax.Array, shape, dtype) -> jax.Array:
@@ -228,6 +235,44 @@ def truncate_below_rank_tolerance(s: jax.Array, shape, dtype) -> jax.Array:
     """
     tolerance = max(shape) * jnp.finfo(dtype).eps * jnp.max(s, axis=-1, keepdims=True)
     return jnp.where(s > tolerance, s, 0)
+
+
+def lift_subnormal(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(w 2^k, k) per matrix: k > 0 lifts a matrix with subnormal entries into the normal range.
+
+    XLA on CPU treats subnormal operands as zero (denormals-are-zero), so a matrix of
+    weights near 1e-40 in float32 would be read as exactly zero. Such a matrix, if its
+    largest entry leaves room, is scaled by an exact power of two k = nmant + 1 (24 for
+    float32), its subnormal entries rebuilt from their bits; every other matrix gets k = 0
+    and is returned as it is. The derivative is that of w 2^k. Undo with :func:`unlift`.
+    """
+    info = jnp.finfo(w.dtype)
+    int_dtype = {4: jnp.int32, 8: jnp.int64}.get(w.dtype.itemsize)
+    if int_dtype is None:  # no subnormal handling below float32 (inputs are upcast first)
+        return w, jnp.zeros(w.shape[:-2], jnp.int32)
+    k = info.nmant + 1
+    bits = jax.lax.bitcast_convert_type(w, int_dtype)
+    exponent = (bits >> info.nmant) & ((1 << info.nexp) - 1)
+    mantissa = bits & ((1 << info.nmant) - 1)
+    subnormal = (exponent == 0) & (mantissa != 0)
+    # Room for 2^k: the largest biased exponent stays below the top one after the lift.
+    room = jnp.max(exponent, axis=(-2, -1)) < (1 << info.nexp) - 2 - k
+    lift = jnp.any(subnormal, axis=(-2, -1)) & room
+    scaled = w * jnp.asarray(2.0**k, w.dtype)  # exact for normal entries
+    # A subnormal entry is mantissa * 2^(minexp - nmant); lifted, mantissa * 2^(minexp -
+    # nmant + k), a normal number.
+    rebuilt = jnp.sign(bits).astype(w.dtype) * mantissa.astype(w.dtype)
+    rebuilt = rebuilt * jnp.asarray(2.0 ** (info.minexp - info.nmant + k), w.dtype)
+    lifted = jnp.where(subnormal, rebuilt, scaled)
+    lifted = scaled + jax.lax.stop_gradient(lifted - scaled)  # derivative of w 2^k
+    which = lift[..., None, None]
+    return jnp.where(which, lifted, w), jnp.where(lift, k, 0).astype(jnp.int32)
+
+
+def unlift(out: jax.Array, k: jax.Array, N: int) -> jax.Array:
+    """P_W(G) from P_{2^k W}(G) = 2^{k (2 - 2/N)} P_W(G) (P is homogeneous in W)."""
+    factor = jnp.exp2(-(2.0 - 2.0 / N) * k.astype(out.dtype))
+    return out * factor.reshape(k.shape + (1,) * (out.ndim - k.ndim))
 
 
 def select(which: jax.Array, new: Any, old: Any) -> Any:
@@ -299,16 +344,14 @@ def apply_basis(basis: SpectralBasis, g: jax.Array, N: int, precision) -> jax.Ar
         out = combine(u, matmul(matrix_transpose(u), b, precision), b, kernel, d, v, precision)
     else:
         # Very tall: three m x n x n products and n x n work instead,
-        # P = U [((K - 1 d^T) o (U^T G V)) V^T] + G [V diag(d) V^T].
+        # P = U [((K - 1 d^T) o (U^T G V)) V^T] + G [V diag(d) V^T]. The two terms are two
+        # products, not one of concatenations: [U G] [Y; C] has G's tangent in both
+        # operands, which reverse mode cannot transpose as a linear map.
         vt = matrix_transpose(v)
         e = matmul(matmul(matrix_transpose(u), g, precision), v, precision)
         y = matmul((kernel - d[..., None, :]) * e, vt, precision)
         complement = matmul(v * d[..., None, :], vt, precision)
-        out = matmul(
-            jnp.concatenate([u, g], axis=-1),
-            jnp.concatenate([y, complement], axis=-2),
-            precision=precision,
-        )
+        out = matmul(u, y, precision) + matmul(g, complement, precision)
     return out * t
 
 

@@ -50,11 +50,17 @@ def explicit_spec(x: Any) -> jax.sharding.PartitionSpec | None:
     return spec if used & explicit else None
 
 
+def _on_own_mesh(x: Any, spec: jax.sharding.PartitionSpec) -> jax.sharding.NamedSharding:
+    """A sharding with ``spec`` on the mesh x is sharded over (given whole, so that no
+    ``jax.set_mesh`` context is needed)."""
+    return jax.sharding.NamedSharding(jax.typeof(x).sharding.mesh, spec)
+
+
 def gathered(x: jax.Array) -> jax.Array:
     """x replicated across an Explicit mesh (XLA does this by itself for Auto axes)."""
     if explicit_spec(x) is None:
         return x
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+    return jax.sharding.reshard(x, _on_own_mesh(x, jax.sharding.PartitionSpec()))
 
 
 def whole_on_every_device(x: jax.Array) -> jax.Array:
@@ -111,7 +117,9 @@ def keep_explicit_shardings(new: Any, old: Any) -> Any:
 
     def keep(new_leaf, old_leaf):
         spec = explicit_spec(old_leaf)
-        return new_leaf if spec is None else jax.sharding.reshard(new_leaf, spec)
+        if spec is None:
+            return new_leaf
+        return jax.sharding.reshard(new_leaf, _on_own_mesh(old_leaf, spec))
 
     return jax.tree.map(keep, new, old)
 

@@ -74,7 +74,9 @@ rank-deficient W with N >= 3 the true derivative is large, psi(s) = s^{-(N-2)/N}
 returned as it is, finite for every positive s.
 
 Second derivatives (a JVP of this JVP) go through the SVD's own derivative and are NaN at
-repeated singular values; only first derivatives are made safe here.
+repeated singular values; only first derivatives are made safe here. Through the default
+method, whose basis is tracked without derivatives, a second derivative in the weights is
+refused with a ValueError (:func:`with_basis_tangent`).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from overparam_optax import numerics
 from overparam_optax.numerics import matrix_transpose as _mT
@@ -102,7 +105,13 @@ def _triple_sum(mu, y_left, gamma, y_right, N: int, precision):
     """(S, H) = (sum_{p+q+r=N-2} D^p Y_L D^q Ga D^r + D^p Ga D^q Y_R D^r, H_{N-2}), D = diag(mu).
 
     H_k[a, b] = sum_{p=0..k} mu_a^p mu_b^{k-p}; every coefficient is non-negative (N >= 2).
+    It takes N - 2 steps, counted in int32.
     """
+    if N - 2 > np.iinfo(np.int32).max:
+        raise ValueError(
+            f"Derivatives through the preconditioner take N - 2 steps (linear in N) and "
+            f"support N <= 2**31 + 1; got N={N}. The value itself supports every N."
+        )
     mm = functools.partial(numerics.matmul, precision=precision)
     h = jnp.ones_like(y_right)
     total = mm(y_left, gamma) + mm(gamma, y_right)
@@ -281,6 +290,7 @@ def _with_basis_tangent_jvp(N, precision, primals, tangents):
     )
     if dw is None and dg is None:
         return value, jnp.zeros_like(value)
+    w = _differentiated_once(w)
     basis = numerics.basis_from_columns(numerics.matmul(w, v, precision), v, w.shape[-2:])
     dw = jnp.zeros_like(w) if dw is None else dw
     tangent = precondition_tangent(*basis, g, dw, N, dg=dg, precision=precision)
@@ -288,3 +298,24 @@ def _with_basis_tangent_jvp(N, precision, primals, tangents):
 
 
 with_basis_tangent.defjvp(_with_basis_tangent_jvp, symbolic_zeros=True)
+
+
+@jax.custom_jvp
+def _differentiated_once(w):
+    """w itself; differentiating it (a second derivative in w) raises a ValueError.
+
+    The tracked basis v is computed without derivatives, so differentiating the tangent
+    above in w would hold v fixed while u and s move with w: a wrong second derivative.
+    """
+    return w
+
+
+@_differentiated_once.defjvp
+def _differentiated_once_jvp(primals, tangents):
+    del primals, tangents
+    raise ValueError(
+        "Second derivatives in the weights through method='tracked' (the default) are not "
+        "supported: its derivative is exact to first order only. Use "
+        "overparam_precondition(N, method='svd') for higher-order derivatives (exact away "
+        "from repeated singular values, NaN at them)."
+    )

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from overparam_optax import linalg, methods, numerics, sharding
+from overparam_optax.checks import check_real_floating
 from overparam_optax.views import (
     MatrixDimensionNumbers,
     MatrixView,
@@ -117,9 +118,12 @@ def _is_zero(w: jax.Array) -> jax.Array:
 
 def _vector_update(view: MatrixView, param, update, N: int, at_zero: bool) -> jax.Array:
     """Single-output (or single-input) leaves: the closed form, no factors."""
-    w = view.to_matrices(param).reshape(view.count, -1)
+    w = view.to_matrices(param).reshape(view.count, 1, -1)
+    w = w.astype(numerics.compute_dtype(w.dtype))
+    w, lifted = numerics.lift_subnormal(w)  # read subnormal weights as what they are
+    w = w[:, 0]
     g = view.to_matrices(update).reshape(view.count, -1)
-    out = linalg.precondition_vector(w, g, N)
+    out = numerics.unlift(linalg.precondition_vector(w, g, N), lifted, N)
     if at_zero:
         out = jnp.where(jnp.all(w == 0, axis=-1, keepdims=True), g, out)
     return view.from_matrices(out.reshape(view.count, view.rows, view.cols))
@@ -199,7 +203,9 @@ def _group_update(rule: _Rule, batched, _):
     Each matrix is handled on its own, so a mesh can split the stack between devices.
     """
     w, g, entry = batched
+    w, lifted = numerics.lift_subnormal(w)  # read subnormal weights as what they are
     out, entry, fresh = rule.method.update(w, g, entry, rule.N, rule.precision)
+    out = numerics.unlift(out, lifted, rule.N)
     if rule.at_zero:
         out = jnp.where(_is_zero(w)[:, None, None], g, out)
     return entry, out, fresh
@@ -229,6 +235,21 @@ def _check_options(block_size, precision, plain_gradient_at_zero) -> None:
             raise ValueError(f"precision: {error}") from None
     if not isinstance(plain_gradient_at_zero, bool):
         raise ValueError(f"plain_gradient_at_zero must be a bool, got {plain_gradient_at_zero!r}.")
+
+
+def _check_update_dtypes(paths, views, update_leaves) -> None:
+    """Refuses integer, bool and complex updates of preconditioned leaves, naming each.
+
+    Cast to the compute dtype they would be truncated (a complex one would lose its
+    imaginary part) without a word.
+    """
+    for path, view, leaf in zip(paths, views, update_leaves, strict=True):
+        if view is not None:
+            check_real_floating(
+                f"Update (gradient) of parameter {path}",
+                leaf,
+                "Pass the gradient in the parameter's floating-point dtype.",
+            )
 
 
 def _saturating_add(total: jax.Array, more: jax.Array) -> jax.Array:
@@ -359,10 +380,15 @@ def overparam_precondition(
         state's structure: under ``optax.inject_hyperparams`` list it in ``static_args``.
       dimension_numbers: None (the defaults in :class:`MatrixDimensionNumbers`), one
         ``MatrixDimensionNumbers`` for every leaf of rank >= 2, a pytree like the params
-        with a ``MatrixDimensionNumbers`` or None (pass through) per leaf, or a callable
-        from params to such a pytree.
-      mask: optional pytree like the params of Python bools (True: precondition the
-        leaf), or a callable returning one; leaves marked False pass through. To skip
+        (or a prefix of it, as ``optax.contrib.muon`` takes) with a
+        ``MatrixDimensionNumbers`` or None (pass through) at each of its leaves, or a
+        callable from params to either. An ``optax.contrib.MuonDimensionNumbers`` may
+        stand wherever a ``MatrixDimensionNumbers`` does, with the same meaning. A spec
+        at a node above the leaves applies to those of rank >= 2 in its subtree (None to
+        all of them); one at a leaf's own position applies to it whatever its rank.
+      mask: optional pytree like the params, or a prefix of it (as ``optax.masked``
+        takes), of bools: True preconditions the leaf, or every leaf of the subtree, and
+        False passes it through; or a callable from params to such a pytree. To skip
         large layers, e.g. ``mask=lambda p: jax.tree.map(lambda x: x.size <= 2**20, p)``.
       block_size: if set, matrices with a side longer than this are cut into a grid of
         blocks of at most ``block_size x block_size``, each treated as its own factorized
@@ -440,6 +466,7 @@ def overparam_precondition(
         old_entries = _restore_entries(state.factors, expected, treedef, paths)
         # 2. Precondition them (gathered first if an Explicit mesh shards them).
         update_leaves = treedef.flatten_up_to(updates)
+        _check_update_dtypes(paths, views, update_leaves)
         new_leaves, entries, decomposed = _precondition_leaves(
             rule,
             views,

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from optax.contrib import MuonDimensionNumbers
 
 from overparam_optax.checks import check_real_floating
 
@@ -173,19 +174,99 @@ def _default_spec(ndim: int) -> MatrixDimensionNumbers | None:
     return MatrixDimensionNumbers(reduction_axis=tuple(range(ndim - 1)), output_axis=ndim - 1)
 
 
-def _is_spec_leaf(x: Any) -> bool:
-    return x is None or isinstance(x, MatrixDimensionNumbers)
+_SPEC_TYPES = (MatrixDimensionNumbers, MuonDimensionNumbers)
+
+_SPEC_EXPECTED = "a MatrixDimensionNumbers, an optax.contrib.MuonDimensionNumbers or None"
 
 
-def _flatten_like(tree: Any, treedef, paths: list[str], name: str, is_leaf=None) -> list[Any]:
-    """Flattens ``tree`` and checks it has the structure of the params."""
-    leaves, other = jax.tree_util.tree_flatten(tree, is_leaf=is_leaf)
-    if other != treedef:
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, _SPEC_TYPES)
+
+
+def _as_spec(spec: Any) -> MatrixDimensionNumbers | None:
+    """Muon's dimension numbers mean what ours do (x W = y); read them as ours once, here."""
+    if isinstance(spec, MuonDimensionNumbers):
+        return MatrixDimensionNumbers(spec.reduction_axis, spec.output_axis)
+    return spec
+
+
+def _is_strict_leaf(x: Any) -> bool:
+    """A leaf holding a value: not None, nor an empty container (both have no leaves)."""
+    treedef = jax.tree_util.tree_structure(x)
+    return treedef.num_nodes == 1 and treedef.num_leaves == 1
+
+
+def _spread(
+    prefix: Any, params: Any, path: str, name: str, is_value, expected: str
+) -> list[tuple[Any, str]]:
+    """Per leaf of ``params``, the value of ``prefix`` (a tree prefix of it) that covers it.
+
+    Each value comes with the path where it was given: the leaf's own, or a node above it
+    whose subtree it broadcasts to. Containers are matched by their keys, as paths name
+    them; subtrees without leaves need no value.
+    """
+    if is_value(prefix):
+        return [(prefix, path)] * len(jax.tree_util.tree_leaves(params))
+    if not _is_strict_leaf(params) and not jax.tree_util.tree_leaves(params):
+        return []
+    where = path or "the top level"
+    if _is_strict_leaf(params):
+        raise _misfit_at_leaf(name, where, expected, prefix)
+    params_children = _children(params)
+    prefix_children = {} if _is_strict_leaf(prefix) else _children(prefix)
+    if params_children.keys() != prefix_children.keys():
+        keys = list(params_children)
+        held = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
         raise ValueError(
-            f"{name} must have the same tree structure as the params. Params leaves: "
-            f"{paths[:8]}{' ...' if len(paths) > 8 else ''}; {name} structure: {other}."
+            f"{name} must have the same tree structure as the params, or a prefix of it, "
+            f"with {expected} at each of its leaves: at {where} the params hold {held}; got "
+            f"{_short_repr(prefix)}."
         )
-    return leaves
+    spread = []
+    for key, child in params_children.items():
+        spread += _spread(prefix_children[key], child, path + key, name, is_value, expected)
+    return spread
+
+
+def _misfit_at_leaf(name: str, where: str, expected: str, got: Any) -> ValueError:
+    note = ""
+    if got is None:  # None is a pytree without leaves, not a value
+        note = (
+            f" (None is an empty subtree; {name} must have the same tree structure as the "
+            "params, or a prefix of it)"
+        )
+    return ValueError(
+        f"{name} at {where}: expected {expected} for this parameter, got {_short_repr(got)}{note}."
+    )
+
+
+def _short_repr(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _specs(dimension_numbers: Any, params: Any, paths: list[str], shapes: list) -> list[Any]:
+    """Per leaf, its MatrixDimensionNumbers or None (pass through).
+
+    One spec given for several leaves (at the root or at a node above them) applies to
+    those of rank >= 2; a spec at a leaf's own position applies to it whatever its rank.
+    """
+    if dimension_numbers is None:
+        return [_default_spec(len(s)) for s in shapes]
+    if _is_spec(dimension_numbers):
+        return [_as_spec(dimension_numbers) if len(s) >= 2 else None for s in shapes]
+    spread = _spread(
+        dimension_numbers,
+        params,
+        "",
+        "dimension_numbers",
+        lambda x: x is None or _is_spec(x),
+        _SPEC_EXPECTED,
+    )
+    return [
+        _as_spec(spec) if given == path or len(shape) >= 2 else None
+        for (spec, given), path, shape in zip(spread, paths, shapes, strict=True)
+    ]
 
 
 def _mask_value(path: str, keep: Any) -> bool:
@@ -237,27 +318,17 @@ def resolve_views(
         _leaf_shape(path, leaf) for path, (_, leaf) in zip(paths, leaves_with_path, strict=True)
     ]
 
-    if callable(dimension_numbers) and not isinstance(dimension_numbers, MatrixDimensionNumbers):
+    if callable(dimension_numbers) and not _is_spec(dimension_numbers):
         dimension_numbers = dimension_numbers(params)
-    if dimension_numbers is None:
-        specs = [_default_spec(len(s)) for s in shapes]
-    elif isinstance(dimension_numbers, MatrixDimensionNumbers):
-        specs = [dimension_numbers if len(s) >= 2 else None for s in shapes]
-    else:
-        specs = _flatten_like(dimension_numbers, treedef, paths, "dimension_numbers", _is_spec_leaf)
-        for path, spec in zip(paths, specs, strict=True):
-            if not _is_spec_leaf(spec):
-                raise ValueError(
-                    f"dimension_numbers at {path}: expected a MatrixDimensionNumbers or None, "
-                    f"got {spec!r}."
-                )
+    specs = _specs(dimension_numbers, params, paths, shapes)
 
     if mask is not None:
         if callable(mask):
             mask = mask(params)
-        keep = _flatten_like(mask, treedef, paths, "mask")
+        spread = _spread(mask, params, "", "mask", _is_strict_leaf, "a bool")
         specs = [
-            s if _mask_value(p, k) else None for p, s, k in zip(paths, specs, keep, strict=True)
+            spec if _mask_value(given or "the top level", keep) else None
+            for spec, (keep, given) in zip(specs, spread, strict=True)
         ]
 
     views = []

@@ -4,7 +4,7 @@ A process gets its CPU devices once, when jax starts its CPU backend, and the re
 test session has started it with one device long before this file's tests run. So
 ``tests/test_sharding.py`` runs this module in a subprocess as
 ``python -m tests.sharding_checks --json F``; it makes its 8 devices with
-:func:`overparam_optax.experiments.devices.use_host_cpu_devices`. Each check is a function
+:func:`overparam_experiments.devices.use_host_cpu_devices`. Each check is a function
 that raises AssertionError on failure; the results (ok, a message, and the measured differences) are
 written as JSON, and every check becomes one pytest test that fails with the check's
 message. Run it by hand with
@@ -54,13 +54,23 @@ CONFIGS = {
 }
 
 
+def _options(config: str) -> dict:
+    """CONFIGS[config] as keyword options of overparam_precondition."""
+    import overparam_optax as opx
+
+    options = dict(CONFIGS[config])
+    if "tolerance" in options:
+        options["method"] = opx.methods.Tracked(tolerance=options.pop("tolerance"))
+    return options
+
+
 def _setup():
     import jax
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import overparam_optax as opx
-    from overparam_optax.experiments.devices import use_host_cpu_devices
+    from overparam_experiments.devices import use_host_cpu_devices
 
     if jax.config.jax_platforms in (None, "", "cpu"):
         # 8 CPU devices, and a thread pool large enough that their collectives cannot
@@ -113,7 +123,7 @@ def _setup():
 def _make_tx(env, config):
     import optax
 
-    pre = env["opx"].overparam_precondition(3, dimension_numbers=env["dims"], **CONFIGS[config])
+    pre = env["opx"].overparam_precondition(3, dimension_numbers=env["dims"], **_options(config))
     return optax.chain(pre, optax.sgd(LEARNING_RATE, momentum=0.9))
 
 
@@ -342,7 +352,7 @@ def check_state_memory(env, config, axis_type_name):
     mesh = jax.make_mesh((8,), ("data",), axis_types=(getattr(env["AxisType"], axis_type_name),))
     param_sh = {k: NamedSharding(mesh, P("data", None)) for k in params}
     replicated = NamedSharding(mesh, P())
-    pre = env["opx"].overparam_precondition(3, **CONFIGS[config])
+    pre = env["opx"].overparam_precondition(3, **_options(config))
     tx = optax.chain(pre, optax.sgd(0.01, momentum=0.9))
 
     def step(grads, state, params):
@@ -508,7 +518,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     results = run_all(args.names or None)
     if args.json:
-        from overparam_optax.experiments.timing import environment
+        from overparam_experiments.timing import environment
 
         with open(args.json, "w") as f:
             json.dump({"environment": environment(), "results": results}, f, indent=1)

@@ -42,7 +42,11 @@ def _problem():
 TRANSFORMS = {
     "tracked_sgd_momentum": lambda: opx.overparam_sgd(0.05, N=3, momentum=0.9, weight_decay=1e-3),
     "tracked_tight_schedule": lambda: opx.overparam_sgd(
-        0.05, N=3, momentum=0.9, tolerance=1e-5, weight_decay=optax.linear_schedule(1e-3, 0, 5)
+        0.05,
+        N=3,
+        momentum=0.9,
+        method=opx.methods.Tracked(tolerance=1e-5),
+        weight_decay=optax.linear_schedule(1e-3, 0, 5),
     ),
     "eigh_adam": lambda: optax.chain(
         opx.overparam_precondition(2, method="eigh"), optax.adam(1e-2)

@@ -7,9 +7,10 @@ import re
 
 import pytest
 
-import overparam_optax.experiments.training
+import overparam_experiments.training
 import overparam_optax.linalg
 import overparam_optax.sharding
+import overparam_optax.testing
 import overparam_optax.transform
 from tests.scripts import load_script
 
@@ -29,18 +30,18 @@ def test_api_coverage_check_finds_a_missing_name():
     """docs/api_coverage.py: every public name counts; a re-export is covered by identity."""
     coverage = load_script("docs/api_coverage.py")
     modules = coverage.public_modules()
-    assert "overparam_optax.linalg" in modules and "overparam_optax.experiments.data" in modules
+    assert "overparam_optax.methods.newton" in modules and "overparam_optax.testing" in modules
     public = coverage.public_names(modules)
-    assert public["overparam_optax.linalg.NEWTON_MAX_DEPTH"] == 128
+    assert public["overparam_optax.methods.newton.NEWTON_MAX_DEPTH"] == 128
     # Documented once at the top level: the submodules' entries for the same objects count.
-    documented = {name for name in public if name != "overparam_optax.linalg.depth_factors"}
+    documented = {name for name in public if name != "overparam_optax.numerics.safe_reciprocal"}
     documented -= {"overparam_optax.transform.overparam_precondition"}
     assert coverage.missing_entries(public, documented) == [
-        "overparam_optax.linalg.depth_factors"
+        "overparam_optax.numerics.safe_reciprocal"
     ]
     # A constant is not matched by value: it needs its own entry.
-    documented.discard("overparam_optax.linalg.NEWTON_MAX_DEPTH")
-    assert "overparam_optax.linalg.NEWTON_MAX_DEPTH" in coverage.missing_entries(
+    documented.discard("overparam_optax.methods.newton.NEWTON_MAX_DEPTH")
+    assert "overparam_optax.methods.newton.NEWTON_MAX_DEPTH" in coverage.missing_entries(
         public, documented
     )
 
@@ -51,7 +52,8 @@ def test_api_coverage_check_finds_a_missing_name():
         overparam_optax.linalg,
         overparam_optax.sharding,
         overparam_optax.transform,
-        overparam_optax.experiments.training,
+        overparam_optax.testing,
+        overparam_experiments.training,
     ],
 )
 def test_docstring_examples(module):
@@ -93,7 +95,7 @@ def test_transformer_md_recipe_is_the_library_function():
     import jax
     import jax.numpy as jnp
 
-    from overparam_optax.experiments import models
+    from overparam_experiments import models
 
     (block,) = [
         b
@@ -108,3 +110,32 @@ def test_transformer_md_recipe_is_the_library_function():
         copied = namespace["transformer_dimension_numbers"](params, **flags)
         assert copied == models.transformer_dimension_numbers(params, **flags)
     assert namespace["tx"].init(params) is not None
+
+
+# Issue 36, item 20: math as math, and MathJax shipped with the site.
+def _prose(text: str) -> str:
+    """A page without its math ($$ blocks, $ inline), code blocks and inline code."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"\$\$.*?\$\$", "", text, flags=re.S)
+    text = re.sub(r"`[^`]*`", "", text)
+    return re.sub(r"\$[^$\n]+\$", "", text)
+
+
+def test_math_md_renders_its_formulas_as_math():
+    text = (DOCS / "math.md").read_text()
+    assert "```\n    " not in text and "```text" not in text, "a formula in a code block"
+    assert not re.search(r"^ {4}\S", text, re.M), "a formula indented as a code block"
+    assert text.count("$$") >= 14  # the 7 displayed formulas
+    prose = _prose(text)
+    assert not re.search(r"\w\*\w", prose), "an unescaped * between words turns text italic"
+    for ascii_math in ("eta*", "||W||", "W^T", "sum_{j=1..N}", "<-"):
+        assert ascii_math not in prose, ascii_math
+
+
+def test_docs_site_ships_mathjax_instead_of_a_cdn():
+    conf = (DOCS / "conf.py").read_text()
+    assert '"sphinx-mathjax-offline"' in conf
+    assert "mathjax_path =" not in conf  # the extension points it at _static/mathjax/
+    pyproject = (DOCS.parent / "pyproject.toml").read_text()
+    docs_extra = pyproject.split("\ndocs = [", 1)[1].split("]", 1)[0]
+    assert '"sphinx-mathjax-offline' in docs_extra

@@ -6,15 +6,23 @@ import numpy as np
 import pytest
 
 import overparam_optax as opx
-from overparam_optax import linalg
-from overparam_optax.experiments.reference import MATRIX_CASES as CASES
-from overparam_optax.experiments.reference import (
-    _with_singular_values,
-    make_matrix,
-    reference_precondition,
-)
+from overparam_optax import methods
+from overparam_optax.methods import newton, tracked
+from overparam_optax.testing import MATRIX_CASES as CASES
+from overparam_optax.testing import make_matrix, reference_precondition
+from overparam_optax.testing import with_singular_values as _with_singular_values
 
 DEPTHS = range(1, 9)
+
+
+
+def _factors(w, N, method):
+    """The factors a decomposing method computes for tall w (float32 products)."""
+    return methods.resolve(method).factors(w, N, jax.lax.Precision.HIGHEST)
+
+
+def _apply(factors, g, N, method):
+    return methods.resolve(method).apply(factors, g, N, jax.lax.Precision.HIGHEST)
 
 
 def _max_relative_error(actual, expected) -> float:
@@ -242,9 +250,9 @@ def test_tracked_basis_is_scale_robust(N):
     for k in SCALE_EXPONENTS:
         c, gamma, representable = _scaled_case(k, N)
         w, g = jnp.asarray(c * w0, jnp.float32), jnp.asarray(gamma * g0, jnp.float32)
-        basis = linalg.tracked_basis_like(w.shape, jnp.float32)
+        basis = tracked.TrackedBasis(jnp.zeros((5, 5), jnp.float32))
         for first in (True, False):
-            out, basis, fresh = linalg.tracked_precondition(w, g, basis, N)
+            out, basis, fresh = tracked.precondition(w, g, basis, N)
             assert bool(fresh) == first, (k, N)  # the carried basis holds at every scale
             assert np.all(np.isfinite(basis.v)), (k, N)
             assert not np.any(np.isnan(out)), (k, N)
@@ -281,14 +289,10 @@ def test_cached_factors_keep_the_scale(method):
     rng = np.random.default_rng(31)
     w0 = _with_singular_values(rng, 9, 6, np.logspace(0, -3, 6))
     c = 1e15
-    factors = linalg.depth_factors(jnp.asarray(c * w0, jnp.float32), 3, method)
-    like = linalg.depth_factors_like((9, 6), jnp.float32, 3, method)
-    assert jax.tree.structure(like) == jax.tree.structure(factors)
-    for a, b in zip(jax.tree.leaves(like), jax.tree.leaves(factors), strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype
+    factors = _factors(jnp.asarray(c * w0, jnp.float32), 3, method)
     for _ in range(2):
         g0 = rng.normal(size=(9, 6))
-        out = linalg.apply_depth_factors(factors, jnp.asarray(g0 / c, jnp.float32), 3)
+        out = _apply(factors, jnp.asarray(g0 / c, jnp.float32), 3, method)
         # P_{cW}(G / c) = c^{4/3 - 1} P_W(G) = c^{1/3} P_W(G)
         expected = c ** (1 / 3) * reference_precondition(w0, g0, 3)
         # measured 1.4e-6, 1.6e-5 (eigh: the Gram matrix of a condition-1e3 W), 3.9e-5
@@ -325,8 +329,8 @@ def test_exact_methods_are_accurate_at_every_depth(method, N):
     rng = np.random.default_rng(40)
     for w in _deep_case(rng):
         g = rng.normal(size=w.shape)
-        factors = linalg.depth_factors(jnp.asarray(w, jnp.float32), N, method)
-        out = linalg.apply_depth_factors(factors, jnp.asarray(g, jnp.float32), N)
+        factors = _factors(jnp.asarray(w, jnp.float32), N, method)
+        out = _apply(factors, jnp.asarray(g, jnp.float32), N, method)
         assert np.all(np.isfinite(out))
         assert _rel_fro(out, reference_precondition(w, g, N)) < 1e-4
 
@@ -336,25 +340,21 @@ def test_newton_is_accurate_up_to_its_depth_limit(N):
     rng = np.random.default_rng(41)
     for w in [_with_singular_values(rng, 9, 6, np.logspace(0, -3, 6)), *_deep_case(rng)]:
         g = rng.normal(size=w.shape)
-        factors = linalg.depth_factors(jnp.asarray(w, jnp.float32), N, "newton")
-        out = linalg.apply_depth_factors(factors, jnp.asarray(g, jnp.float32), N)
+        factors = _factors(jnp.asarray(w, jnp.float32), N, "newton")
+        out = _apply(factors, jnp.asarray(g, jnp.float32), N, "newton")
         assert _rel_fro(out, reference_precondition(w, g, N)) < 1e-3
 
 
 def test_newton_refuses_depths_beyond_its_limit():
-    limit = linalg.NEWTON_MAX_DEPTH
+    limit = newton.NEWTON_MAX_DEPTH
     for N in (limit + 1, 1000):
-        with pytest.raises(ValueError, match=f"N <= {limit}"):
+        with pytest.raises(ValueError, match=f"N <= {limit}.*eigh"):
             opx.precondition_matrix(jnp.eye(3), jnp.eye(3), N, method="newton")
-        with pytest.raises(ValueError, match="eigh"):
-            linalg.depth_factors(jnp.eye(3), N, "newton")
-        with pytest.raises(ValueError, match="newton"):
-            linalg.depth_factors_like((3, 3), jnp.float32, N, "newton")
         with pytest.raises(ValueError, match=f"N <= {limit}"):
-            linalg.check_newton_depth(N)
+            newton.Newton().check_depth(N)
         with pytest.raises(ValueError, match=f"N <= {limit}"):
             opx.overparam_precondition(N, method="newton")
-    linalg.check_newton_depth(limit)  # the limit itself is supported
+    newton.Newton().check_depth(limit)  # the limit itself is supported
     opx.overparam_precondition(limit, method="newton")
 
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import overparam_optax as opx
-from overparam_optax import linalg
-from overparam_optax.experiments.reference import reference_precondition
+from overparam_optax import methods
+from overparam_optax.methods import newton
+from overparam_optax.testing import reference_precondition
 from tests.scripts import load_script
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -89,12 +90,9 @@ def test_cached_factors_reproduce_the_exact_update(method):
     rng = np.random.default_rng(3)
     w = jnp.asarray(_well_conditioned(rng, 20, 7))
     g = jnp.asarray(rng.standard_normal((20, 7)), jnp.float32)
-    factors = linalg.depth_factors(w, 3, method)
-    like = linalg.depth_factors_like(w.shape, w.dtype, 3, method)
-    assert jax.tree.map(lambda a: (a.shape, a.dtype), factors) == jax.tree.map(
-        lambda a: (a.shape, a.dtype), like
-    )
-    out = linalg.apply_depth_factors(factors, g, 3)
+    chosen = methods.resolve(method)
+    factors = chosen.factors(w, 3, jax.lax.Precision.HIGHEST)
+    out = chosen.apply(factors, g, 3, jax.lax.Precision.HIGHEST)
     tol = 1e-3 if method == "newton" else 2e-5
     assert _rel(out, opx.precondition_matrix(w, g, 3)) < tol
 
@@ -174,7 +172,7 @@ def test_matmul_method_partial_runs_do_not_replace_the_full_record():
     assert module.result_name(["ratio", "cnn"]) == "matmul_method_ratio_cnn"
     from absl import flags
 
-    from overparam_optax.experiments import flags as xflags
+    from overparam_experiments import flags as xflags
 
     for argv in (["--blas-threads", "2"], ["--ratio-precisions", "HIGHEST,FOO"]):
         with pytest.raises(flags.Error, match=argv[0][2:]):
@@ -238,8 +236,9 @@ def test_newton_within_1e3_of_reference_up_to_condition_1e3(N):
     families = _families(rng, m, n)
     w = np.stack(list(families.values()))
     g = rng.standard_normal(w.shape)
-    factors = linalg.depth_factors(jnp.asarray(w, jnp.float32), N, "newton")
-    out = linalg.apply_depth_factors(factors, jnp.asarray(g, jnp.float32), N)
+    factors = newton.polar_root(jnp.asarray(w, jnp.float32), N, jax.lax.Precision.HIGHEST)
+    highest = jax.lax.Precision.HIGHEST
+    out = newton.apply_polar_root(factors, jnp.asarray(g, jnp.float32), N, highest)
     assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
     errors = {
         name: _relative_to_reference(out[i], w[i], g[i], N) for i, name in enumerate(families)
@@ -273,13 +272,11 @@ def test_newton_low_precision_parameters_keep_their_dtype():
 
 def test_newton_factor_types_and_init():
     w = jnp.asarray(_well_conditioned(np.random.default_rng(9), 3 * 10, 6).reshape(3, 10, 6))
-    factors = linalg.depth_factors(w, 4, "newton")
-    assert isinstance(factors, linalg.PolarRoot)
+    factors = newton.polar_root(w, 4, jax.lax.Precision.HIGHEST)
+    assert isinstance(factors, newton.PolarRoot)
     assert factors.q.shape == (3, 10, 6) and factors.root.shape == (3, 6, 6)
     assert factors.scale.shape == (3,)
-    like = linalg.depth_factors_like((3, 10, 6), jnp.float32, 4, "newton")
-    assert jax.tree.structure(like) == jax.tree.structure(factors)
-    for a, b in zip(jax.tree.leaves(like), jax.tree.leaves(factors), strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype
-    # Zero factors (an initialized cache) apply to zero, never NaN.
-    np.testing.assert_array_equal(linalg.apply_depth_factors(like, jnp.ones((3, 10, 6)), 4), 0)
+    # The factors of a zero W apply to zero, never NaN.
+    zero = newton.polar_root(jnp.zeros((3, 10, 6)), 4, jax.lax.Precision.HIGHEST)
+    out = newton.apply_polar_root(zero, jnp.ones((3, 10, 6)), 4, jax.lax.Precision.HIGHEST)
+    np.testing.assert_array_equal(out, 0)

@@ -133,7 +133,7 @@ def test_bfloat16_training_tracks_float32():
 
 # --------------------------------------------------------------------------------------
 # The matmul precision of precision=None (the default), per platform: lowered for each
-# platform here, on any machine (linalg.PLATFORM_PRECISION; docs/performance.md).
+# platform here, on any machine (numerics.PLATFORM_PRECISION; docs/performance.md).
 # --------------------------------------------------------------------------------------
 
 BF16_X3 = "lhs_precision_type = bf16, rhs_precision_type = bf16, accumulation_type = f32"

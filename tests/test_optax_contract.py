@@ -21,10 +21,11 @@ import overparam_optax as opx
 
 CONFIGS = {
     "N2": dict(N=2),  # the default: a tracked basis per matrix in the state
-    "N3-tight": dict(N=3, tolerance=1e-5),  # tracked, decomposing afresh more often
+    # tracked, decomposing afresh more often
+    "N3-tight": dict(N=3, method=opx.methods.Tracked(tolerance=1e-5)),
     "N3-newton": dict(N=3, method="newton"),  # decomposes afresh on every update, no cache
 }
-STATIC = ("N", "method", "tolerance")
+STATIC = ("N", "method")
 
 
 # 1e-3: vector leaves pass through, so they follow plain SGD, which diverges on the

@@ -1,8 +1,9 @@
 """Bad input to the public math functions and to the transform's tree checks.
 
-Rows of docs/robustness.md that have no better home: every public function of linalg.py
-and factorized.py that takes arrays refuses complex, integer and bool ones (naming the
-argument), and updates whose containers differ from the params' are told so.
+Rows of docs/robustness.md that have no better home: every public function of linalg.py,
+numerics.py, methods/tracked.py and factorized.py that takes arrays refuses complex, integer
+and bool ones (naming the argument), and updates whose containers differ from the params'
+are told so.
 """
 
 import flax
@@ -13,7 +14,8 @@ import pytest
 
 import overparam_optax as opx
 from overparam_optax import factorized as fz
-from overparam_optax import linalg
+from overparam_optax.checks import check_real_floating
+from overparam_optax.methods import tracked
 
 BAD_DTYPES = [jnp.complex64, jnp.int32, jnp.bool_]
 
@@ -23,17 +25,10 @@ def _expected(name: str, dtype) -> str:
     return rf"{name} has dtype {jnp.dtype(dtype).name}.*expected a real floating-point dtype"
 
 
-def _basis():
-    w = jnp.eye(3, 2)
-    return linalg.depth_factors(w, 2, "svd"), w
-
-
 def _linalg_calls(bad):
     """(function name, argument name, call) for each array argument, that one made ``bad``."""
     good2, good1 = jnp.eye(3, 2), jnp.ones(3)
-    basis, w = _basis()
-    root = linalg.depth_factors(w, 2, "newton")
-    tracked = linalg.tracked_basis_like((3, 2), jnp.float32)
+    zero_basis = tracked.TrackedBasis(jnp.zeros((2, 2)))
     return [
         ("precondition_matrix", "W", lambda: opx.precondition_matrix(bad((3, 2)), good2, 2)),
         ("precondition_matrix", "G", lambda: opx.precondition_matrix(good2, bad((3, 2)), 2)),
@@ -41,32 +36,20 @@ def _linalg_calls(bad):
         ("precondition_vector", "g", lambda: opx.precondition_vector(good1, bad((3,)), 2)),
         ("depth_kernel", "s_left", lambda: opx.depth_kernel(bad((3,)), good1, 3)),
         ("depth_kernel", "s_right", lambda: opx.depth_kernel(good1, bad((3,)), 3)),
-        ("depth_factors", "w", lambda: linalg.depth_factors(bad((3, 2)), 2, "svd")),
-        ("apply_depth_factors", "g", lambda: linalg.apply_depth_factors(basis, bad((3, 2)), 2)),
         (
-            "apply_depth_factors",
-            r"factors\.s",
-            lambda: linalg.apply_depth_factors(basis._replace(s=bad((2,))), good2, 2),
-        ),
-        (
-            "apply_depth_factors",
-            r"factors\.root",
-            lambda: linalg.apply_depth_factors(root._replace(root=bad((2, 2))), good2, 2),
-        ),
-        (
-            "tracked_precondition",
+            r"tracked\.precondition",
             "w",
-            lambda: linalg.tracked_precondition(bad((3, 2)), good2, tracked, 2),
+            lambda: tracked.precondition(bad((3, 2)), good2, zero_basis, 2),
         ),
         (
-            "tracked_precondition",
+            r"tracked\.precondition",
             "g",
-            lambda: linalg.tracked_precondition(good2, bad((3, 2)), tracked, 2),
+            lambda: tracked.precondition(good2, bad((3, 2)), zero_basis, 2),
         ),
         (
-            "tracked_precondition",
+            r"tracked\.precondition",
             r"basis[._]v",
-            lambda: linalg.tracked_precondition(good2, good2, linalg.TrackedBasis(bad((2, 2))), 2),
+            lambda: tracked.precondition(good2, good2, tracked.TrackedBasis(bad((2, 2))), 2),
         ),
     ]
 
@@ -109,8 +92,8 @@ def test_public_math_refuses_complex_integer_and_bool_arrays(calls, dtype):
 
 
 def test_dtype_arguments_and_complex_remedies():
-    with pytest.raises(ValueError, match=r"depth_factors_like: dtype is int32; expected"):
-        linalg.depth_factors_like((3, 2), jnp.int32, 2, "svd")
+    with pytest.raises(ValueError, match=r"init_entry: dtype is int32; expected"):
+        check_real_floating("init_entry: dtype", jnp.int32)
     # A complex array is not told to be cast (that would drop its imaginary part).
     with pytest.raises(ValueError, match="real and imaginary parts") as info:
         opx.precondition_matrix(1j * jnp.eye(2), jnp.eye(2), 2)

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import overparam_optax as opx
-from overparam_optax import linalg, spectral_jvp
-from overparam_optax.experiments.reference import _with_singular_values, reference_precondition
+from overparam_optax import methods, spectral_jvp
+from overparam_optax.testing import reference_precondition
+from overparam_optax.testing import with_singular_values as _with_singular_values
 
 STEP = 1e-4  # fourth-order central differences: truncation ~STEP^4, rounding ~1e-16 / STEP
 
@@ -130,10 +131,10 @@ def _group(shape_name, rng):
 
 @functools.partial(jax.jit, static_argnames="depths")
 def _tangents(w, g, dw, dg, depths):
-    """The JVP of precondition_with_derivative for every depth (one compilation)."""
+    """The JVP of precondition_matrix for every depth (one compilation)."""
 
     def tangent(N):
-        value = functools.partial(spectral_jvp.precondition_with_derivative, N=N)
+        value = functools.partial(opx.precondition_matrix, N=N)
         return jax.jvp(value, (w, g), (dw, dg))[1]
 
     return [tangent(N) for N in depths]
@@ -184,10 +185,14 @@ def test_deep_N_at_a_cluster(x64):
     assert _relative_error(tangent, expected) < FD_TOL
 
 
+def _basis(w, method):
+    return methods.resolve(method).factors(w, 2, jax.lax.Precision.HIGHEST)
+
+
 @functools.partial(jax.jit, static_argnames="depths")
 def _tangents_from_bases(w, g, dw, depths):
     """precondition_tangent from the "svd" and the "eigh" basis of w, for every depth."""
-    bases = [linalg.depth_factors(w, 2, method) for method in ("svd", "eigh")]
+    bases = [_basis(w, method) for method in ("svd", "eigh")]
     return [[spectral_jvp.precondition_tangent(*b, g, dw, N) for b in bases] for N in depths]
 
 
@@ -196,7 +201,7 @@ def test_basis_with_zero_columns_gives_the_same_tangent(x64):
     rng = np.random.default_rng(20)
     w = jnp.asarray(_with_singular_values(rng, 6, 5, [1.5, 1.5, 0.5]))
     g, dw = (jnp.asarray(rng.normal(size=w.shape)) for _ in range(2))
-    eigh = linalg.depth_factors(w, 2, "eigh")
+    eigh = _basis(w, "eigh")
     assert np.all(np.asarray(eigh.u)[:, np.asarray(eigh.s) == 0] == 0)
     for from_svd, from_eigh in _tangents_from_bases(w, g, dw, (2, 3, 7)):
         assert _relative_error(from_eigh, np.asarray(from_svd)) < 1e-12
@@ -305,4 +310,4 @@ def test_bad_shapes_name_the_argument():
     with pytest.raises(ValueError, match="tall basis"):
         spectral_jvp.precondition_tangent(u.T, s, v, u.T, u.T, 2)
     with pytest.raises(ValueError, match="same shape"):
-        spectral_jvp.precondition_with_derivative(jnp.ones((2, 3)), jnp.ones((3, 2)), 2)
+        opx.precondition_matrix(jnp.ones((2, 3)), jnp.ones((3, 2)), 2)

@@ -9,8 +9,13 @@ import optax
 import pytest
 
 import overparam_optax as opx
-from overparam_optax import linalg
-from overparam_optax.experiments import reference
+from overparam_optax import testing as reference
+from overparam_optax.methods import tracked
+
+
+def _no_basis(shape):
+    """The zero basis (no basis yet) of a tall matrix of this shape."""
+    return tracked.TrackedBasis(jnp.zeros((shape[-1], shape[-1]), jnp.float32))
 
 
 def _rel(a, b):
@@ -27,7 +32,7 @@ def test_tracked_follows_the_reference_along_a_moving_matrix(case, shape, tolera
     """Fresh on the first update, then tracked while W moves.
 
     (16, 5) is applied through n x n factors, the others through W V' and G V'
-    (``linalg._near_square``).
+    (``tracked.near_square``).
 
     The tolerance bounds the relative off-diagonal of the Gram matrix in the tracked basis;
     the preconditioner's own error is measured below it: up to 8.7e-7 on random and
@@ -37,7 +42,8 @@ def test_tracked_follows_the_reference_along_a_moving_matrix(case, shape, tolera
     w = _start(case, shape, rng)
     direction = rng.standard_normal(shape)
     params = {"w": jnp.asarray(w, jnp.float32)}
-    tx = opx.overparam_precondition(3, tolerance=tolerance)
+    method = tracked.Tracked() if tolerance is None else tracked.Tracked(tolerance)
+    tx = opx.overparam_precondition(3, method=method)
     state = tx.init(params)
     update = jax.jit(tx.update)
     worst = 0.0
@@ -65,27 +71,26 @@ def test_tracked_follows_the_reference_along_a_moving_matrix(case, shape, tolera
 
 @pytest.mark.parametrize("shape", [(12, 5), (13, 5), (9, 9), (40, 8)])
 @pytest.mark.parametrize("near_square", [True, False])
-def test_both_application_routes_match_the_reference(monkeypatch, shape, near_square):
+def test_both_application_routes_match_the_reference(shape, near_square):
     """Through n x n factors or through W V' and G V' (whichever the shape makes cheaper,
     forced here both ways), on a rank-deficient W whose complement term is not zero.
     Measured at most 8.1e-7."""
-    monkeypatch.setattr(linalg, "_near_square", lambda _: near_square)
     rng = np.random.default_rng(3)
     w = _start("random", shape, rng)
     w[:, -1] = 0  # a zero singular value
-    basis = linalg.tracked_basis_like(shape, jnp.float32)
+    basis = _no_basis(shape)
     for step in range(3):  # fresh, then tracked
         g = rng.standard_normal(shape)
-        out, basis, _ = linalg.tracked_precondition(
-            jnp.asarray(w, jnp.float32), jnp.asarray(g, jnp.float32), basis, 3
+        out, basis, _ = tracked.precondition(
+            jnp.asarray(w, jnp.float32), jnp.asarray(g, jnp.float32), basis, 3, near=near_square
         )
         want = reference.reference_precondition(w, g, 3)
         assert _rel(out, want) < 1.5e-6, step
         w = w + 1e-4 * rng.standard_normal(shape) * (w != 0).any(axis=0)
 
 
-@pytest.mark.parametrize("norm", [linalg._MAX_ROTATION_NORM, 0.01])
-def test_rotation_is_orthogonal_to_its_series_bound(x64, monkeypatch, norm):
+@pytest.mark.parametrize("norm", [tracked.MAX_ROTATION_NORM, 0.01])
+def test_rotation_is_orthogonal_to_its_series_bound(x64, norm):
     """The Cayley series stops at Y^4 (Y = X/2): ||R^T R - I|| <= 2 ||Y||^6, whose bound on
     ||Y|| is the cap over 2 (measured: a third of the bound, at the cap and far below it)."""
     rng = np.random.default_rng(4)
@@ -95,8 +100,7 @@ def test_rotation_is_orthogonal_to_its_series_bound(x64, monkeypatch, norm):
     off = np.triu(off + off.T, 1) * 3  # large couplings: every angle at its clip
     b = jnp.asarray(np.diag(lam) + off + off.T)[None]
     pairs = jnp.ones((1, n, n), bool)
-    monkeypatch.setattr(linalg, "_MAX_ROTATION_NORM", norm)
-    r = np.asarray(linalg._jacobi_rotation(b, pairs, jax.lax.Precision.HIGHEST))[0]
+    r = np.asarray(tracked.jacobi_rotation(b, pairs, jax.lax.Precision.HIGHEST, norm))[0]
     error = np.linalg.norm(r.T @ r - np.eye(n), 2)
     assert error <= 2 * (norm / 2) ** 6 * 1.01, error
     assert error >= 2 * (norm / 2) ** 6 * 0.25, error  # the bound is what it costs
@@ -106,10 +110,10 @@ def test_rotation_is_orthogonal_to_its_series_bound(x64, monkeypatch, norm):
 def test_tracked_at_other_depths(N):
     rng = np.random.default_rng(5)
     w = jnp.asarray(_start("ill_conditioned", (10, 6), rng), jnp.float32)
-    basis = linalg.tracked_basis_like(w.shape, jnp.float32)
+    basis = _no_basis(w.shape)
     for step in range(4):
         g = rng.standard_normal((10, 6))
-        out, basis, fresh = linalg.tracked_precondition(w, jnp.asarray(g, jnp.float32), basis, N)
+        out, basis, fresh = tracked.precondition(w, jnp.asarray(g, jnp.float32), basis, N)
         want = reference.reference_precondition(np.asarray(w, np.float64), g, N)
         assert _rel(out, want) < 1e-3
         assert bool(fresh) == (step == 0)
@@ -152,15 +156,14 @@ def test_a_state_of_zeros_is_recomputed_not_applied():
     assert int(state.decompositions) == 1
 
 
-@pytest.mark.parametrize("max_rounds", [2, linalg._MAX_TRACKING_ROUNDS])
-def test_more_rounds_hold_the_tolerance_where_two_do_not(monkeypatch, max_rounds):
+@pytest.mark.parametrize("max_rounds", [2, tracked.MAX_TRACKING_ROUNDS])
+def test_more_rounds_hold_the_tolerance_where_two_do_not(max_rounds):
     """W's basis turns 0.25 rad in one well-separated pair between two updates.
 
     Two rounds of at most 0.1 rad leave a residual above the tolerance; the third removes
     the rest (each round at least halving it), so no SVD is needed. Capped at two rounds,
     the update decomposes afresh. Either way the update matches the float64 reference.
     """
-    monkeypatch.setattr(linalg, "_MAX_TRACKING_ROUNDS", max_rounds)
     rng = np.random.default_rng(3)
     u, _ = np.linalg.qr(rng.standard_normal((12, 6)))
     v, _ = np.linalg.qr(rng.standard_normal((6, 6)))
@@ -168,16 +171,15 @@ def test_more_rounds_hold_the_tolerance_where_two_do_not(monkeypatch, max_rounds
     c, t = np.cos(0.25), np.sin(0.25)
     turn = np.eye(6)
     turn[:2, :2] = [[c, -t], [t, c]]
-    tx = opx.overparam_precondition(3)
-    g = rng.standard_normal((12, 6))
-    state = tx.init({"w": jnp.zeros((12, 6))})
-    for basis in (v, v @ turn):
-        w = (u * s) @ basis.T
-        params = {"w": jnp.asarray(w, jnp.float32)}
-        out, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
-    assert int(state.decompositions) == (2 if max_rounds == 2 else 1)
-    want = reference.reference_precondition(np.asarray(params["w"], np.float64), g, 3)
-    assert _rel(out["w"], want) < 2e-6  # measured 6.1e-7 afresh, 1.3e-6 after 3+ rounds
+    g = jnp.asarray(rng.standard_normal((12, 6)), jnp.float32)
+    basis, decompositions = _no_basis((12, 6)), 0
+    for turned in (v, v @ turn):
+        w = jnp.asarray((u * s) @ turned.T, jnp.float32)
+        out, basis, fresh = tracked.precondition(w, g, basis, 3, max_rounds=max_rounds)
+        decompositions += int(fresh)
+    assert decompositions == (2 if max_rounds == 2 else 1)
+    want = reference.reference_precondition(np.asarray(w, np.float64), np.asarray(g), 3)
+    assert _rel(out, want) < 2e-6  # measured 6.1e-7 afresh, 1.3e-6 after 3+ rounds
 
 
 def test_non_finite_weights_never_poison_the_basis():
@@ -270,7 +272,7 @@ def test_state_depends_on_params_and_options_only(monkeypatch):
         shapes.append(jax.tree.map(lambda x: (x.shape, x.dtype), state))
     assert shapes[0] == shapes[1] == shapes[2]
     factors = shapes[0].factors
-    assert isinstance(factors["a"], linalg.TrackedBasis) and factors["a"].v == (
+    assert isinstance(factors["a"], tracked.TrackedBasis) and factors["a"].v == (
         (1, 128, 128),
         jnp.float32,
     )
@@ -287,32 +289,35 @@ def test_state_is_at_most_the_matrices_bytes():
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -1e-3, True, "1e-3", float("nan")])
 def test_tolerance_is_checked_at_construction(bad):
-    with pytest.raises(ValueError, match="tolerance"):
-        opx.overparam_precondition(3, tolerance=bad)
+    with pytest.raises(ValueError, match="tolerance must be a float in"):
+        tracked.Tracked(tolerance=bad)
 
 
-def test_tolerance_belongs_to_the_default_method_only():
-    with pytest.raises(ValueError, match="tolerance"):
+def test_tolerance_belongs_to_the_tracked_method():
+    with pytest.raises(TypeError, match="tolerance"):
         opx.overparam_precondition(3, method="svd", tolerance=1e-4)
-    opx.overparam_precondition(3, tolerance=1e-4)  # accepted with the default
+    with pytest.raises(TypeError, match="tolerance"):
+        opx.methods.Svd(tolerance=1e-4)
+    tx = opx.overparam_precondition(3, method=tracked.Tracked(tolerance=1e-3))
+    assert isinstance(tx.init({"w": jnp.eye(3)}).factors["w"], tracked.TrackedBasis)
 
 
-def test_removed_options_fail_with_a_type_error():
-    for option in ("precondition_every", "warmup_steps"):
-        with pytest.raises(TypeError, match=option):
-            opx.overparam_precondition(3, **{option: 10})
-    with pytest.raises(ValueError, match="method"):
-        opx.overparam_precondition(3, method="auto")
-
-
-def test_inject_hyperparams_with_the_default():
+@pytest.mark.parametrize("method", ["tracked", tracked.Tracked(tolerance=1e-3)])
+def test_inject_hyperparams_with_the_default(method):
+    """Injected, the default gives the plain transform's updates and keeps its basis."""
     params = {"w": jnp.eye(3) + 0.1}
+    grads = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 3)), jnp.float32)}
     tx = optax.inject_hyperparams(opx.overparam_sgd, static_args=("N", "method"))(
-        learning_rate=0.1, N=2
+        learning_rate=0.1, N=2, method=method
     )
-    state = tx.init(params)
+    plain = opx.overparam_sgd(0.1, N=2, method=method)
+    state, plain_state = tx.init(params), plain.init(params)
     for _ in range(2):
-        _, state = jax.jit(tx.update)({"w": jnp.ones((3, 3))}, state, params)
+        out, state = jax.jit(tx.update)(grads, state, params)
+        want, plain_state = plain.update(grads, plain_state, params)
+        np.testing.assert_allclose(out["w"], want["w"], rtol=1e-6, atol=1e-7)
+    basis = state.inner_state[0].factors["w"].v[0]
+    np.testing.assert_allclose(basis.T @ basis, np.eye(3), atol=1e-6)  # carried, orthonormal
 
 
 def test_weight_decay_takes_a_schedule():

@@ -314,10 +314,29 @@ def _relative_off_diagonal(b: jax.Array, shape) -> jax.Array:
     return jnp.sqrt(jnp.sum(off * off, axis=(-2, -1)) / jnp.where(total > 0, total, 1))
 
 
+@functools.cache
+def _probes(n: int) -> np.ndarray:
+    """Two fixed unit vectors of length n, for the orthonormality check."""
+    x = np.random.default_rng(0).standard_normal((n, 2))
+    return x / np.linalg.norm(x, axis=0)
+
+
 def _is_orthonormal(v: jax.Array) -> jax.Array:
-    """Per matrix: finite, with unit columns (a cheap check; zeros mean 'no basis yet')."""
+    """Per matrix: finite, with unit columns, and V^T V x = x for two fixed probes x.
+
+    A state of zeros means "no basis yet"; a basis that is not orthonormal (columns of unit
+    norm but not orthogonal, e.g. repeated) would apply the wrong P and is recomputed. The
+    probes cost O(n^2) where V^T V itself would cost n^3.
+    """
     norms = jnp.sum(v * v, axis=-2)
-    return jnp.all(jnp.abs(norms - 1) < 1e-3, axis=-1) & jnp.all(jnp.isfinite(v), axis=(-2, -1))
+    unit = jnp.all(jnp.abs(norms - 1) < 1e-3, axis=-1)
+    probes = jnp.asarray(_probes(v.shape[-1]), v.dtype)
+    highest = jax.lax.Precision.HIGHEST
+    back = jnp.matmul(
+        matrix_transpose(v), jnp.matmul(v, probes, precision=highest), precision=highest
+    )
+    orthogonal = jnp.all(jnp.abs(back - probes) < 1e-3, axis=(-2, -1))
+    return unit & orthogonal & jnp.all(jnp.isfinite(v), axis=(-2, -1))
 
 
 def fresh_frame(w: jax.Array, g: jax.Array, precision, near: bool) -> Frame:
@@ -361,9 +380,23 @@ def _refresh_where(precision, near: bool):
 
 
 def apply_frame(
-    frame: Frame, w: jax.Array, g: jax.Array, alpha: jax.Array, N: int, precision, near: bool
+    frame: Frame,
+    w: jax.Array,
+    g: jax.Array,
+    alpha: jax.Array,
+    N: int,
+    precision,
+    near: bool,
+    *,
+    beta: jax.Array | None = None,
 ):
-    """P_W(G) from a frame of w = W / alpha (``alpha`` (..., 1, 1) > 0), and the basis v q.
+    """P_W(beta g) from a frame of w = W / alpha, and the basis v q (``alpha``, ``beta``
+    (..., 1, 1) > 0; ``beta`` None is 1).
+
+    The factor (alpha s_max)^{2-2/N} beta is applied in two equal halves, one to g before
+    the products and one to the result, computed from logarithms: every intermediate then
+    lies between the normalized products and the result, so none overflows or underflows
+    where W, G and P are representable.
 
     With V' = v q and U = w V' S^{-1} this is the SVD-basis formula of
     :func:`~overparam_optax.numerics.apply_basis`,
@@ -375,7 +408,10 @@ def apply_frame(
     s = jnp.sqrt(jnp.maximum(jnp.diagonal(frame.b, axis1=-2, axis2=-1), 0))
     s = numerics.truncate_below_rank_tolerance(s, g.shape[-2:], g.dtype)
     s_hat, s_max = numerics.normalized_spectrum(s)
-    t = numerics.half_scale(alpha[..., 0] * s_max, N, g.dtype)[..., None]  # (..., 1, 1)
+    log_t = (1.0 - 1.0 / N) * (jnp.log(alpha[..., 0]) + jnp.log(s_max))
+    if beta is not None:
+        log_t = log_t + 0.5 * jnp.log(beta[..., 0])
+    t = jnp.exp(log_t).astype(g.dtype)[..., None]  # (..., 1, 1)
     inv_s = numerics.safe_reciprocal(s)
     kernel = numerics.depth_kernel(s_hat, s_hat, N)
     d = jnp.power(s_hat, 2.0 * (N - 1) / N)
@@ -452,7 +488,6 @@ def precondition(
     )
     need = ~(_is_orthonormal(basis.v) & (residual <= tolerance))
     frame = _refresh_where(precision, near)(need, w_hat, g_hat, tracked)
-    out, v_new = apply_frame(frame, w_hat, g_hat, alpha, N, precision, near)
-    out = out * beta
+    out, v_new = apply_frame(frame, w_hat, g_hat, alpha, N, precision, near, beta=beta)
     finite = jnp.all(jnp.isfinite(v_new), axis=(-2, -1))
     return out, TrackedBasis(numerics.select(finite, v_new, basis.v)), need
