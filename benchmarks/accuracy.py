@@ -1,7 +1,7 @@
 """Accuracy and cost of the exact preconditioner, for the record.
 
 Prints the maximum error relative to the largest entry, against the float64 textbook
-reference (``overparam_optax.experiments.reference``), per dtype over the matrix families of
+reference (``overparam_optax.testing``), per dtype over the matrix families of
 the tests, and the time of one exact call (jitted, compile excluded, median of repeats) for
 the sizes of issue 2. The float64 half runs in jax's x64 mode, switched on for it only.
 
@@ -18,9 +18,9 @@ import numpy as np
 from absl import flags
 
 import overparam_optax as opx
-from overparam_optax.experiments import flags as xflags
-from overparam_optax.experiments import timing
-from overparam_optax.experiments.reference import MATRIX_CASES, make_matrix, reference_precondition
+from overparam_experiments import flags as xflags
+from overparam_experiments import timing
+from overparam_optax.testing import MATRIX_CASES, make_matrix, reference_precondition
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:

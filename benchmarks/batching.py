@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from overparam_experiments import flags as xflags
+from overparam_experiments import timing
 from overparam_optax import linalg
-from overparam_optax.experiments import flags as xflags
-from overparam_optax.experiments import timing
 
 METHODS = ("svd", "eigh", "newton")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"

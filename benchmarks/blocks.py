@@ -19,7 +19,7 @@ at the initialization and at the end of the exact run (G: the gradient on 2,000 
 digits).
 
 Usage (from the repository root; needs the MNIST IDX files, found through
-``overparam_optax.experiments.data.default_data_dir("mnist")`` or ``--data-dir``):
+``overparam_experiments.data.default_data_dir("mnist")`` or ``--data-dir``):
 
     python benchmarks/blocks.py                 # 200 steps: ~30-60 min on 2 busy CPU cores
     python benchmarks/blocks.py --steps 25      # smoke run
@@ -40,7 +40,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from overparam_optax.experiments import flags as xflags
+from overparam_experiments import flags as xflags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOOTH = 25
@@ -118,7 +118,7 @@ def main(args) -> dict:
     import optax
 
     import overparam_optax as opx
-    from overparam_optax.experiments import data, timing, training
+    from overparam_experiments import data, timing, training
 
     data_dir = args.data_dir or data.default_data_dir("mnist")
     if data_dir is None:

@@ -37,7 +37,7 @@ import time
 
 from absl import flags
 
-from overparam_optax.experiments import flags as xflags
+from overparam_experiments import flags as xflags
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -76,24 +76,26 @@ def matrix_flops(rows: int, cols: int, N: int = 3) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from overparam_optax import linalg
+    from overparam_optax import numerics
+    from overparam_optax.methods import tracked
 
     m, n = max(rows, cols), min(rows, cols)
     w = jnp.ones((1, m, n), jnp.float32)
     v = jnp.eye(n, dtype=jnp.float32)[None]
     hi = jax.lax.Precision.HIGHEST
     alpha = jnp.ones((1, 1, 1), jnp.float32)
+    near = tracked.near_square(w.shape)
 
     def frame_and_apply(w, g, v):  # the fresh branch less its SVD, and the tracked one's base
-        frame = linalg._frame(w, g, v, hi)
-        return linalg._apply_frame(frame, w, g, alpha, N, hi)
+        frame = tracked.initial_frame(w, g, v, hi, near)
+        return tracked.apply_frame(frame, w, g, alpha, N, hi, near)
 
     def first_round(b):  # its q is I: no product q R
-        return linalg._jacobi_round(b, linalg._resolved_pairs(b, (m, n)), hi)
+        return tracked.jacobi_round(b, tracked.resolved_pairs(b, (m, n)), hi)
 
     def later_round(b, q):
         b, r = first_round(b)
-        return b, linalg._mm(q, r, hi)
+        return b, numerics.matmul(q, r, hi)
 
     base = _flops(frame_and_apply, w, w, v)
     first, rotation = _flops(first_round, v), _flops(later_round, v, v)
@@ -102,7 +104,7 @@ def matrix_flops(rows: int, cols: int, N: int = 3) -> dict:
     state = muon.init(params)
     return {
         "shape": [rows, cols],
-        "tracked": base + first + (linalg._TRACKING_ROUNDS - 1) * rotation,
+        "tracked": base + first + (tracked.TRACKING_ROUNDS - 1) * rotation,
         "fresh_matmuls": base,
         "round": rotation,
         "muon": _flops(lambda g, s: muon.update(g, s, params), params, state),
@@ -138,7 +140,7 @@ def _models(quick: bool):
     import jax.numpy as jnp
     import optax
 
-    from overparam_optax.experiments.models import MLP, TutorialCNN
+    from overparam_experiments.models import MLP, TutorialCNN
 
     key = jax.random.PRNGKey(0)
     batch = 8 if quick else 128
@@ -196,7 +198,7 @@ def compile_section(quick: bool, repeats: int) -> dict:
     """Fresh compiles of each model's training step, interleaved; median seconds, dot ops."""
     import jax
 
-    from overparam_optax.experiments import timing
+    from overparam_experiments import timing
 
     out = {}
     for model, (loss, params, x, y) in _models(quick).items():
@@ -234,33 +236,35 @@ def _per_matrix_updates(rows: int, cols: int) -> dict:
     import optax
 
     import overparam_optax as opx
-    from overparam_optax import linalg
+    from overparam_optax import numerics
+    from overparam_optax.methods import tracked
 
     params = {"w": jnp.ones((rows, cols), jnp.float32)}
     default, muon = opx.overparam_precondition(3), optax.contrib.muon(0.01)
     m, n = max(rows, cols), min(rows, cols)
     w = jnp.ones((1, m, n), jnp.float32)
     v = jnp.zeros((1, n, n), jnp.float32)
+    near = tracked.near_square(w.shape)
 
     def scaled(fn):  # the default's normalization around a frame -> (P, basis) function
         def run(w, g, v):
-            alpha, beta = linalg._max_abs(w), linalg._max_abs(g)
+            alpha, beta = numerics.max_abs(w), numerics.max_abs(g)
             frame = fn(w / alpha, g / beta, v)
-            out, v_new = linalg._apply_frame(frame, w / alpha, g / beta, alpha, 3, None)
+            out, v_new = tracked.apply_frame(frame, w / alpha, g / beta, alpha, 3, None, near)
             return out * beta, v_new
 
         return run
 
-    def tracked(w, g, v):
-        frame = linalg._frame(w, g, v, None)
-        return linalg._rotated(frame, (m, n), linalg.DEFAULT_TOLERANCE, None)[0]
+    def rotated(w, g, v):
+        frame = tracked.initial_frame(w, g, v, None, near)
+        return tracked.rotate(frame, (m, n), tracked.DEFAULT_TOLERANCE, None)[0]
 
     # The params are arguments, not captured constants (which XLA would fold at compile time).
     return {
         "default": (default.update, (params, default.init(params), params)),
         "muon": (muon.update, (params, muon.init(params), params)),
-        "tracked_only": (scaled(tracked), (w, w, v)),
-        "fresh_only": (scaled(lambda w, g, v: linalg._fresh_frame(w, g, None)), (w, w, v)),
+        "tracked_only": (scaled(rotated), (w, w, v)),
+        "fresh_only": (scaled(lambda w, g, v: tracked.fresh_frame(w, g, None, near)), (w, w, v)),
     }
 
 
@@ -276,7 +280,7 @@ def compile_parts_section(quick: bool, repeats: int) -> dict:
     import jax
     import optax
 
-    from overparam_optax.experiments import timing
+    from overparam_experiments import timing
 
     shapes = {"cnn": [(25, 32), (800, 64), (3136, 512), (512, 10)],
               "mlp1024": [(784, 1024), (1024, 1024), (1024, 10)]}  # fmt: skip
@@ -319,7 +323,7 @@ def memory_section(quick: bool) -> dict:
     import optax
 
     import overparam_optax as opx
-    from overparam_optax.experiments.models import MLP
+    from overparam_experiments.models import MLP
 
     width = 64 if quick else 2048
     params = MLP(hidden=(width,) * 3).init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))["params"]
@@ -353,7 +357,7 @@ def lapack_section(quick: bool, repeats: int = 20) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from overparam_optax.experiments import timing
+    from overparam_experiments import timing
 
     m, n = (392, 64) if quick else (3136, 512)
     rng = np.random.default_rng(0)
@@ -397,7 +401,7 @@ def lapack_section(quick: bool, repeats: int = 20) -> dict:
 def main(args) -> None:
     import jax
 
-    from overparam_optax.experiments import timing
+    from overparam_experiments import timing
 
     suffix = "_quick" if args.quick else ""
     out = pathlib.Path(args.out or RESULTS_DIR / f"cost_{jax.default_backend()}{suffix}.json")

@@ -2,7 +2,7 @@
 
 From the same end-to-end initialization, trains (1) the explicit factorized model with plain
 full-batch gradient descent on every factor (balanced init, ``overparam_optax.factorized``;
-the runs are ``overparam_optax.experiments.trajectories.compare_trajectories``)
+the runs are ``overparam_experiments.trajectories.compare_trajectories``)
 and (2) the ordinary model with ``optax.chain(overparam_precondition(N), optax.sgd(lr))``,
 and reports per step the relative distance of the end-to-end matrices
 ``||W_e^explicit - W_e^implicit||_F / ||W_e^implicit||_F`` and both losses.
@@ -41,8 +41,8 @@ from types import SimpleNamespace
 import numpy as np
 from absl import flags
 
-from overparam_optax.experiments import equivalence_grid
-from overparam_optax.experiments import flags as xflags
+import equivalence_grid
+from overparam_experiments import flags as xflags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TASKS = ("ethanol_l2", "ethanol_l4", "mnist_softmax", "mnist_mlp")
@@ -100,6 +100,34 @@ def main(args) -> dict:
     import jax
 
     xflags.setup_platform(SimpleNamespace(platform=args.platform, blas_threads=0))
+    report = run(args)
+    platform_name = jax.devices()[0].platform
+    suffix = platform_name + ("_float32" if args.float32 else "") + ("_quick" if args.quick else "")
+    out_json = pathlib.Path(
+        args.out_json or REPO / "benchmarks" / "results" / f"equivalence_{suffix}.json"
+    )
+    out_png = pathlib.Path(args.out_png or REPO / "docs" / "figures" / f"equivalence_{suffix}.png")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(equivalence_grid.dump(report) + "\n")
+    print(f"wrote {out_json}")
+    if not args.no_plot:
+        equivalence_grid.plot(report["runs"], out_png, equivalence_grid.title(report))
+        print(f"wrote {out_png}")
+    return report
+
+
+def run(args) -> dict:
+    """Runs the grid in float64 (float32 with ``args.float32``); returns the report.
+
+    Args:
+      args: the values of :func:`define_flags` (``xflags.parse(define_flags, argv)``).
+
+    Returns:
+      The report: every run's trajectory gaps and losses, the stress run, the device and
+      the versions.
+    """
+    import jax
+
     with jax.enable_x64(not args.float32):
         return _run_all(args)
 
@@ -110,13 +138,6 @@ def _run_all(args) -> dict:
     import optax
 
     dtype = jnp.float32 if args.float32 else jnp.float64
-    platform_name = jax.devices()[0].platform
-    suffix = platform_name + ("_float32" if args.float32 else "") + ("_quick" if args.quick else "")
-    out_json = pathlib.Path(
-        args.out_json or REPO / "benchmarks" / "results" / f"equivalence_{suffix}.json"
-    )
-    out_png = pathlib.Path(args.out_png or REPO / "docs" / "figures" / f"equivalence_{suffix}.png")
-
     script = os.path.relpath(pathlib.Path(__file__).resolve(), pathlib.Path.cwd())
     command = shlex.join(["python", script, *sys.argv[1:]])
     grid = equivalence_grid.grid(args.quick)
@@ -145,8 +166,8 @@ def _run_all(args) -> dict:
     # one whose predictions hit the heavy-tailed rows (initial loss ~157).
     stress = None
     if not args.quick and "ethanol_l4" in args.tasks:
-        from overparam_optax.experiments.training import lp_regression_loss
-        from overparam_optax.experiments.trajectories import compare_trajectories
+        from overparam_experiments.training import lp_regression_loss
+        from overparam_experiments.trajectories import compare_trajectories
 
         X, y, _ = equivalence_grid.load_ethanol(args)
         X, y = jnp.asarray(X, dtype), jnp.asarray(y, dtype)
@@ -194,12 +215,6 @@ def _run_all(args) -> dict:
         "runs": results,
         "stress": stress,
     }
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(equivalence_grid.dump(report) + "\n")
-    print(f"wrote {out_json}")
-    if not args.no_plot:
-        equivalence_grid.plot(results, out_png, equivalence_grid.title(report))
-        print(f"wrote {out_png}")
     print(f"total {total:.1f} s")
     return report
 

@@ -62,7 +62,7 @@ def load_ethanol(args):
         X = rng.standard_normal((200 if args.quick else 1316, 128))
         y = X @ rng.standard_normal(128) / math.sqrt(128) + 0.1 * rng.standard_normal(len(X))
         return X, (y - y.mean()) / y.std(), "synthetic"
-    from overparam_optax.experiments.data import default_data_dir, ethanol_regression
+    from overparam_experiments.data import default_data_dir, ethanol_regression
 
     data_dir = args.data_dir or default_data_dir("gas_sensor_drift")
     if data_dir is None:
@@ -78,7 +78,7 @@ def _load_mnist(args, n_train: int):
         images = rng.uniform(size=(n_train, 784)) * (rng.uniform(size=(n_train, 784)) < 0.2)
         labels = np.argmax(images @ rng.standard_normal((784, 10)), axis=1)
         return images, labels, "synthetic"
-    from overparam_optax.experiments.data import default_data_dir, load_mnist
+    from overparam_experiments.data import default_data_dir, load_mnist
 
     mnist_dir = args.mnist_dir or default_data_dir("mnist")
     images, labels = load_mnist(mnist_dir, split="train")
@@ -88,7 +88,7 @@ def _load_mnist(args, n_train: int):
 
 def tasks(args, jax, jnp, optax, dtype) -> list[dict]:
     """Builds the enabled tasks: name, loss of ordinary params, init params, notes."""
-    from overparam_optax.experiments.training import lp_regression_loss
+    from overparam_experiments.training import lp_regression_loss
 
     wanted = args.tasks
     key = jax.random.PRNGKey(args.seed)
@@ -180,7 +180,7 @@ def dump(report: dict) -> str:
 
 
 def run_one(task, depth, lr, steps, hidden, seed, jax):
-    from overparam_optax.experiments.trajectories import compare_trajectories
+    from overparam_experiments.trajectories import compare_trajectories
 
     start = time.perf_counter()
     result = compare_trajectories(
@@ -236,7 +236,7 @@ def device_info() -> dict:
 
     The keys are those this benchmark's JSON has always had.
     """
-    from overparam_optax.experiments import timing
+    from overparam_experiments import timing
 
     env = timing.environment()
     info = {

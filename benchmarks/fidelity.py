@@ -1,6 +1,6 @@
 """Fidelity: does a configuration follow the explicit depth-N network as the exact rule does?
 
-For each task (``overparam_optax.experiments.fidelity.tasks``: softmax regression on 2,000
+For each task (``fidelity_tasks.tasks``: softmax regression on 2,000
 MNIST digits at N = 2, 3, 4; l4 regression on a 64 x 64 map from near-zero, near-identity,
 ill-conditioned and rank-deficient starts, and from near zero at a 10x larger step; an MLP
 784-256-10 and the paper's CNN with momentum 0.9) it trains the explicit balanced depth-N
@@ -35,7 +35,7 @@ import pathlib
 
 from absl import flags
 
-from overparam_optax.experiments import flags as xflags
+from overparam_experiments import flags as xflags
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 TASK_NAMES = (
@@ -50,6 +50,9 @@ TASK_NAMES = (
     "mlp_momentum",
     "cnn_momentum",
 )
+#: The configurations as the record holds them (JSON): keyword options of
+#: ``overparam_precondition``, with ``tolerance`` standing for
+#: ``method=overparam_optax.methods.Tracked(tolerance=...)`` (:func:`transform_options`).
 CONFIGS = {
     "exact": {"method": "svd"},
     "default": {},
@@ -88,23 +91,35 @@ def configs_for(precisions) -> tuple[dict, dict]:
     return {"exact": CONFIGS["exact"], "default": {}, **{k: {} for k in emulated}}, emulated
 
 
+def transform_options(config: dict) -> dict:
+    """The keyword options of ``overparam_precondition`` that a recorded config stands for."""
+    if "tolerance" not in config:
+        return dict(config)
+    from overparam_optax import methods
+
+    options = {k: v for k, v in config.items() if k != "tolerance"}
+    return {**options, "method": methods.Tracked(tolerance=config["tolerance"])}
+
+
 def run(task_names, data_dir, on_task=lambda tasks: None, precisions=()) -> dict:
     """Runs the tasks; returns the JSON record's ``tasks`` entry and prints a table.
 
     ``on_task(tasks so far)`` is called after each task (the benchmark writes its JSON then,
     so that a long run that is stopped keeps the tasks it finished).
     """
-    from overparam_optax.experiments import data, fidelity
+    import fidelity_tasks
+    from overparam_experiments import data
 
     images, labels = data.load_mnist(data_dir, split="train")
-    available = fidelity.tasks(images, labels)
+    available = fidelity_tasks.tasks(images, labels)
     out = {}
     print(f"{'task':>22} {'config':>15} {'to explicit':>12} {'/ exact':>8} {'to exact':>10} "
           f"{'decomp.':>8}")  # fmt: skip
     for name in task_names:
         task, N = available[name]
         configs, emulated = configs_for(precisions)
-        result = fidelity.measure_fidelity(task, N, configs, emulated=emulated)
+        options = {config: transform_options(c) for config, c in configs.items()}
+        result = fidelity_tasks.measure_fidelity(task, N, options, emulated=emulated)
         exact_gap = result["configs"]["exact"]["to_explicit"][-1]
         for config, r in result["configs"].items():
             r["ratio_to_exact_gap"] = r["to_explicit"][-1] / exact_gap
@@ -124,7 +139,7 @@ def run(task_names, data_dir, on_task=lambda tasks: None, precisions=()) -> dict
 def main(args) -> None:
     import jax
 
-    from overparam_optax.experiments import timing
+    from overparam_experiments import timing
 
     stem = "fidelity_precision" if args.precisions else "fidelity"
     out = pathlib.Path(args.out or RESULTS_DIR / f"{stem}_{jax.default_backend()}.json")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from overparam_optax.experiments.matmul_sections import emulated_precision
+from matmul_sections import emulated_precision
 from overparam_optax.factorized import collapse, factorize
 from overparam_optax.transform import overparam_precondition
 
@@ -121,8 +121,8 @@ def measure_fidelity(
       num_checkpoints: evenly spaced checkpoints along the run (the last is the end).
       key: PRNG key of the balanced factorization's random frames (default: key 0).
       emulated: config name -> a lower matmul precision ("bf16x3", "tf32", "bf16") in which
-        that configuration's products run, emulated on any backend
-        (:func:`~overparam_optax.experiments.matmul_sections.emulated_precision`).
+        that configuration's products run, emulated on any backend: passed as its
+        ``precision`` (:func:`matmul_sections.emulated_precision`).
 
     Returns:
       ``{"checkpoints": [...], "explicit_loss": float, "configs": {name: {"to_explicit":
@@ -149,9 +149,11 @@ def measure_fidelity(
     matrices = len(_kernels(task.params))
     results = {}
     for name, options in configs.items():
+        kind = (emulated or {}).get(name, "float32")
+        precision = emulated_precision(kind, options.get("precision"))
+        options = {**options, "precision": precision}
         tx = optax.chain(overparam_precondition(N, mask=_kernel_mask, **options), _sgd(task))
-        with emulated_precision((emulated or {}).get(name, "float32")):
-            found, final, state = _trajectory(task.loss_fn, task.params, tx, checkpoints, _kernels)
+        found, final, state = _trajectory(task.loss_fn, task.params, tx, checkpoints, _kernels)
         results[name] = {
             "kernels": found,
             "final_loss": float(task.loss_fn(final)),
@@ -233,7 +235,7 @@ def _model_task(name, model, images, labels, count, learning_rate, num_steps) ->
 
 def tasks(images: np.ndarray, labels: np.ndarray) -> dict[str, tuple[FidelityTask, int]]:
     """The fidelity benchmark's tasks, name -> (task, depth N), built from MNIST digits."""
-    from overparam_optax.experiments.models import MLP, TutorialCNN
+    from overparam_experiments.models import MLP, TutorialCNN
 
     out = {f"softmax_N{N}": (_softmax_task(images, labels, N), N) for N in (2, 3, 4)}
     for kind in ("near_zero", "near_identity", "ill_conditioned", "rank_deficient"):

@@ -36,7 +36,7 @@ def _field_checks() -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from overparam_optax.experiments import implicit_regularization as ir
+    from overparam_experiments import implicit_regularization as ir
 
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((8, 3)), rng.standard_normal(8)
@@ -78,8 +78,8 @@ def _plot(runs: dict, path: pathlib.Path) -> None:
 
 def main(argv):
     del argv
-    from overparam_optax.experiments import implicit_regularization as ir
-    from overparam_optax.experiments import timing
+    from overparam_experiments import implicit_regularization as ir
+    from overparam_experiments import timing
 
     runs = {}
     for depth in (2, 3, 4):

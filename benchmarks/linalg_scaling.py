@@ -1,10 +1,10 @@
-"""Cost of one preconditioner call per method as the matrix grows (target 3 of issue 5).
+"""Cost of one preconditioner call per method as the matrix grows.
 
 For square n x n and tall 4n x n matrices W (Gaussian entries / sqrt(n): a freshly
 initialized layer, condition number ~n for the square ones, the hard case for "eigh") and a
 Gaussian gradient G, times one jitted ``precondition_matrix(W, G, N, method=m)`` call for
 m in svd, eigh, newton, plus ``apply``: applying cached factors
-(``linalg.apply_depth_factors``), the cost of applying factors already computed. Reports
+(``methods.Eigh().apply``), the cost of applying factors already computed. Reports
 the relative Frobenius error of each method against the exact path (method="svd") and the
 exponent b of a least-squares fit time ~ a * n^b over the sizes >= --fit-from.
 
@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
+from overparam_experiments import flags as xflags
+from overparam_experiments import timing
 from overparam_optax import linalg
-from overparam_optax.experiments import flags as xflags
-from overparam_optax.experiments import timing
+from overparam_optax.methods import Eigh
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 FIGURES_DIR = pathlib.Path(__file__).resolve().parents[1] / "docs" / "figures"
@@ -72,9 +73,16 @@ def fit_exponent(ns, ts, fit_from):
     return sum((p[0] - mx) * (p[1] - my) for p in points) / sxx
 
 
-def main(args) -> dict:
-    """Times every method at every size; writes and returns the JSON record."""
-    xflags.setup_platform(args)
+def run(args) -> dict:
+    """Times every method at every size (the platform set up already).
+
+    Args:
+      args: the values of :func:`define_flags` (``xflags.parse(define_flags, argv)``).
+
+    Returns:
+      The record: ``args``, ``N``, one row per shape and size (seconds and relative error
+      per method) and the fitted exponents.
+    """
     backend = jax.default_backend()
     if args.sizes:
         sizes = args.sizes
@@ -85,16 +93,18 @@ def main(args) -> dict:
     newton_max = args.newton_max or (1024 if backend == "cpu" else max(sizes))
     tall_max = 64 if args.quick else args.tall_max
     N = args.N
+    eigh, highest = Eigh(), jax.lax.Precision.HIGHEST
 
     def make_call(method):
         if method == "apply":
             return jax.jit(
-                lambda factors, g: linalg.apply_depth_factors(factors, g, N), donate_argnums=()
+                lambda factors, g: g if N == 1 else eigh.apply(factors, g, N, highest),
+                donate_argnums=(),
             )
         return jax.jit(lambda w, g: linalg.precondition_matrix(w, g, N, method=method))
 
     calls = {m: make_call(m) for m in METHODS}
-    factor_fn = jax.jit(lambda w: linalg.depth_factors(w, N, "eigh"))
+    factor_fn = jax.jit(lambda w: eigh.factors(w, N, highest))
 
     rows = []
     for shape_kind in ("square", "tall"):
@@ -147,9 +157,15 @@ def main(args) -> dict:
     for name, b in exponents.items():
         print(f"  {name:>14}: {'n/a' if b is None else f'{b:.2f}'}")
 
+    return {"args": vars(args), "N": N, "rows": rows, "fitted_exponents": exponents}
+
+
+def main(args) -> dict:
+    """Times every method at every size; writes and returns the JSON record (and a plot)."""
+    xflags.setup_platform(args)
+    payload = run(args)
     if not args.quick:
-        _plot(rows, args, backend)
-    payload = {"args": vars(args), "N": N, "rows": rows, "fitted_exponents": exponents}
+        _plot(payload["rows"], args, jax.default_backend())
     timing.write_json(args, "linalg_scaling", payload, RESULTS_DIR)
     return payload
 

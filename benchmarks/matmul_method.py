@@ -7,7 +7,8 @@ at <= 1e-3 relative error (Frobenius) for spectra of condition number up to 1e3 
 N <= 8. Sections (each can be skipped):
 
 * ``ratio``: for 1024 x 1024 and 3136 x 512 float32, N = 2..8: time of one jitted
-  ``apply_depth_factors(depth_factors(W, N, "newton"), G, N)`` divided by the time of
+  ``Newton().apply(Newton().factors(W, N, p), G, N, p)`` (``overparam_optax.methods``,
+  ``p`` the matmul precision) divided by the time of
   Muon's Newton-Schulz on G (same shape), measured interleaved (Muon, then every N, in
   each repeat; the median of the per-repeat ratios), side by side with the relative error
   against the exact float64 P_W(G) for spectra of condition number 1, 1e1, 1e2, 1e3
@@ -21,9 +22,10 @@ N <= 8. Sections (each can be skipped):
   accumulated in float32. This is an emulation on CPU (``jax.lax.reduce_precision`` of
   the operands), not a measurement on the hardware.
 * ``tune`` (not run by default; needs scipy): recomputes the coefficient tables of
-  linalg's matmul-only method (greedy minimax steps) and prints the largest difference.
+  the matmul-only method (``methods.newton``, greedy minimax steps) and prints the largest
+  difference.
 * ``depth``: the error of every method for N = 9 .. 1000 on a 96 x 64 matrix of condition
-  number 1e3 ("newton" also beyond linalg.NEWTON_MAX_DEPTH, which it refuses in the API,
+  number 1e3 ("newton" also beyond methods.newton.NEWTON_MAX_DEPTH, which it refuses in the API,
   to show why the limit is where it is).
 * ``cnn``: every method (factors + apply, ``precondition_matrix`` jitted) and Muon's
   Newton-Schulz on the paper's CNN kernels (25x32, 800x64, 3136x512, 512x10), N = 3,
@@ -54,9 +56,7 @@ import tempfile
 
 from absl import flags
 
-from overparam_optax.experiments import flags as xflags
-from overparam_optax.experiments import timing as common
-from overparam_optax.experiments.matmul_sections import (
+from matmul_sections import (
     muon_ns,
     section_depth,
     section_precision,
@@ -64,6 +64,8 @@ from overparam_optax.experiments.matmul_sections import (
     section_tune,
     time_calls_interleaved,
 )
+from overparam_experiments import flags as xflags
+from overparam_experiments import timing as common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CNN_SHAPES = ((25, 32), (800, 64), (3136, 512), (512, 10))

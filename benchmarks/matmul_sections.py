@@ -3,16 +3,18 @@
 ``section_ratio`` times method="newton" (factors + apply) against Muon's Newton-Schulz per
 shape, depth and matmul precision; ``section_precision`` measures its error when the
 matmuls run in lower precision (emulated); ``section_depth`` its error at large depths;
-``section_tune`` recomputes the coefficient tables of ``overparam_optax.linalg``. The
-benchmark's docstring describes them.
+``section_tune`` recomputes the coefficient tables of ``overparam_optax.methods.newton``.
+The benchmark's docstring describes them.
+
+Every product of the library goes through ``numerics.matmul``, so emulating a precision or
+counting products is a callable ``(x, y) -> x @ y`` passed as ``precision``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 
-from overparam_optax.experiments import timing as common
+from overparam_experiments import timing as common
 
 PRECISIONS = ("float32", "bf16x3", "tf32", "bf16")
 
@@ -54,7 +56,7 @@ def _matrix(rng, m, n, condition):
 
 
 def _exact(w, g, N):
-    """P_W(G) in float64 from numpy's SVD (the kernel of linalg's module docstring)."""
+    """P_W(G) in float64 from numpy's SVD (the kernel of numerics' module docstring)."""
     import numpy as np
 
     u, s, vt = np.linalg.svd(w, full_matrices=False)
@@ -72,8 +74,20 @@ def _rel(a, b):
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
 
 
+def factors_and_apply(method, w, g, N, precision):
+    """P_W(G) for tall w from ``method``'s factors and their application, the depth checked
+    as the API checks it (newton's limit)."""
+    from overparam_optax import methods
+
+    chosen = methods.resolve(method)
+    chosen.check_depth(N)
+    factors = chosen.factors(w, N, precision)
+    return g if N == 1 else chosen.apply(factors, g, N, precision)
+
+
 def emulated_matmul(kind):
-    """A drop-in for linalg._mm whose operands are rounded like a lower-precision pass.
+    """A matmul ``(x, y) -> x @ y`` (a ``precision=``) whose operands are rounded like a
+    lower-precision pass.
 
     ``kind``: "bf16" (one pass on bfloat16 operands), "tf32" (operands rounded to 10
     mantissa bits) or "bf16x3" (each operand split into a bfloat16 high and low part, three
@@ -85,8 +99,7 @@ def emulated_matmul(kind):
     def rounded(x, mantissa):
         return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=mantissa)
 
-    def mm(x, y, precision):
-        del precision
+    def mm(x, y):
         hi = jax.lax.Precision.HIGHEST
         if kind == "bf16":
             return jnp.matmul(rounded(x, 7), rounded(y, 7), precision=hi)
@@ -105,18 +118,10 @@ def emulated_matmul(kind):
     return mm
 
 
-@contextlib.contextmanager
-def emulated_precision(kind: str):
-    """Within the block, every product of ``overparam_optax.linalg`` is emulated as ``kind``
-    (:func:`emulated_matmul`; "float32" leaves them alone). Applies to what is traced inside."""
-    from overparam_optax import linalg
-
-    saved = linalg._mm
-    linalg._mm = saved if kind == "float32" else emulated_matmul(kind)
-    try:
-        yield
-    finally:
-        linalg._mm = saved
+def emulated_precision(kind: str, precision):
+    """The ``precision=`` that emulates ``kind`` in every product of the library
+    (:func:`emulated_matmul`); "float32" is ``precision`` itself."""
+    return precision if kind == "float32" else emulated_matmul(kind)
 
 
 def matmul_counts(m, n, N):
@@ -124,25 +129,20 @@ def matmul_counts(m, n, N):
     import jax
     import jax.numpy as jnp
 
-    from overparam_optax import linalg
+    from overparam_optax import numerics
 
     counts = {"m_n_n": 0, "n_n_n": 0}
-    saved = linalg._mm
 
-    def counting(x, y, precision):
+    def counting(x, y):
         big = max(x.shape[-2], x.shape[-1], y.shape[-1]) > n
         counts["m_n_n" if big else "n_n_n"] += 1
-        return saved(x, y, precision)
+        return numerics.matmul(x, y, jax.lax.Precision.HIGHEST)
 
-    linalg._mm = counting
-    try:
-        jax.eval_shape(
-            lambda w, g: linalg.apply_depth_factors(linalg.depth_factors(w, N, "newton"), g, N),
-            jax.ShapeDtypeStruct((m, n), jnp.float32),
-            jax.ShapeDtypeStruct((m, n), jnp.float32),
-        )
-    finally:
-        linalg._mm = saved
+    jax.eval_shape(
+        lambda w, g: factors_and_apply("newton", w, g, N, counting),
+        jax.ShapeDtypeStruct((m, n), jnp.float32),
+        jax.ShapeDtypeStruct((m, n), jnp.float32),
+    )
     counts["multiply_adds"] = counts["m_n_n"] * m * n * n + counts["n_n_n"] * n**3
     return counts
 
@@ -200,9 +200,7 @@ def section_ratio(args, shapes, depths, conditions, after_shape=lambda rows: Non
             for name in precisions:
                 precision = _precision(name)
                 newton[N, name] = jax.jit(
-                    lambda w, g, N=N, p=precision: linalg.apply_depth_factors(
-                        linalg.depth_factors(w, N, "newton", precision=p), g, N, precision=p
-                    )
+                    lambda w, g, N=N, p=precision: factors_and_apply("newton", w, g, N, p)
                 )
                 calls[N, name] = (newton[N, name], (w_time, g))
         seconds, ratios = time_calls_interleaved(calls, args.repeats, "muon")
@@ -255,8 +253,6 @@ def section_precision(args, shapes, depths):
     import jax.numpy as jnp
     import numpy as np
 
-    from overparam_optax import linalg
-
     rows = []
     for m, n in shapes:
         rng = np.random.default_rng(m + n)
@@ -267,13 +263,9 @@ def section_precision(args, shapes, depths):
             exact = _exact(w64, g64, N)
             row = {"m": m, "n": n, "N": N, "condition": 1e3, "relative_error": {}}
             for kind in PRECISIONS:
-                with emulated_precision(kind):
-                    fn = jax.jit(
-                        lambda w, g, N=N: linalg.apply_depth_factors(
-                            linalg.depth_factors(w, N, "newton"), g, N
-                        )
-                    )
-                    row["relative_error"][kind] = _rel(fn(w, g), exact)
+                p = emulated_precision(kind, jax_highest())
+                fn = jax.jit(lambda w, g, N=N, p=p: factors_and_apply("newton", w, g, N, p))
+                row["relative_error"][kind] = _rel(fn(w, g), exact)
             rows.append(row)
             cells = "  ".join(f"{k}: {e:.1e}" for k, e in row["relative_error"].items())
             print(f"{m}x{n} N={N} condition 1e3: {cells}", flush=True)
@@ -281,11 +273,12 @@ def section_precision(args, shapes, depths):
 
 
 def section_depth(args):
-    """Errors at depth N for every method (newton beyond its limit through the private path)."""
+    """Errors at depth N for every method (newton beyond its limit: polar_root skips the check)."""
     import jax.numpy as jnp
     import numpy as np
 
-    from overparam_optax import linalg
+    from overparam_optax import methods
+    from overparam_optax.methods import newton
 
     m, n = (24, 16) if args.quick else (96, 64)
     depths = args.error_depths[:3] if args.quick else args.error_depths
@@ -298,11 +291,12 @@ def section_depth(args):
         exact = _exact(w64, g64, N)
         row = {"m": m, "n": n, "N": N, "condition": 1e3, "relative_error": {}}
         for method in ("svd", "eigh"):
-            out = linalg.apply_depth_factors(linalg.depth_factors(w, N, method), g, N)
+            out = factors_and_apply(method, w, g, N, jax_highest())
             row["relative_error"][method] = _rel(out, exact)
-        factors = linalg._newton_polar_root(w, N, jax_highest())  # no depth check
-        row["relative_error"]["newton"] = _rel(linalg.apply_depth_factors(factors, g, N), exact)
-        row["newton_accepted"] = N <= linalg.NEWTON_MAX_DEPTH
+        factors = newton.polar_root(w, N, jax_highest())  # no depth check
+        out = g if N == 1 else methods.Newton().apply(factors, g, N, jax_highest())
+        row["relative_error"]["newton"] = _rel(out, exact)
+        row["newton_accepted"] = N <= newton.NEWTON_MAX_DEPTH
         rows.append(row)
         cells = "  ".join(f"{k}: {e:.1e}" for k, e in row["relative_error"].items())
         print(f"{m}x{n} condition 1e3, N={N}: {cells}", flush=True)
@@ -378,11 +372,11 @@ ROOT_TABLES = {
 
 
 def section_tune(args):
-    """Recomputes linalg's coefficient tables (needs scipy) and compares them."""
-    from overparam_optax import linalg
+    """Recomputes newton's coefficient tables (needs scipy) and compares them."""
+    from overparam_optax.methods import newton
 
     polar, lower, upper = [], 4e-4, 1.0
-    for _ in range(len(linalg._POLAR_STEPS)):
+    for _ in range(len(newton.POLAR_STEPS)):
         coeffs, lower, upper = _polar_step(lower, upper)
         polar.append(coeffs)
     roots = {}
@@ -394,13 +388,13 @@ def section_tune(args):
         roots[p] = table
     worst = max(
         abs(x - y)
-        for new, old in [(polar, linalg._POLAR_STEPS)]
-        + [(roots[p], linalg._ROOT_STEPS[p]) for p in roots]
+        for new, old in [(polar, newton.POLAR_STEPS)]
+        + [(roots[p], newton.ROOT_STEPS[p]) for p in roots]
         for row_new, row_old in zip(new, old, strict=True)
         for x, y in zip(row_new, row_old, strict=True)
     )
     print("polar steps:", [tuple(round(x, 10) for x in c) for c in polar])
     for p, table in roots.items():
         print(f"root steps p={p}:", [tuple(round(x, 10) for x in c) for c in table])
-    print(f"largest difference from linalg's tables: {worst:.1e}")
+    print(f"largest difference from newton's tables: {worst:.1e}")
     return {"polar": polar, "root": {str(p): t for p, t in roots.items()}, "max_diff": worst}

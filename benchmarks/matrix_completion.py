@@ -1,6 +1,6 @@
 r"""The deep-matrix-completion sweep: depths, methods, observation counts, scales and seeds.
 
-Runs :func:`overparam_optax.experiments.matrix_completion.run_problem` for every
+Runs :func:`overparam_experiments.matrix_completion.run_problem` for every
 (observation count, scale, seed) and writes one JSON with every fit's metrics and curves
 and the environment record. The default sweep (scale 1e-3, seeds 0-2, 2,000 and 5,000
 observations, depths 1-4, a 5,000-step limit) took 8 minutes on a busy shared 2-core CPU
@@ -77,7 +77,7 @@ flags.register_validator(
 
 def main(argv):
     del argv
-    from overparam_optax.experiments import matrix_completion, timing
+    from overparam_experiments import matrix_completion, timing
 
     start = time.perf_counter()
     runs = []

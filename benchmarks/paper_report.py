@@ -6,7 +6,7 @@ import pathlib
 
 import numpy as np
 
-from overparam_optax.experiments.paper_sections import MNIST_SMOOTHING
+from paper_sections import MNIST_SMOOTHING
 
 # ------------------------------------------------------------------------------ output
 

@@ -5,7 +5,7 @@ rule, explicit deep linear networks and Adam (with and without depth), each at i
 learning rate on one grid. ``seeds_section``: the l4 comparison over several initial
 draws. ``mnist_section``: the paper's CNN by ``examples/mnist_cnn.py`` in a subprocess per
 optimizer and seed. The benchmark's docstring describes them; tables and figures are
-:mod:`~overparam_optax.experiments.paper_report`.
+:mod:`paper_report`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import numpy as np
 import optax
 
 import overparam_optax as opx
+from overparam_experiments import training
+from overparam_experiments.trajectories import compare_trajectories
 from overparam_optax import factorized
-from overparam_optax.experiments import training
-from overparam_optax.experiments.trajectories import compare_trajectories
 
 NEAR_ZERO_SCALE = 1e-3  # end-to-end init scale of the near-zero implicit runs
 NEAR_ZERO_FACTOR_STDDEV = 0.05  # per-factor stddev of the near-zero explicit networks

@@ -46,9 +46,11 @@ import jax.numpy as jnp
 import optax
 from absl import flags
 
-from overparam_optax.experiments import data, paper_report, paper_sections, timing, training
-from overparam_optax.experiments import flags as xflags
-from overparam_optax.experiments.paper_sections import MNIST_OPTIMIZERS
+import paper_report
+import paper_sections
+from overparam_experiments import data, timing, training
+from overparam_experiments import flags as xflags
+from paper_sections import MNIST_OPTIMIZERS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTIONS = ("regression", "seeds", "mnist")

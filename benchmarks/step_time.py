@@ -1,7 +1,7 @@
 """Training-step time of the implicit (preconditioned) model vs its competitors, side by side.
 
-Target 1 (issue 5): the MNIST tutorial CNN of examples/mnist_cnn.py
-(``overparam_optax.experiments.models.TutorialCNN``: conv5x5x32, pool, conv5x5x64, pool,
+Target 1: the MNIST tutorial CNN of examples/mnist_cnn.py
+(``overparam_experiments.models.TutorialCNN``: conv5x5x32, pool, conv5x5x64, pool,
 dense 3136->512, dense 512->10), batch 128, N = 3, all four kernels preconditioned.
 Contenders, each a jitted full training step (forward, backward, optimizer):
 
@@ -27,7 +27,13 @@ implicit model are timed for target 2 (the every-step decompositions of two 2048
 matrices take seconds per step on 2 cores); --mlp-all times them too. The state bytes of
 every contender are recorded, with the default's decompositions per matrix update.
 
-Timing (``overparam_optax.experiments.timing.time_interleaved``): contenders are interleaved
+Target 3: the byte-level transformer LM of ``models.TransformerLM`` (2 layers, d_model
+1024, 16 heads, context 512; batch 16), its attention heads and MLP kernels preconditioned
+through ``models.transformer_dimension_numbers``, against SGD, AdamW and Muon (the same
+kernels orthogonalized). Run by ``benchmarks/accelerator_suite.py``; on 2 CPU cores a step
+of it takes seconds.
+
+Timing (``overparam_experiments.timing.time_interleaved``): contenders are interleaved
 step by step, each step timed alone with jax.block_until_ready (state carried, so a cached
 contender's fresh decompositions fall where its tolerance asks for them); compilation and
 one warm-up window are excluded. Each ratio is the median over windows (of --every steps)
@@ -37,61 +43,54 @@ shared, busy machine neighbouring steps see the same load, while absolute times 
 
 Usage (from the repository root):
 
-    python benchmarks/step_time.py                  # both targets, a few minutes on 2 cores
+    python benchmarks/step_time.py                  # targets 1 and 2, a few minutes on 2 cores
     python benchmarks/step_time.py --quick          # smoke run (small sizes)
-    python benchmarks/step_time.py --platform gpu   # unchanged on a GPU/TPU
+    python benchmarks/step_time.py --platform gpu --targets 1,2,3   # on a GPU/TPU
 
 Writes benchmarks/results/step_time_<backend>.json; docs/performance.md has the tables.
 """
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import optax
+from absl import flags
 
 import overparam_optax as opx
-from overparam_optax.experiments import cli, timing, training
-from overparam_optax.experiments.models import MLP, TutorialCNN, kernel_mask
+from overparam_experiments import flags as xflags
+from overparam_experiments import timing, training
+from overparam_experiments.models import (
+    MLP,
+    TransformerLM,
+    TutorialCNN,
+    kernel_mask,
+    transformer_dimension_numbers,
+)
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parses and checks the command line (exit status 2 with a message on a bad value)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    timing.add_common_args(parser)
-    parser.add_argument("--N", type=cli.positive_int, default=3)
-    parser.add_argument(
-        "--every", type=cli.positive_int, default=10, help="steps per timing window"
-    )
-    parser.add_argument("--repeats", type=cli.positive_int, default=5)
-    parser.add_argument(
-        "--targets", type=cli.comma_list(_target), default="1,2",
-        help="which targets to run: 1, 2 or 1,2",
-    )  # fmt: skip
-    parser.add_argument("--mlp-repeats", type=cli.positive_int, default=2)
-    parser.add_argument(
-        "--background-load",
-        type=cli.nonnegative_int,
-        default=0,
-        help="busy-loop processes to run beside the timing (a shared machine)",
-    )
-    parser.add_argument(
-        "--mlp-all",
-        action="store_true",
-        help="also time the every-step implicit contenders of target 2 (minutes per step on CPU)",
-    )
-    return parser.parse_args(argv)
+TARGETS = ("1", "2", "3")
 
 
-def _target(text: str) -> str:
-    if text not in ("1", "2"):
-        raise argparse.ArgumentTypeError(f"must be 1 or 2, got {text!r}")
-    return text
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The command line; absl checks every value while parsing."""
+    fv = flag_values
+    xflags.define_platform_flags(flag_values=fv)
+    flags.DEFINE_integer("N", 3, "the depth", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("every", 10, "steps per timing window", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "timed windows", lower_bound=1, flag_values=fv)
+    xflags.define_enum_list("targets", "1,2", TARGETS, "the targets to run: 1 (CNN), 2 (MLP), "
+                            "3 (transformer)", flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("mlp-repeats", 2, "timed windows of target 2", lower_bound=1,
+                         flag_values=fv)  # fmt: skip
+    flags.DEFINE_integer("background-load", 0, "busy-loop processes to run beside the timing "
+                         "(a shared machine)", lower_bound=0, flag_values=fv)  # fmt: skip
+    flags.DEFINE_boolean("mlp-all", False, "also time the every-step implicit contenders of "
+                         "target 2 (minutes per step on CPU)", flag_values=fv)  # fmt: skip
 
 
 
@@ -159,12 +158,62 @@ def cnn_target(args) -> dict:
         f"default / sgd = {ratios['default']:.2f}; muon / sgd = {ratios['muon']:.2f} "
         f"(default {'lower' if ratios['default'] < ratios['muon'] else 'NOT lower'})"
     )
+    return _record(carries, medians, ratios, raw, batch=batch, N=N, every=k, repeats=repeats)
+
+
+def transformer_target(args) -> dict:
+    """Target 3: step times of the transformer LM per contender, and ratios to plain SGD."""
+    if args.quick:
+        model, batch = TransformerLM(context=16, d_model=32, num_heads=2), 2
+    else:
+        model, batch = TransformerLM(context=512, d_model=1024, num_heads=16), 16
+    key = jax.random.PRNGKey(0)
+    tokens = jax.random.randint(key, (2, batch, model.context + 1), 0, model.vocab_size)
+    params = model.init(key, tokens[0, :, :-1])["params"]
+
+    def loss_fn(params, window):
+        logits = model.apply({"params": params}, window[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, window[:, 1:]).mean()
+
+    dims = transformer_dimension_numbers(params)
+
+    def muon_dims(p):  # the same matrices as the transform's, orthogonalized
+        return jax.tree.map(
+            lambda d: optax.contrib.MuonDimensionNumbers(d.reduction_axis, d.output_axis),
+            dims,
+            is_leaf=lambda d: isinstance(d, opx.MatrixDimensionNumbers),
+        )
+
+    N, k, lr = args.N, (2 if args.quick else args.every), 0.01
+    txs = {
+        "sgd": optax.sgd(lr),
+        "adamw": optax.adamw(1e-3),
+        "muon": optax.contrib.muon(lr, muon_weight_dimension_numbers=muon_dims),
+        "default": optax.chain(
+            opx.overparam_precondition(N, dimension_numbers=dims), optax.sgd(lr)
+        ),
+    }
+    steps = {name: timing.train_step(loss_fn, tx) for name, tx in txs.items()}
+    carries = {name: (params, tx.init(params)) for name, tx in txs.items()}
+    repeats = 1 if args.quick else args.repeats
+    medians, ratios, raw = timing.time_interleaved(
+        steps, carries, k, repeats, lambda i: (tokens[i % 2],), "sgd"
+    )
+    print(f"\nTarget 3: transformer LM d_model {model.d_model}, context {model.context}, "
+          f"batch {batch}, N={N}, {repeats} windows of {k} steps")  # fmt: skip
+    for name in txs:
+        print(f"{name:>14} {1e3 * medians[name]:9.1f} {ratios[name]:7.2f}")
+    return _record(
+        carries, medians, ratios, raw, d_model=model.d_model, context=model.context,
+        batch=batch, N=N, every=k, repeats=repeats,
+    )  # fmt: skip
+
+
+def _record(carries, medians, ratios, raw, **config) -> dict:
+    """A target's JSON entry: its configuration, then the timings and state sizes."""
     return {
         "default_decompositions": _decompositions(carries["default"][1]),
-        "batch": batch,
-        "N": N,
-        "every": k,
-        "repeats": repeats,
+        **config,
         "seconds_per_step": medians,
         "ratio_to_sgd": ratios,
         "window_seconds_per_step": raw,
@@ -267,10 +316,16 @@ def mlp_target(args) -> dict:
     }
 
 
-def main(argv=None) -> dict:
-    """Runs the targets asked for; writes and returns the JSON record."""
-    args = parse_args(argv)
-    timing.setup_platform(args)
+def run(args) -> dict:
+    """Times the targets ``args.targets`` asks for (the platform set up already).
+
+    Args:
+      args: the values of :func:`define_flags` (``xflags.parse(define_flags, argv)``).
+
+    Returns:
+      The record: ``args`` and, per target run, ``target1_cnn``, ``target2_mlp`` or
+      ``target3_transformer``.
+    """
     targets = set(args.targets)
     payload = {"args": vars(args)}
     with timing.background_load(args.background_load):
@@ -278,10 +333,20 @@ def main(argv=None) -> dict:
             payload["target1_cnn"] = cnn_target(args)
         if "2" in targets:
             payload["target2_mlp"] = mlp_target(args)
+        if "3" in targets:
+            payload["target3_transformer"] = transformer_target(args)
+    return payload
+
+
+def main(args) -> dict:
+    """Runs the targets asked for; writes and returns the JSON record."""
+    xflags.setup_platform(args)
+    payload = run(args)
+    targets = set(args.targets)
     name = "step_time" if targets >= {"1", "2"} else "step_time_target" + "".join(sorted(targets))
     timing.write_json(args, name, payload, RESULTS_DIR)
     return payload
 
 
 if __name__ == "__main__":
-    main()
+    xflags.run(define_flags, main)

@@ -24,8 +24,8 @@ import time
 
 from absl import flags
 
-from overparam_optax.experiments import flags as xflags
-from overparam_optax.experiments import lm_example
+from overparam_experiments import flags as xflags
+from overparam_experiments import lm_example
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 MODES = ("adamw+overparam", "momentum+overparam")
@@ -91,7 +91,7 @@ def table_markdown(result: dict) -> str:
 
 
 def main(args) -> dict:
-    from overparam_optax.experiments import timing
+    from overparam_experiments import timing
 
     start = time.time()
     rates = {"adamw+overparam": args.lr_adamw_overparam,

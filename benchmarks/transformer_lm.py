@@ -37,8 +37,8 @@ import time
 import numpy as np
 from absl import flags
 
-from overparam_optax.experiments import flags as xflags
-from overparam_optax.experiments import lm_example
+from overparam_experiments import flags as xflags
+from overparam_experiments import lm_example
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -124,14 +124,14 @@ def paired_step_times(args, chosen: dict) -> dict:
     drifts; here the five modes' jitted steps (the example's models and optimizers at the
     chosen rates) take turns on the same minibatches, ``--timing-repeats`` windows of
     ``--timing-chunk`` steps each after a warm-up window, and each mode's time is compared
-    with plain AdamW's at the same steps (:func:`~overparam_optax.experiments.timing.
+    with plain AdamW's at the same steps (:func:`~overparam_experiments.timing.
     time_interleaved`).
     """
     import jax
     import jax.numpy as jnp
     import optax
 
-    from overparam_optax.experiments import models, text, timing
+    from overparam_experiments import models, text, timing
 
     argv = ["--lr", ",".join(f"{m}={chosen[m]:g}" for m in TUNED_MODES), "--no-progress"]
     for name in RUN_FLAGS:
@@ -262,7 +262,7 @@ PAIRED_COMPARISONS = (
 def _mean_ci(values, sign: str = "") -> str:
     """Values over seeds as "mean ± 95% t-interval" (the mean alone for one seed); ``sign``
     "+" shows the sign of a difference."""
-    from overparam_optax.experiments import tuning
+    import tuning
 
     stats = tuning.mean_ci(values)
     mean = f"{stats['mean']:{sign}.4f}"
@@ -390,7 +390,7 @@ def main(args) -> dict:
     xflags.make_output_dir(args.results_dir, "results-dir")
     xflags.make_output_dir(args.figures_dir, "figures-dir")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from overparam_optax.experiments import timing
+    from overparam_experiments import timing
     start = time.time()
     cpu_start = time.process_time()
 

@@ -39,7 +39,7 @@ Sections (``--section``, one per call; results of earlier sections are kept):
   configuration, so the section resumes after an interruption.
 
 Writes ``benchmarks/results/tuned_baselines.json`` and figures in ``docs/figures/``. The
-harness lives in ``overparam_optax.experiments``: ``tuning`` (grids, stability, intervals),
+harness lives beside it in ``benchmarks/``: ``tuning`` (grids, stability, intervals),
 ``tuned_regression`` (ethanol, fig5), ``tuned_mnist`` and ``tuned_report`` (tables,
 figures); this script holds the command line and the record.
 
@@ -62,7 +62,7 @@ import time
 
 from absl import flags
 
-from overparam_optax.experiments import flags as xflags
+from overparam_experiments import flags as xflags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTIONS = ("ethanol", "fig5", "mnist")
@@ -170,13 +170,13 @@ def main(args) -> None:
 
 def redraw(args, path, results_dir, figures_dir) -> dict:
     """--section tables: tables and figures from the JSON; --retime: new step times too."""
-    from overparam_optax.experiments import tuned_report
+    import tuned_report
 
     log = json.loads(path.read_text())
     if args.retime:
         import jax
 
-        from overparam_optax.experiments import tuned_regression
+        import tuned_regression
 
         with jax.enable_x64(True):
             X, y = tuned_regression.load_ethanol(args)
@@ -196,7 +196,10 @@ def run_section(args, path, results_dir, figures_dir) -> dict:
     import jax
     import optax
 
-    from overparam_optax.experiments import timing, tuned_mnist, tuned_regression, tuned_report
+    import tuned_mnist
+    import tuned_regression
+    import tuned_report
+    from overparam_experiments import timing
 
     start = time.perf_counter()
     command = " ".join(["python benchmarks/tuned_baselines.py", *sys.argv[1:]])

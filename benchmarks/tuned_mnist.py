@@ -5,7 +5,7 @@ seeds; phase 2 runs each best rate on the other seeds, plus controls (a larger d
 learning rate, the explicit factorized network, the exact path). Runs are trained by a pool
 of single-threaded processes and each is kept as its own JSON, so the section resumes.
 ``benchmarks/tuned_baselines.py`` describes it; the models and modes are those of
-:mod:`~overparam_optax.experiments.cnn_example`.
+``examples/mnist_cnn.py`` with momentum SGD at depth 2 (:func:`cnn_mode`).
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ import math
 import os
 import pathlib
 import time
-from types import MappingProxyType, SimpleNamespace
+from types import MappingProxyType
 
 import jax
 import numpy as np
 import optax
 
-from overparam_optax.experiments import cnn_example, data, models, timing, training
-from overparam_optax.experiments.tuning import CURVE_STRIDE_MNIST, mean_ci
+import overparam_optax as opx
+from overparam_experiments import data, models, timing, training
+from tuning import CURVE_STRIDE_MNIST, mean_ci
 
 # ------------------------------------------------------------------------------ mnist
 
@@ -89,13 +90,29 @@ def _stored_log(run: dict, args, train_size: int) -> dict | None:
     return None
 
 
+def cnn_mode(mode: str, lr: float, method: str, dense_width: int, seed: int, plain_params):
+    """(logits_fn, params, tx) of examples/mnist_cnn.py's ``mode`` with momentum SGD, N = 2."""
+    base = optax.sgd(lr, momentum=0.9)
+    plain = models.logits_fn_for(models.TutorialCNN(dense_width=dense_width))
+    if mode == "none":
+        return plain, plain_params, base
+    if mode == "implicit":
+        mask = models.kernel_mask(plain_params, False)
+        precondition = opx.overparam_precondition(2, mask=mask, method=method)
+        return plain, plain_params, optax.chain(precondition, base)
+    if mode == "explicit":
+        params = models.factorize_tutorial_cnn(plain_params, 2, precondition_conv=False,
+                                               key=jax.random.PRNGKey(seed + 1))  # fmt: skip
+        model = models.TutorialCNN(dense_depth=2, dense_width=dense_width)
+        return models.logits_fn_for(model), params, base
+    raise ValueError(f"Unknown mode {mode!r}; expected none, implicit or explicit.")
+
+
 def mnist_build(run: dict, args, plain_params):
     """(logits_fn, params, tx) of one run; the control scales only the dense kernels' step."""
-    ns = SimpleNamespace(optimizer="momentum", lr=run["lr"], depth=2, precondition_conv=False,
-                            method=run["method"] or "svd", dense_width=args.mnist_dense_width,
-                            seed=run["seed"])  # fmt: skip
     mode = "none" if run["mode"] == "dense-lr" else run["mode"]
-    logits_fn, params, tx = cnn_example.build_run(mode, ns, plain_params)
+    logits_fn, params, tx = cnn_mode(mode, run["lr"], run["method"] or "svd",
+                                     args.mnist_dense_width, run["seed"], plain_params)  # fmt: skip
     if run["mode"] == "dense-lr":
         mask = models.kernel_mask(plain_params, False)
         tx = optax.chain(optax.masked(optax.scale(run["multiplier"]), mask), tx)
@@ -450,12 +467,10 @@ def mnist_estimate(args, train, test) -> dict:
     per_step = {}
     for mode, method in (("none", None), ("implicit", args.mnist_method), ("implicit", "svd"),
                          ("explicit", None)):  # fmt: skip
-        ns = SimpleNamespace(optimizer="momentum", lr=args.mnist_lrs[0], depth=2,
-                             precondition_conv=False, method=method or "svd",
-                             dense_width=args.mnist_dense_width, seed=0)  # fmt: skip
         plain = models.TutorialCNN(dense_width=args.mnist_dense_width).init(
             jax.random.PRNGKey(0), train[0][:1], False)["params"]
-        logits_fn, params, tx = cnn_example.build_run(mode, ns, plain)
+        logits_fn, params, tx = cnn_mode(mode, args.mnist_lrs[0], method or "svd",
+                                         args.mnist_dense_width, 0, plain)  # fmt: skip
         short = training.run_minibatch(logits_fn, params, tx, train, 2,
                                        batch_size=args.mnist_batch_size)  # fmt: skip
         longer = training.run_minibatch(logits_fn, params, tx, train, 2 + args.estimate,

@@ -4,7 +4,7 @@
 l4 regression, each at its own tuned learning rate, from two initial scales. ``fig5``: the
 paper's Figure 5-left, explicit deep linear networks started near zero or near the identity
 against the implicit rule. ``benchmarks/tuned_baselines.py`` describes both; the harness is
-:mod:`~overparam_optax.experiments.tuning`.
+:mod:`tuning`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 import optax
 
 import overparam_optax as opx
+from overparam_experiments import data, training
 from overparam_optax import factorized
-from overparam_optax.experiments import data, training
-from overparam_optax.experiments.tuning import (
+from tuning import (
     FIG5_HIDDEN,
     FIG5_IDENTITY_STDDEV,
     FIG5_ZERO_STDDEV,

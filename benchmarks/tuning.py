@@ -5,9 +5,9 @@ grid, then finer points around the stability edge and the best rate
 (:func:`tuned_grid`); a method is scored at its fastest stable rate for a target loss
 (:func:`fastest_to`), with 95% t-intervals over seeds (:func:`mean_ci`, :func:`ratio_ci`)
 and seconds per step measured on compiled runs (:func:`seconds_per_step`). The sections
-that use it: :mod:`~overparam_optax.experiments.tuned_regression` (Ethanol, the paper's
-Figure 5) and :mod:`~overparam_optax.experiments.tuned_mnist`; the tables and figures:
-:mod:`~overparam_optax.experiments.tuned_report`.
+that use it: :mod:`tuned_regression` (Ethanol, the paper's
+Figure 5) and :mod:`tuned_mnist`; the tables and figures:
+:mod:`tuned_report`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import optax
 
-from overparam_optax.experiments import training
+from overparam_experiments import training
 
 SECTIONS = ("ethanol", "fig5", "mnist")
 RESULTS_NAME = "tuned_baselines.json"

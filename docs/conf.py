@@ -30,6 +30,9 @@ extensions = [
     "sphinx.ext.doctest",
     "sphinx.ext.mathjax",
     "sphinx.ext.napoleon",
+    # MathJax from the docs extra's wheel, copied into _static/: no CDN, pages render math
+    # offline (it sets mathjax_path to _static/mathjax/tex-chtml.js).
+    "sphinx-mathjax-offline",
 ]
 
 exclude_patterns = ["_build"]
@@ -42,7 +45,6 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(jax|jaxlib|optax|flax|numpy|np|jnp|chex|orbax|matplotlib|absl)(\..*)?"),
     (r"py:.*", r"(collections\.abc|typing|types|pathlib|argparse|os|dataclasses)\..*"),
-    (r"py:class", r"Params"),  # experiments.training's alias of Any in its annotations
 ]
 
 # -- API reference ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ Examples::
   python examples/lp_regression.py --p 4 --depths 2 --steps 2000 --seed 1
 
 With no ``--data-dir`` the data folder is looked up with
-:func:`overparam_optax.experiments.data.default_data_dir`
+:func:`overparam_experiments.data.default_data_dir`
 (``$OVERPARAM_DATA_DIR/gas_sensor_drift`` or this checkout's
 ``../shared/data/gas_sensor_drift``).
 
@@ -36,8 +36,8 @@ import optax
 from absl import flags
 
 import overparam_optax as opx
-from overparam_optax.experiments import data, training
-from overparam_optax.experiments import flags as xflags
+from overparam_experiments import data, training
+from overparam_experiments import flags as xflags
 
 # log10 of the learning rates the grid may span: beyond 10 every run here diverges, and
 # below 1e-10 none moves in 10^4 steps.

@@ -83,7 +83,7 @@ def main(argv):
     del argv  # every option is a flag
     from tqdm.auto import tqdm
 
-    from overparam_optax.experiments import matrix_completion, timing
+    from overparam_experiments import matrix_completion, timing
 
     def progress_factory(label):
         bar = tqdm(total=FLAGS.max_steps, desc=label, unit="step", leave=False)

@@ -28,8 +28,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import overparam_optax as opx
-from overparam_optax.experiments import flags as xflags
-from overparam_optax.experiments.devices import use_host_cpu_devices
+from overparam_experiments import flags as xflags
+from overparam_experiments.devices import use_host_cpu_devices
 
 NUM_EXAMPLES = 4096  # the size of the synthetic data set (make_data)
 INPUT_DIM = 64  # its features

@@ -1,12 +1,12 @@
 r"""A byte-level transformer language model trained with and without implicit depth.
 
 A small decoder-only transformer (flax linen; ``TransformerLM`` of
-:mod:`overparam_optax.experiments.models`: attention kernels of shape (d_model, heads,
+:mod:`overparam_experiments.models`: attention kernels of shape (d_model, heads,
 head_dim) and (heads, head_dim, d_model), blocks stacked along a layer axis by ``nn.scan``)
 learns next-byte prediction on text that every Python installation has: the source of the
 running interpreter's standard library (the ``*.py`` files directly in
 ``sysconfig.get_path("stdlib")``, sorted by name, concatenated; the first 90% of the bytes
-train, the last 10% validate; :mod:`overparam_optax.experiments.text`). Give
+train, the last 10% validate; :mod:`overparam_experiments.text`). Give
 ``--text-file PATH`` to use any file instead (same 90/10 byte split).
 
 Modes (comma list ``--modes``), all from the same initial weights, on the same minibatches:
@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import sys
 
-from overparam_optax.experiments import flags as xflags
-from overparam_optax.experiments import lm_example
+from overparam_experiments import flags as xflags
+from overparam_experiments import lm_example
 
 
 def main(args) -> None:

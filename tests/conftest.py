@@ -36,7 +36,7 @@ def no_leaked_x64():
 @pytest.fixture(scope="module")
 def tb():
     """``benchmarks/tuned_baselines.py`` as a module (its flags; the harness is in
-    ``overparam_optax.experiments.tuning``, ``tuned_mnist`` and ``tuned_report``)."""
+    ``benchmarks/tuning.py``, ``tuned_mnist`` and ``tuned_report``)."""
     from tests.scripts import load_script
 
     return load_script("benchmarks/tuned_baselines.py")

@@ -16,7 +16,7 @@ import pytest
 
 import overparam_optax as opx
 from overparam_optax import MatrixDimensionNumbers
-from overparam_optax.experiments.reference import reference_precondition
+from overparam_optax.testing import reference_precondition
 
 RTOL64 = 1e-10  # float64: the SVD route agrees with a per-block reference to ~1e-13
 

@@ -1,4 +1,4 @@
-"""Tests of overparam_optax.experiments.data: the shared data (when present), synthetic files."""
+"""Tests of overparam_experiments.data: the shared data (when present), synthetic files."""
 
 import gzip
 import pathlib
@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from overparam_optax.experiments import data
+from overparam_experiments import data
 
 MNIST_DIR = data.default_data_dir("mnist")
 GAS_DIR = data.default_data_dir("gas_sensor_drift")
@@ -364,4 +364,29 @@ def test_mnist_npz_pixels_out_of_range_name_the_image(tmp_path, low, high):
     with pytest.raises(
         data.DataError, match=rf"mnist\.npz': image 1 has pixel values in \[{low:g}, {high:g}\]"
     ):
+        data.load_mnist(tmp_path)
+
+
+def test_mnist_npz_string_labels_name_the_file(tmp_path):
+    images, _ = _random_digits(4)
+    labels = np.array(["0", "1", "2", "3"])
+    np.savez(tmp_path / "mnist.npz", x_train=images, y_train=labels, x_test=images, y_test=labels)
+    with pytest.raises(data.DataError, match=r"mnist\.npz': labels of dtype <U1; expected int"):
+        data.load_mnist(tmp_path)
+
+
+def test_mnist_text_file_named_npz_names_the_file(tmp_path):
+    (tmp_path / "mnist.npz").write_text("x_train,y_train\n1,2\n")
+    with pytest.raises(data.DataError, match=r"mnist\.npz' is not a numpy \.npz archive"):
+        data.load_mnist(tmp_path)
+
+
+def test_mnist_npz_unit_range_floats_with_a_stray_pixel_are_refused(tmp_path):
+    raw, labels = _random_digits(4)
+    images = raw.astype(np.float32) / 255.0
+    images[2, 5, 5] = 1.5  # one stray pixel must not make every image 255 times darker
+    np.savez(tmp_path / "mnist.npz", x_train=images, y_train=labels, x_test=images,
+             y_test=labels)  # fmt: skip
+    with pytest.raises(data.DataError, match=r"mnist\.npz': float image 2 has pixel values up "
+                       r"to 1\.5 that are not whole numbers; expected floats in \[0, 1\]"):  # fmt: skip
         data.load_mnist(tmp_path)

@@ -1,4 +1,4 @@
-"""Tests of overparam_optax.experiments.devices (its end-to-end test: tests/test_sharding.py,
+"""Tests of overparam_experiments.devices (its end-to-end test: tests/test_sharding.py,
 which runs tests/sharding_checks.py on 8 devices in a subprocess)."""
 
 import os
@@ -6,7 +6,7 @@ import os
 import jax
 import pytest
 
-from overparam_optax.experiments.devices import use_host_cpu_devices
+from overparam_experiments.devices import use_host_cpu_devices
 
 
 def test_use_host_cpu_devices_refuses_after_jax_started():

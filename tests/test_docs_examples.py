@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import overparam_optax as opx
-from overparam_optax.experiments import flags as xflags
+from overparam_experiments import flags as xflags
 from tests.scripts import load_script
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -89,8 +89,6 @@ def test_documented_command_parses(monkeypatch, document, script, arguments):
     try:
         if hasattr(module, "define_flags"):  # absl flags, defined into a fresh registry
             xflags.parse(module.define_flags, arguments)
-        elif hasattr(module, "parse_args"):  # argparse (step_time, accelerator_suite)
-            module.parse_args(arguments)
         else:
             pytest.skip(f"{script} defines its absl flags at import; its own tests parse them")
     except (SystemExit, absl_flags.Error) as error:

@@ -328,8 +328,8 @@ def test_transformer_lm_text_too_short_fails_before_training(tmp_path):
 
 
 def test_transformer_lm_long_flag_sets_the_longer_run_unless_overridden():
-    from overparam_optax.experiments import flags as xflags
-    from overparam_optax.experiments import lm_example
+    from overparam_experiments import flags as xflags
+    from overparam_experiments import lm_example
 
     def parse_args(argv):
         return lm_example.resolve(xflags.parse(lm_example.define_flags, argv))
@@ -351,7 +351,7 @@ def test_reproduce_paper_reuses_logs_written_when_svd_was_the_examples_default(
     exact rule's run only if its config says svd; otherwise the run is redone."""
     from types import SimpleNamespace
 
-    from overparam_optax.experiments import paper_sections
+    import paper_sections
 
     args = SimpleNamespace(mnist_steps=5, mnist_batch_size=8, mnist_lr=None,
                            mnist_data_dir=None, mnist_dense_width=None, mnist_train_size=None,

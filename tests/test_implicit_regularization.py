@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from overparam_optax.experiments import implicit_regularization as ir
-from overparam_optax.experiments import matrix_completion as mc
+from overparam_experiments import implicit_regularization as ir
+from overparam_experiments import matrix_completion as mc
 from tests.conftest import enable_x64
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ RUNNER = r"""
 import json, os, runpy, signal, sys, time, traceback
 import jax, optax, flax.linen, matplotlib, scipy.linalg  # noqa: F401  (warm imports)
 import overparam_optax, overparam_optax.factorized  # noqa: F401
-from overparam_optax.experiments import data, training, models, text  # noqa: F401
+from overparam_experiments import data, training, models, text  # noqa: F401
 
 results = []
 for script, argv in json.load(sys.stdin):
@@ -43,6 +43,7 @@ for script, argv in json.load(sys.stdin):
         os.dup2(write_end, 2)
         signal.alarm(LIMIT)
         sys.argv = [script, *argv]
+        sys.path.insert(0, os.path.dirname(script))  # as `python script` puts it first
         code = 0
         try:
             runpy.run_path(script, run_name="__main__")

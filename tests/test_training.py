@@ -1,4 +1,4 @@
-"""Tests of overparam_optax.experiments.training."""
+"""Tests of overparam_experiments.training."""
 
 import chex
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from overparam_optax.experiments import training
+from overparam_experiments import training
 
 
 def _regression_problem(seed=0, n=12, d=3):

@@ -1,4 +1,4 @@
-"""Tests of overparam_optax.experiments.trajectories: explicit depth-N GD and the implicit
+"""Tests of overparam_experiments.trajectories: explicit depth-N GD and the implicit
 rule follow the same trajectory, with a gap first order in the learning rate.
 
 Float64 tests use the `x64` fixture of conftest.py (a context manager around the test), so
@@ -13,10 +13,10 @@ import numpy as np
 import optax
 import pytest
 
+from overparam_experiments import training
+from overparam_experiments.trajectories import compare_trajectories
 from overparam_optax import factorized as fz
 from overparam_optax import overparam_precondition
-from overparam_optax.experiments import training
-from overparam_optax.experiments.trajectories import compare_trajectories
 
 
 def _random(seed, shape, scale=1.0):

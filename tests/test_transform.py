@@ -12,7 +12,7 @@ from flax.training import train_state
 
 import overparam_optax as opx
 from overparam_optax import MatrixDimensionNumbers
-from overparam_optax.experiments.reference import reference_precondition
+from overparam_optax.testing import reference_precondition
 
 
 def _params(dtype=jnp.float32, seed=0):
@@ -45,12 +45,14 @@ def test_leaves_follow_default_dimension_numbers(N):
     updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     # 2-D leaf: the full formula.
     expected = reference_precondition(params["dense"]["kernel"], grads["dense"]["kernel"], N)
-    assert _rel_err(updates["dense"]["kernel"], expected) < 1e-4
+    # Measured (x86 CPU, float32): at most 3.4e-7 here and 1.0e-6 for the conv matrix below,
+    # over N = 2, 3, 5 (0 at N = 1); the bounds leave 4x.
+    assert _rel_err(updates["dense"]["kernel"], expected) < 1.5e-6
     # 4-D conv kernel HWIO: the (H*W*I, O) matrix.
     w = np.asarray(params["conv"]["kernel"]).reshape(18, 5)
     g = np.asarray(grads["conv"]["kernel"]).reshape(18, 5)
     conv_update = np.asarray(updates["conv"]["kernel"]).reshape(18, 5)
-    assert _rel_err(conv_update, reference_precondition(w, g, N)) < 1e-4
+    assert _rel_err(conv_update, reference_precondition(w, g, N)) < 4e-6
     # 1-D and scalar leaves pass through untouched.
     np.testing.assert_array_equal(updates["dense"]["bias"], grads["dense"]["bias"])
     np.testing.assert_array_equal(updates["scale"], grads["scale"])

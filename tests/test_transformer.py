@@ -11,10 +11,10 @@ import optax
 import pytest
 
 import overparam_optax as opx
+from overparam_experiments import models, text
+from overparam_experiments.data import DataError
 from overparam_optax import factorized
-from overparam_optax.experiments import models, text
-from overparam_optax.experiments.data import DataError
-from overparam_optax.experiments.reference import reference_precondition
+from overparam_optax.testing import reference_precondition
 
 LAYERS, D_MODEL, HEADS, HEAD_DIM, CONTEXT = 2, 12, 3, 4, 8
 MLP_HIDDEN = 2 * D_MODEL
@@ -259,7 +259,7 @@ def test_default_corpus_is_the_sorted_stdlib_sources():
 @pytest.mark.parametrize("method", ["tracked", "svd"])
 def test_log_counts_the_defaults_fresh_decompositions(params, grads, method):
     """The example's log counts every layer's matrices: the first update decomposes each."""
-    from overparam_optax.experiments import training
+    from overparam_experiments import training
 
     numbers = models.transformer_dimension_numbers(params)
     tx = optax.chain(

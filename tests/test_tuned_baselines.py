@@ -17,7 +17,9 @@ import sys
 import numpy as np
 import pytest
 
-from overparam_optax.experiments import tuned_mnist, tuned_report, tuning
+import tuned_mnist
+import tuned_report
+import tuning
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

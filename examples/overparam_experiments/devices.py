@@ -2,6 +2,7 @@
 
 :func:`use_host_cpu_devices` is what ``examples/sharded_mlp.py --cpu-devices 8`` and the
 sharding tests (``tests/sharding_checks.py``) call before jax starts its backend.
+:func:`limit_blas_threads` caps the LAPACK threads of the scripts that decompose matrices.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import warnings
 
 import jax
 
-__all__ = ["use_host_cpu_devices"]
+__all__ = ["limit_blas_threads", "use_host_cpu_devices"]
 
 _FORCE_DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 
@@ -41,7 +42,7 @@ def use_host_cpu_devices(count: int | None = None) -> int:
     Example (a script's first lines; the sharded example does this for ``--cpu-devices``)::
 
       import jax
-      from overparam_optax.experiments import devices
+      from overparam_experiments import devices
 
       devices.use_host_cpu_devices(8)
       assert jax.device_count() == 8
@@ -74,3 +75,34 @@ def use_host_cpu_devices(count: int | None = None) -> int:
                 stacklevel=2,
             )
     return count
+
+
+def limit_blas_threads(threads: int = 1) -> int | None:
+    """Caps the OpenBLAS threads of numpy and of jax's CPU LAPACK, in this process, now.
+
+    The exact rule's SVDs run in LAPACK, whose own threads contend with XLA's for the same
+    cores: on a shared 2-core CPU, a 100 x 100 SVD per step ran 3-10 times slower at
+    OpenBLAS's default threads than at one. Set at run time (threadpoolctl, which the
+    examples' dependencies bring), so that a user needs no environment variable; without
+    threadpoolctl, ``OPENBLAS_NUM_THREADS`` is set instead, which works only before
+    OpenBLAS is loaded. ``threads=0`` leaves everything as it is.
+
+    Returns:
+      how many BLAS libraries were capped (None without threadpoolctl, or for 0).
+    """
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads!r}.")
+    if threads == 0:
+        return None
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
+        return None
+    # Load both OpenBLAS copies first (numpy's, and scipy's behind jax's LAPACK kernels):
+    # threadpoolctl caps only the libraries already loaded.
+    import numpy.linalg  # noqa: F401
+    import scipy.linalg.cython_lapack  # noqa: F401
+
+    threadpool_limits(threads, user_api="blas")
+    return sum(info["user_api"] == "blas" for info in threadpool_info())

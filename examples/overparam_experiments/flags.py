@@ -20,7 +20,7 @@ a bad flag in a fraction of a second.
 Example::
 
   from absl import flags
-  from overparam_optax.experiments import flags as xflags
+  from overparam_experiments import flags as xflags
 
   def define_flags(flag_values=flags.FLAGS):
       flags.DEFINE_integer("steps", 80, "training steps", lower_bound=1,
@@ -405,7 +405,7 @@ def setup_platform(args) -> None:
     """
     import jax
 
-    from overparam_optax.experiments import timing
+    from overparam_experiments import timing
 
     timing.setup_platform(args)
     if args.platform:
@@ -430,10 +430,23 @@ def fail(name: str, value: Any, message: str) -> NoReturn:
     sys.exit(1)
 
 
+def _finite(value) -> bool:
+    return value is None or math.isfinite(value)
+
+
 def _define(define: Callable[[flags.FlagValues], None], flag_values) -> list[str]:
     before = set(flag_values)
     define(flag_values)
-    return sorted(set(flag_values) - before)
+    names = sorted(set(flag_values) - before)
+    for name in names:
+        # absl's bounds compare, and NaN passes every comparison: refuse it (and +-inf,
+        # which no script means) for every float flag, in one place.
+        if isinstance(flag_values[name].parser, flags.FloatParser):
+            flags.register_validator(
+                name, _finite, "must be a finite number, not NaN or infinite",
+                flag_values=flag_values,
+            )  # fmt: skip
+    return names
 
 
 def _namespace(flag_values, names) -> types.SimpleNamespace:

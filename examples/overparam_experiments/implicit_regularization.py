@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from overparam_optax.experiments.matrix_completion import balanced_factors_of, effective_rank
+from overparam_experiments.matrix_completion import balanced_factors_of, effective_rank
 from overparam_optax.factorized import end_to_end
 from overparam_optax.transform import overparam_precondition
 

@@ -8,7 +8,7 @@ describes the modes and the measurements.
 
 Example (one mode, a few steps, from Python)::
 
-  from overparam_optax.experiments import flags, lm_example
+  from overparam_experiments import flags, lm_example
 
   args = flags.parse(lm_example.define_flags, ["--modes", "adamw", "--steps", "3"])
   log = lm_example.train(args, command="python examples/transformer_lm.py --modes adamw")
@@ -29,8 +29,8 @@ import optax
 from absl import flags
 
 import overparam_optax as opx
-from overparam_optax.experiments import flags as xflags
-from overparam_optax.experiments import models, text, timing, training
+from overparam_experiments import flags as xflags
+from overparam_experiments import models, text, timing, training
 
 MODES = ("adamw", "adamw+overparam", "momentum", "momentum+overparam", "momentum-explicit")
 # Learning rates chosen on the grids of benchmarks/transformer_lm.py (docs/transformer.md).

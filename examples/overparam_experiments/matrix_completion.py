@@ -26,7 +26,7 @@ once the learned singular values dominate that imbalance.
 Example::
 
     >>> import numpy as np
-    >>> from overparam_optax.experiments import matrix_completion as mc
+    >>> from overparam_experiments import matrix_completion as mc
     >>> problem = mc.make_problem(seed=0, num_observed=2000)
     >>> problem.target.shape, int(problem.mask.sum()), round(float(np.linalg.norm(problem.target)))
     ((100, 100), 2000, 100)

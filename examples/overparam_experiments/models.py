@@ -13,7 +13,7 @@
 
 All take ``(inputs, train)`` and accept a ``dropout`` PRNG stream, so
 :func:`logits_fn_for` adapts each to the ``logits_fn(params, images, train, rng)`` of
-:func:`overparam_optax.experiments.training.run_minibatch`. With a depth above 1 their
+:func:`overparam_experiments.training.run_minibatch`. With a depth above 1 their
 layers become the explicit factorized layers of :mod:`overparam_optax.factorized`.
 
 Why flax linen: the explicit over-parameterized baselines (``FactorizedDense``,
@@ -47,6 +47,7 @@ __all__ = [
     "TransformerLM",
     "TutorialCNN",
     "factorize_params",
+    "factorize_tutorial_cnn",
     "is_tutorial_layer_selected",
     "kernel_mask",
     "logits_fn_for",
@@ -157,6 +158,21 @@ def kernel_mask(params, precondition_conv: bool):
         )
 
     return jax.tree_util.tree_map_with_path(is_selected, params)
+
+
+def factorize_tutorial_cnn(plain_params, depth: int, *, precondition_conv: bool, key):
+    """The params of ``TutorialCNN(dense_depth=depth, ...)`` with the same end-to-end kernels.
+
+    Each selected kernel of a plain :class:`TutorialCNN` (:func:`is_tutorial_layer_selected`)
+    is split into ``depth`` balanced factors (:func:`overparam_optax.factorized.factorize`),
+    so the explicit network starts where the plain and implicit runs start.
+    """
+    return factorized.factorize(
+        plain_params,
+        depth,
+        key=key,
+        where=lambda path, kernel: is_tutorial_layer_selected(path[0], precondition_conv),
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ runs. :func:`load_text_corpus` builds the corpus and its train/validation split:
 
 Tokens are the byte values 0..255 (vocabulary 256, no tokenizer). :func:`windows` cuts a
 token array into (input, target) pairs of fixed length for next-token prediction. A file
-that cannot be used raises :class:`~overparam_optax.experiments.data.DataError`, as the
+that cannot be used raises :class:`~overparam_experiments.data.DataError`, as the
 other loaders do.
 """
 
@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from overparam_optax.experiments.data import DataError
+from overparam_experiments.data import DataError
 
 __all__ = [
     "VOCAB_SIZE",

@@ -3,13 +3,11 @@
 Used by ``benchmarks/step_time.py``, ``benchmarks/linalg_scaling.py``,
 ``benchmarks/cost.py`` and ``benchmarks/fidelity.py``:
 
-* :func:`add_common_args` and :func:`setup_platform` — the ``--platform``,
-  ``--blas-threads``, ``--quick`` and ``--out`` options (argparse, for step_time and
-  accelerator_suite; the absl scripts define them with
-  :func:`overparam_optax.experiments.flags.define_platform_flags`), and their effect.
+* :func:`setup_platform` — the effect of the ``--platform`` and ``--blas-threads`` flags
+  (defined with :func:`overparam_experiments.flags.define_platform_flags`).
 * :func:`time_interleaved` and :func:`median` — paired step timing robust to machine load.
-* :func:`environment` and :func:`write_json` — the record of the machine, the versions and
-  the command stored next to every result.
+* :func:`environment` and :func:`write_json` — the record of the machine, the versions,
+  the command and the git commit (:func:`git_state`) stored next to every result.
 
 Nothing here knows where the repository is: a benchmark passes its own results folder
 (``benchmarks/results/``, computed from the script's path) to :func:`write_json`.
@@ -17,7 +15,6 @@ Nothing here knows where the repository is: a benchmark passes its own results f
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -32,13 +29,11 @@ from collections.abc import Callable
 
 import jax
 
-from overparam_optax.experiments import cli
-
 __all__ = [
-    "add_common_args",
     "train_step",
     "background_load",
     "environment",
+    "git_state",
     "median",
     "setup_platform",
     "time_interleaved",
@@ -46,27 +41,6 @@ __all__ = [
 ]
 
 PLATFORMS = ("cpu", "gpu", "cuda", "rocm", "tpu")
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Adds ``--platform``, ``--blas-threads``, ``--quick`` and ``--out`` to a parser."""
-    parser.add_argument(
-        "--platform",
-        choices=PLATFORMS,
-        default=None,
-        help="JAX platform (default: jax's own choice); see setup_platform.",
-    )
-    parser.add_argument(
-        "--blas-threads",
-        type=cli.nonnegative_int,
-        default=0,
-        help="OPENBLAS_NUM_THREADS for jax's CPU LAPACK calls (default 0: leave the "
-        "environment as users have it).",
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI smoke runs")
-    parser.add_argument(
-        "--out", type=cli.output_file, default=None, help="JSON output path (default: results/)"
-    )
 
 
 def train_step(loss_fn: Callable, tx) -> Callable:
@@ -112,7 +86,7 @@ def background_load(processes: int):
             process.wait()
 
 
-def setup_platform(args: argparse.Namespace) -> None:
+def setup_platform(args) -> None:
     """Applies ``--platform`` and ``--blas-threads``; call it before any jax computation.
 
     The platform goes to ``jax.config`` (and to ``JAX_PLATFORMS``, for subprocesses). The
@@ -192,7 +166,8 @@ def time_interleaved(
 
 
 def environment() -> dict:
-    """The machine, the jax backend and versions, the load and the command line, as a dict."""
+    """The machine, the jax backend and versions, the load, the command line and the git
+    commit the code ran on (``git_commit``, ``git_dirty``: :func:`git_state`), as a dict."""
     devices = jax.devices()
     cpu_model = None
     try:
@@ -215,11 +190,33 @@ def environment() -> dict:
         "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **git_state(),
     }
 
 
+def git_state(where: str | os.PathLike | None = None) -> dict:
+    """The commit the code ran on: ``{"git_commit": sha or None, "git_dirty": bool or None}``.
+
+    ``git_commit`` is ``git rev-parse HEAD`` of the checkout holding ``where`` (default: the
+    running script's folder, else the current one); ``git_dirty`` says whether tracked files
+    differed from that commit (``git status --porcelain --untracked-files=no``), i.e.
+    whether the run's code was the commit's. Local git only, no network; both are None
+    outside a git checkout or without git.
+    """
+    if where is None:
+        script = pathlib.Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+        where = script.resolve().parent if script is not None and script.exists() else "."
+    try:
+        run = {"cwd": where, "capture_output": True, "text": True, "timeout": 30, "check": True}
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run)
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": bool(status.stdout.strip())}
+
+
 def write_json(
-    args: argparse.Namespace, name: str, payload: dict, results_dir: str | os.PathLike
+    args, name: str, payload: dict, results_dir: str | os.PathLike
 ) -> pathlib.Path:
     """Writes ``{"environment": environment(), **payload}`` as indented JSON.
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from overparam_optax.experiments.training import run_full_batch
+from overparam_experiments.training import run_full_batch
 from overparam_optax.factorized import balancedness, collapse, factorize
 from overparam_optax.transform import overparam_precondition, overparam_sgd
 
@@ -105,7 +105,7 @@ def compare_trajectories(
     implicit run from ``params`` itself with ``optax.chain(overparam_precondition(depth,
     mask=...), optax.sgd(learning_rate))``, where the mask selects exactly the factorized
     kernels (everything else, e.g. biases, is plain GD in both runs). Both runs are one
-    compiled ``lax.scan`` (:func:`overparam_optax.experiments.training.run_full_batch`).
+    compiled ``lax.scan`` (:func:`overparam_experiments.training.run_full_batch`).
 
     With ``weight_decay`` = lambda > 0 the explicit run decays every factor (and bias) by
     lambda, ``theta <- theta - eta * (grad + lambda * theta)``, and the implicit run is
