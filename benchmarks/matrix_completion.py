@@ -2,9 +2,10 @@ r"""The deep-matrix-completion sweep: depths, methods, observation counts, scale
 
 Runs :func:`overparam_experiments.matrix_completion.run_problem` for every
 (observation count, scale, seed) and writes one JSON with every fit's metrics and curves
-and the environment record. The default sweep (scale 1e-3, seeds 0-2, 2,000 and 5,000
-observations, depths 1-4, a 5,000-step limit) took 8 minutes on a busy shared 2-core CPU
-(single-threaded BLAS and XLA); the smaller scales of the 2019 paper (down to 1e-6) need
+and the environment record (OpenBLAS capped at one thread by the script itself, as the
+exact rule's SVDs need on a small CPU). The default sweep (scale 1e-3, seeds 0-2, 2,000 and
+5,000 observations, depths 1-4, a 5,000-step limit) took 8 minutes on a busy shared 2-core
+CPU (single-threaded BLAS and XLA); the smaller scales of the 2019 paper (down to 1e-6) need
 far more steps at depth 4 (the plateau before the first singular value grows lengthens as
 the scale falls) and are available through ``--scales`` with a larger ``--max_steps``.
 
@@ -77,7 +78,10 @@ flags.register_validator(
 
 def main(argv):
     del argv
-    from overparam_experiments import matrix_completion, timing
+    from overparam_experiments import devices, matrix_completion, timing
+
+    # The exact rule's SVDs: LAPACK's threads would contend with XLA's for the cores.
+    devices.limit_blas_threads(1)
 
     start = time.perf_counter()
     runs = []

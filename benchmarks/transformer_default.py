@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
 import sys
 import time
 
 from absl import flags
 
 from overparam_experiments import flags as xflags
-from overparam_experiments import lm_example
 
+EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "transformer_lm.py"
 RESULTS_DIR = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 MODES = ("adamw+overparam", "momentum+overparam")
 METHODS = ("tracked", "svd")
@@ -55,7 +56,13 @@ def run_seed(args, seed: int, method: str) -> dict:
     argv = ["--modes", ",".join(MODES), "--lr", rates, "--method", method, "--seed", str(seed),
             "--steps", str(args.steps), "--no-progress",
             "--output-dir", str(output_dir)]  # fmt: skip
-    return lm_example.train_argv(argv)
+    command = " ".join(["python examples/transformer_lm.py", *argv])
+    print(f"+ {command}", flush=True)
+    done = subprocess.run([sys.executable, str(EXAMPLE), *argv])
+    if done.returncode != 0:
+        raise SystemExit(f"examples/transformer_lm.py exited with status {done.returncode}: "
+                         f"{command}")  # fmt: skip
+    return json.loads((output_dir / "transformer_lm.json").read_text())
 
 
 def compare(default: dict, exact: dict) -> dict:

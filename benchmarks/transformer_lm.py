@@ -16,7 +16,7 @@
    minibatches (load-robust seconds per step; the runs above were timed one after another
    on a shared machine).
 
-Each run is one call of the example's ``main`` with a single mode, its log kept under
+Each run is one call of the example (a subprocess) with a single mode, its log kept under
 ``<results-dir>/transformer_lm/<mode>_lr<lr>_seed<seed>/`` and reused by a later call with
 the identical command line (``--no-reuse`` to recompute). Writes
 ``<results-dir>/transformer_lm_cpu.json``, ``<results-dir>/transformer_lm_tables.md`` and
@@ -31,6 +31,7 @@ import json
 import math
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -38,9 +39,9 @@ import numpy as np
 from absl import flags
 
 from overparam_experiments import flags as xflags
-from overparam_experiments import lm_example
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "transformer_lm.py"
 RESULTS_DIR = REPO / "benchmarks" / "results"
 FIGURES_DIR = REPO / "docs" / "figures"
 TUNED_MODES = ("adamw", "adamw+overparam", "momentum", "momentum+overparam")
@@ -51,7 +52,7 @@ DEFAULT_GRIDS = {
     "momentum": "0.03,0.1,0.3,1.0",
     "momentum+overparam": "0.03,0.1,0.3",
 }
-# The example's defaults, except what the benchmark pins explicitly.
+# The example's flags that the benchmark pins; the others keep the example's defaults.
 RUN_FLAGS = ("steps", "eval_every", "eval_windows", "batch_size", "context", "d_model", "layers")
 
 
@@ -111,10 +112,69 @@ def run_one(args, mode: str, lr: float, seed: int) -> dict:
     log_path = output_dir / "transformer_lm.json"
     if not args.no_reuse and log_path.exists():
         log = json.loads(log_path.read_text())
-        if log["command"] == lm_example.command_line(argv):
+        if log["command"] == example_command(argv):
             print(f"reusing {log_path} ({log['timestamp']})", flush=True)
             return log
-    return lm_example.train_argv(argv)
+    return run_example(argv, log_path)
+
+
+def example_command(argv: list[str]) -> str:
+    """The command line the example records in its log for ``argv``."""
+    return " ".join(["python examples/transformer_lm.py", *argv])
+
+
+def run_example(argv: list[str], log_path: pathlib.Path) -> dict:
+    """Runs examples/transformer_lm.py with ``argv`` in a subprocess; returns its log."""
+    print(f"+ {example_command(argv)}", flush=True)
+    done = subprocess.run([sys.executable, str(EXAMPLE), *argv])
+    if done.returncode != 0:
+        raise SystemExit(f"examples/transformer_lm.py exited with status {done.returncode}: "
+                         f"{example_command(argv)}")  # fmt: skip
+    return json.loads(log_path.read_text())
+
+
+# The example's defaults that its models and optimizers depend on, for the paired timing
+# (tests/test_examples.py checks them against the example's own).
+EXAMPLE_DEFAULTS = {"heads": 4, "mlp_ratio": 4, "warmup": 30, "weight_decay": 0.01, "depth": 2,
+                    "method": "svd"}  # fmt: skip
+
+
+def mode_setup(mode: str, lr: float, args, plain_params):
+    """(model, params, tx) of one of the example's modes, as the example builds them."""
+    import jax
+    import optax
+
+    import overparam_optax as opx
+    from overparam_experiments import models
+
+    d = EXAMPLE_DEFAULTS
+    warmup = min(d["warmup"], max(args.steps - 1, 0))
+    schedule = optax.schedules.warmup_constant_schedule(0.0, lr, warmup) if warmup else lr
+    dims = models.transformer_dimension_numbers(plain_params)
+    if mode == EXPLICIT:
+        params = models.factorize_params(plain_params, d["depth"], dims,
+                                         key=jax.random.PRNGKey(1))  # the example's seed 0, plus 1
+        return _model(args, d["depth"]), params, optax.sgd(schedule, momentum=0.9)
+    if mode.startswith("adamw"):
+        tx = optax.adamw(schedule, weight_decay=d["weight_decay"],
+                         mask=models.transformer_decay_mask(plain_params))  # fmt: skip
+    else:
+        tx = optax.sgd(schedule, momentum=0.9)
+    if mode.endswith("+overparam"):
+        precondition = opx.overparam_precondition(d["depth"], method=d["method"],
+                                                  dimension_numbers=dims)  # fmt: skip
+        tx = optax.chain(precondition, tx)
+    return _model(args), plain_params, tx
+
+
+def _model(args, depth: int = 1):
+    from overparam_experiments import models, text
+
+    d = EXAMPLE_DEFAULTS
+    return models.TransformerLM(
+        vocab_size=text.VOCAB_SIZE, context=args.context, d_model=args.d_model,
+        num_heads=d["heads"], num_layers=args.layers, mlp_ratio=d["mlp_ratio"], depth=depth,
+    )  # fmt: skip
 
 
 def paired_step_times(args, chosen: dict) -> dict:
@@ -133,18 +193,14 @@ def paired_step_times(args, chosen: dict) -> dict:
 
     from overparam_experiments import models, text, timing
 
-    argv = ["--lr", ",".join(f"{m}={chosen[m]:g}" for m in TUNED_MODES), "--no-progress"]
-    for name in RUN_FLAGS:
-        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    example_args = lm_example.resolve(xflags.parse(lm_example.define_flags, argv))
     corpus = text.load_text_corpus(args.text_file)
     inputs, targets = text.windows(corpus.train, args.context)
-    plain = lm_example.make_model(example_args).init(
+    plain = _model(args).init(
         jax.random.PRNGKey(0), jnp.zeros((1, args.context), jnp.int32)
     )["params"]
     steps, carries = {}, {}
     for mode in (*TUNED_MODES, EXPLICIT):
-        model, params, tx = lm_example.build_run(mode, example_args, plain)
+        model, params, tx = mode_setup(mode, chosen[mode], args, plain)
         logits_fn = models.logits_fn_for(model)
 
         def loss_fn(params, x, y, logits_fn=logits_fn):

@@ -46,6 +46,7 @@ layer exactly onto those of ``nn.Dense`` / ``nn.Conv``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -300,10 +301,19 @@ def factor_kernels(
 # --------------------------------------------------------------------------------------
 
 
-def _kernel_names(layer: Mapping) -> list[str]:
+def _kernel_names(layer: Mapping, path: tuple = ()) -> list[str]:
+    """kernel_0, kernel_1, ... of a layer; a gap in the numbering is a ValueError naming
+    the layer's ``path``."""
     names = []
     while f"kernel_{len(names)}" in layer:
         names.append(f"kernel_{len(names)}")
+    numbered = [k for k in layer if isinstance(k, str) and re.fullmatch(r"kernel_\d+", k)]
+    if len(numbered) != len(names):
+        raise ValueError(
+            f"the factorized layer at {_key_path(path)}: its kernels must be numbered "
+            f"kernel_0 .. kernel_(N-1) without a gap; got {sorted(numbered)} "
+            f"(kernel_{len(names)} is missing)."
+        )
     return names
 
 
@@ -315,7 +325,7 @@ def is_factorized(layer: Any) -> bool:
 def _factorized_layers(params, path=()):
     """Yields (path, [K_0, ..., K_{N-1}]) for every factorized layer in a nested mapping."""
     if is_factorized(params):
-        yield path, [params[n] for n in _kernel_names(params)]
+        yield path, [params[n] for n in _kernel_names(params, path)]
     elif isinstance(params, Mapping):
         for name, sub in params.items():
             yield from _factorized_layers(sub, path + (name,))
@@ -339,7 +349,7 @@ def collapse(params: Any, *, precision=_HIGHEST) -> Any:
 
 def _collapse(params: Any, precision, path: tuple) -> Any:
     if is_factorized(params):
-        names = _kernel_names(params)
+        names = _kernel_names(params, path)
         rest = {k: v for k, v in params.items() if k not in names}
         if "kernel" in rest:
             raise ValueError("A factorized layer must not also hold a plain 'kernel'.")

@@ -128,7 +128,9 @@ def precondition_vector(w: jax.Array, g: jax.Array, N: int) -> jax.Array:
     wc, gc = w.astype(dtype), g.astype(dtype)
     wc, lifted = numerics.lift_subnormal(wc[..., None, :])  # subnormal w read as it is
     wc = wc[..., 0, :]
-    alpha = numerics.max_abs(wc, axes=-1)
+    # Without a derivative: P is homogeneous, so the scale's own derivative cancels (and
+    # at |w| ~ 1e-20 it would overflow, 1 / alpha^2, into a NaN).
+    alpha = jax.lax.stop_gradient(numerics.max_abs(wc, axes=-1))
     wc = wc / alpha
     t = numerics.half_scale(alpha, N, dtype)
     gc = gc * t

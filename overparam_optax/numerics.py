@@ -152,7 +152,7 @@ def matmul(x: jax.Array, y: jax.Array, precision) -> jax.Array:
 
 
 def max_abs(x: jax.Array, axes=(-2, -1)) -> jax.Array:
-    """The largest |entry| over ``axes`` (kept), or 1 where it is 0: a safe divisor."""
+    """The largest absolute entry over ``axes`` (kept), or 1 where it is 0: a safe divisor."""
     peak = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
     return jnp.where(peak > 0, peak, jnp.ones_like(peak))
 
@@ -167,7 +167,7 @@ def half_scale(scale: jax.Array, N: int, dtype) -> jax.Array:
     """t = scale^{1-1/N}: the result is t * P_hat(t * G) (P is linear in G).
 
     Multiplying G by t before the products and the result by t after keeps every
-    intermediate between |G| and |P| in magnitude (their geometric mean), so none
+    intermediate between the magnitudes of G and P (their geometric mean), so none
     overflows or falls into the subnormal range when G and P are representable.
     """
     return jnp.power(scale, 1.0 - 1.0 / N).astype(dtype)

@@ -6,7 +6,7 @@ an array's type and those ops refuse sharded operands, so the transform gathers 
 preconditioned leaf first and gives its update the leaf's sharding back. Under either, the
 batch of same-shaped matrices is then split between the devices (:func:`map_over_mesh`).
 The optimizer state is sharded like the params
-(:func:`~overparam_optax.transform.state_shardings`), the methods' entries included.
+(:func:`~overparam_optax.state_shardings`), the methods' entries included.
 """
 
 from __future__ import annotations

@@ -173,20 +173,22 @@ def precondition_tangent(u, s, v, g, dw, N: int, *, dg=None, precision=_HIGHEST)
     u, s, v, g, dw = (x.astype(dtype) for x in (u, s, v, g, dw))
     if N == 1:  # P = G
         return jnp.zeros_like(g) if dg is None else dg.astype(dtype)
-    # Normalized units (as every method does): with W = c W_hat, c = max s,
-    # D_W P_W(G)[dW] = c^{2-2/N} D P_{W_hat}(G)[dW / c] = t D P_{W_hat}(t G)[dW / c].
+    # Normalized units (as every method does): with W = c W_hat, c = max s, and G = b G_hat,
+    # D_W P_W(G)[dW] = c^{2-2/N} D P_{W_hat}(G)[dW / c] = c^{1-2/N} b D P_{W_hat}(G_hat)[dW],
+    # one scalar applied last: in reverse mode no intermediate then under- or overflows
+    # where the tangent is representable.
     s = jnp.maximum(s, 0)
-    s_max = jnp.max(s, axis=-1, keepdims=True)
-    s_max = jnp.where(s_max > 0, s_max, jnp.ones_like(s_max))
-    t = jnp.power(s_max, 1.0 - 1.0 / N)[..., None]
-    s = s / s_max
-    g, dw = g * t, dw / s_max[..., None]
-    out = _tangent_normalized(u * (s > 0)[..., None, :], s, v, g, dw, N, precision)
+    s, s_max = numerics.normalized_spectrum(s)
+    beta = numerics.max_abs(g)
+    factor = jnp.power(s_max, 1.0 - 2.0 / N)[..., None] * beta
+    out = _tangent_normalized(u * (s > 0)[..., None, :], s, v, g / beta, dw, N, precision)
+    out = out * factor
     if dg is not None:
+        t = numerics.half_scale(s_max, N, dtype)[..., None]
         out = out + numerics.apply_basis(
             numerics.SpectralBasis(u, s, v), dg.astype(dtype) * t, N, precision
-        )
-    return out * t
+        ) * t
+    return out
 
 
 def _tangent_normalized(u_r, s, v, g, dw, N: int, precision) -> jax.Array:
@@ -290,8 +292,12 @@ def _with_basis_tangent_jvp(N, precision, primals, tangents):
     )
     if dw is None and dg is None:
         return value, jnp.zeros_like(value)
-    w = _differentiated_once(w)
-    basis = numerics.basis_from_columns(numerics.matmul(w, v, precision), v, w.shape[-2:])
+    w, g = _differentiated_once(w), _differentiated_once(g)
+    alpha = numerics.max_abs(w)  # column norms of w v / alpha neither under- nor overflow
+    basis = numerics.basis_from_columns(
+        numerics.matmul(w / alpha, v, precision), v, w.shape[-2:]
+    )
+    basis = basis._replace(s=basis.s * alpha[..., 0])
     dw = jnp.zeros_like(w) if dw is None else dw
     tangent = precondition_tangent(*basis, g, dw, N, dg=dg, precision=precision)
     return value, tangent.astype(value.dtype)
@@ -301,21 +307,22 @@ with_basis_tangent.defjvp(_with_basis_tangent_jvp, symbolic_zeros=True)
 
 
 @jax.custom_jvp
-def _differentiated_once(w):
-    """w itself; differentiating it (a second derivative in w) raises a ValueError.
+def _differentiated_once(x):
+    """x itself; differentiating it (a second derivative) raises a ValueError.
 
-    The tracked basis v is computed without derivatives, so differentiating the tangent
-    above in w would hold v fixed while u and s move with w: a wrong second derivative.
+    The tracked basis v and the value are computed without derivatives, so differentiating
+    the tangent above in w would hold v fixed while u and s move with w, and in g would
+    miss the value's dependence on g: wrong second derivatives.
     """
-    return w
+    return x
 
 
 @_differentiated_once.defjvp
 def _differentiated_once_jvp(primals, tangents):
     del primals, tangents
     raise ValueError(
-        "Second derivatives in the weights through method='tracked' (the default) are not "
-        "supported: its derivative is exact to first order only. Use "
+        "Second derivatives through method='tracked' (the default) are not supported: its "
+        "derivative is exact to first order only. Use "
         "overparam_precondition(N, method='svd') for higher-order derivatives (exact away "
         "from repeated singular values, NaN at them)."
     )

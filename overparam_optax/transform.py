@@ -219,22 +219,37 @@ def _gathered(views: list[MatrixView | None], leaves: list[Any]) -> list[Any]:
     ]
 
 
-def _check_options(block_size, precision, plain_gradient_at_zero) -> None:
-    """Checks the method-independent options of :func:`overparam_precondition`."""
+def _static_hint(name: str, value: Any) -> str:
+    """The remedy for a traced option: optax.inject_hyperparams makes numbers arrays."""
+    if isinstance(value, jax.Array):
+        return f" With optax.inject_hyperparams, pass static_args=({name!r},)."
+    return ""
+
+
+def _check_options(block_size, precision, plain_gradient_at_zero) -> bool:
+    """Checks the method-independent options of :func:`overparam_precondition`; returns
+    ``plain_gradient_at_zero`` as a Python bool."""
     if block_size is not None and (
         isinstance(block_size, bool)
         or not isinstance(block_size, (int, np.integer))
         or block_size < 2
     ):
-        raise ValueError(f"block_size must be an int >= 2 or None, got {block_size!r}.")
+        raise ValueError(
+            f"block_size must be an int >= 2 or None, got {block_size!r}."
+            + _static_hint("block_size", block_size)
+        )
     if not callable(precision):
         try:  # jax's own check of the value, on a 1 x 1 product traced abstractly
             one = jax.ShapeDtypeStruct((1, 1), jnp.float32)
             jax.eval_shape(lambda x: jnp.matmul(x, x, precision=precision), one)
         except (TypeError, ValueError) as error:
             raise ValueError(f"precision: {error}") from None
-    if not isinstance(plain_gradient_at_zero, bool):
-        raise ValueError(f"plain_gradient_at_zero must be a bool, got {plain_gradient_at_zero!r}.")
+    if not isinstance(plain_gradient_at_zero, (bool, np.bool_)):
+        raise ValueError(
+            f"plain_gradient_at_zero must be a bool, got {plain_gradient_at_zero!r}."
+            + _static_hint("plain_gradient_at_zero", plain_gradient_at_zero)
+        )
+    return bool(plain_gradient_at_zero)
 
 
 def _check_update_dtypes(paths, views, update_leaves) -> None:
@@ -430,8 +445,8 @@ def overparam_precondition(
     N = numerics.check_depth(N)
     chosen = methods.resolve(method)
     chosen.check_depth(N)
-    _check_options(block_size, precision, plain_gradient_at_zero)
-    rule = _Rule(N, chosen, precision, plain_gradient_at_zero)
+    at_zero = _check_options(block_size, precision, plain_gradient_at_zero)
+    rule = _Rule(N, chosen, precision, at_zero)
 
     def views_of(params):
         return resolve_views(params, dimension_numbers, mask, block_size)
@@ -484,6 +499,17 @@ def overparam_precondition(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _is_real_scalar(x: Any) -> bool:
+    """A Python or numpy real number (not a bool), or a 0-d floating or integer array."""
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if isinstance(x, (int, float, np.integer, np.floating)):
+        return True
+    return isinstance(x, (jax.Array, np.ndarray)) and x.ndim == 0 and (
+        jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)
+    )
+
+
 def _add_depth_scaled_decay(
     weight_decay: optax.ScalarOrSchedule, N: int, dimension_numbers, mask
 ) -> optax.GradientTransformation:
@@ -504,6 +530,11 @@ def _add_depth_scaled_decay(
 
     if callable(weight_decay):
         depth_scaled = lambda count: N * weight_decay(count)  # noqa: E731
+    elif not _is_real_scalar(weight_decay):
+        raise ValueError(
+            f"weight_decay must be a float, a scalar array or an optax schedule, got "
+            f"{weight_decay!r}."
+        )
     else:
         depth_scaled = N * weight_decay
     return optax.chain(
@@ -586,7 +617,7 @@ def state_shardings(
     This is ``optax.tree.map_params`` with two rules: a state leaf that mirrors a
     parameter (momentum, Adam's moments, ...) takes that parameter's sharding, and a
     method's state entry (whose shapes differ from the parameter's) takes the sharding its
-    method gives it (:meth:`~overparam_optax.methods.Method.entry_sharding`: the default's
+    method gives it (``Method.entry_sharding`` of :mod:`overparam_optax.methods`: the default's
     tracked bases are split by rows over the mesh axes the parameter is split over, rows
     that do not divide ``replicated``); every other state leaf (step counts) is
     ``replicated``.

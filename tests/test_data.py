@@ -387,6 +387,7 @@ def test_mnist_npz_unit_range_floats_with_a_stray_pixel_are_refused(tmp_path):
     images[2, 5, 5] = 1.5  # one stray pixel must not make every image 255 times darker
     np.savez(tmp_path / "mnist.npz", x_train=images, y_train=labels, x_test=images,
              y_test=labels)  # fmt: skip
-    with pytest.raises(data.DataError, match=r"mnist\.npz': float image 2 has pixel values up "
-                       r"to 1\.5 that are not whole numbers; expected floats in \[0, 1\]"):  # fmt: skip
+    expected = (r"mnist\.npz': float image 2 has pixel values up to 1\.5 that are not whole "
+                r"numbers; expected floats in \[0, 1\]")  # fmt: skip
+    with pytest.raises(data.DataError, match=expected):
         data.load_mnist(tmp_path)

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests.scripts import load_script
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -329,7 +331,8 @@ def test_transformer_lm_text_too_short_fails_before_training(tmp_path):
 
 def test_transformer_lm_long_flag_sets_the_longer_run_unless_overridden():
     from overparam_experiments import flags as xflags
-    from overparam_experiments import lm_example
+
+    lm_example = load_script("examples/transformer_lm.py", name="transformer_lm_example")
 
     def parse_args(argv):
         return lm_example.resolve(xflags.parse(lm_example.define_flags, argv))
@@ -341,6 +344,46 @@ def test_transformer_lm_long_flag_sets_the_longer_run_unless_overridden():
     assert parse_args(["--long", "--steps", "10"]).steps == 10
     assert parse_args(["--lr", "adamw=0.5"]).lr["adamw"] == 0.5
     assert parse_args([]).lr == lm_example.DEFAULT_LEARNING_RATES
+
+
+def test_transformer_benchmark_times_the_examples_own_modes():
+    """benchmarks/transformer_lm.py's paired timing builds each mode as the example does."""
+    import jax.numpy as jnp
+    import optax
+
+    from overparam_experiments import flags as xflags
+
+    example = load_script("examples/transformer_lm.py", name="transformer_lm_example")
+    bench = load_script("benchmarks/transformer_lm.py", name="transformer_lm_benchmark")
+    defaults = vars(xflags.parse(example.define_flags, []))
+    assert {k: defaults[k] for k in bench.EXAMPLE_DEFAULTS} == bench.EXAMPLE_DEFAULTS
+    sizes = ["--steps", "5", "--context", "8", "--d-model", "8", "--layers", "1"]
+    rates = {"adamw": 1e-2, "adamw+overparam": 3e-3, "momentum": 0.1, "momentum+overparam": 0.05}
+    example_args = example.resolve(xflags.parse(example.define_flags, [
+        *sizes, "--lr", ",".join(f"{mode}={lr}" for mode, lr in rates.items())]))  # fmt: skip
+    bench_args = bench.parse_args(sizes)
+    plain = example.make_model(example_args).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)
+    )["params"]
+    tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) * 7 % 256
+
+    def two_updates(model, params, tx):
+        def loss(p):
+            logits = model.apply({"params": p}, tokens[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+        state = tx.init(params)
+        for _ in range(2):
+            updates, state = tx.update(jax.grad(loss)(params), state, params)
+            params = optax.apply_updates(params, updates)
+        return params
+
+    for mode in example.MODES:
+        lr = rates["momentum+overparam" if mode == "momentum-explicit" else mode]
+        ours = two_updates(*example.build_run(mode, example_args, plain))
+        theirs = two_updates(*bench.mode_setup(mode, lr, bench_args, plain))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                     ours, theirs)  # fmt: skip
 
 
 @pytest.mark.parametrize("method, reused", [("svd", True), ("tracked", False)])
@@ -373,3 +416,174 @@ def test_reproduce_paper_reuses_logs_written_when_svd_was_the_examples_default(
         with pytest.raises(RuntimeError, match="trained again"):
             paper_sections._mnist_log(REPO / "examples" / "mnist_cnn.py", argv, tmp_path,
                                       reuse=True)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# examples/mnist_cnn.py's table, figure and help; examples/matrix_completion.py's threads,
+# figure, progress and flags.
+# --------------------------------------------------------------------------------------
+
+
+def test_mnist_cnn_help_shows_the_flags_near_the_top():
+    result = _run("examples/mnist_cnn.py", "--helpshort", status=1)  # absl exits 1 on help
+    lines = result.stdout.splitlines()
+    assert any(line.strip() == "flags:" for line in lines[:20]), "\n".join(lines[:25])
+
+
+def test_mnist_cnn_table_reports_the_steady_state_step_beside_the_total():
+    example = load_script("examples/mnist_cnn.py", name="mnist_cnn_example")
+    # 10 s of compilation and slow first steps, then 0.1 s a step: steady is 0.1, not 1.
+    evaluations = [{"step": 0, "train_seconds": 0.0}, {"step": 5, "train_seconds": 4.5},
+                   {"step": 10, "train_seconds": 5.0}]  # fmt: skip
+    assert example.steady_seconds_per_step(evaluations) == pytest.approx(0.1)
+    run = {"final_train_loss": 0.5, "test_accuracy": 0.9, "test_loss": 0.4, "seconds": 15.0,
+           "seconds_per_step": 0.1}  # fmt: skip
+    header, row, note = example.format_table({"none": run}).splitlines()
+    assert "s total" in header and "ms/step" in header
+    assert row.split()[-2:] == ["15.0", "100.0"]
+    assert "compilation included" in note and "steady state" in note
+
+
+def _title_and_legend_boxes(monkeypatch, plot):
+    """Draws ``plot()`` and returns, per axes, its title, legend and axes boxes (pixels)."""
+    import matplotlib.figure
+
+    boxes = {}
+    savefig = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(self, *args, **kwargs):
+        savefig(self, *args, **kwargs)
+        renderer = self.canvas.get_renderer()
+        boxes["figure"] = self.bbox
+        boxes["axes"] = [
+            (ax.title.get_window_extent(renderer), ax.get_legend(), ax.get_window_extent(renderer))
+            for ax in self.axes
+        ]
+        boxes["renderer"] = renderer
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    plot()
+    return boxes
+
+
+def test_mnist_cnn_figure_title_is_not_clipped(tmp_path, monkeypatch):
+    example = load_script("examples/mnist_cnn.py", name="mnist_cnn_example")
+    runs = {name: {"train_loss": list(np.linspace(2.3, 0.2, 80))}
+            for name in ("none", "implicit N=2", "explicit N=2")}  # fmt: skip
+    title = "TensorFlow-models tutorial CNN on MNIST (60000 digits), momentum lr 0.01"
+    boxes = _title_and_legend_boxes(
+        monkeypatch, lambda: example.plot_losses(runs, tmp_path / "loss.png", title)
+    )
+    (title_box, _, _), = boxes["axes"]
+    assert 0 <= title_box.x0 and title_box.x1 <= boxes["figure"].x1
+    assert title_box.y1 <= boxes["figure"].y1
+
+
+def _completion_records():
+    steps = list(range(0, 600, 100))
+    records = [
+        {"method": method, "depth": depth, "record_steps": steps,
+         "relative_errors": list(np.geomspace(1.0, 0.01, len(steps))),
+         "singular_values": [list(np.geomspace(50, 0.01, 10) * (k + 1) / 6) for k in steps]}
+        for depth in (2, 3, 4) for method in ("implicit exact", "explicit", "explicit balanced")
+    ]  # fmt: skip
+    return [*records, {"method": "nuclear norm", "depth": None, "relative_error": 0.25}]
+
+
+def test_matrix_completion_figure_legends_are_off_the_curves(tmp_path, monkeypatch):
+    example = load_script("examples/matrix_completion.py", name="matrix_completion_example")
+    boxes = _title_and_legend_boxes(
+        monkeypatch,
+        lambda: example.plot_runs(_completion_records(), tmp_path / "mc.png", "m=2000"),
+    )
+    for _, legend, axes in boxes["axes"]:
+        assert not legend.get_window_extent(boxes["renderer"]).overlaps(axes)
+
+
+def test_matrix_completion_right_panel_says_what_it_shows(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    example = load_script("examples/matrix_completion.py", name="matrix_completion_example")
+    titles = []
+    monkeypatch.setattr(plt, "close", lambda fig: titles.extend(a.get_title() for a in fig.axes))
+    example.plot_runs(_completion_records(), tmp_path / "mc.png", "m=2000")
+    assert "one at a time" not in titles[1]
+    assert "top 10 singular values" in titles[1] and "N=4" in titles[1]
+
+
+def test_matrix_completion_progress_is_plain_lines_in_a_log():
+    import io
+
+    example = load_script("examples/matrix_completion.py", name="matrix_completion_example")
+    log = io.StringIO()  # not a terminal
+    progress = example.Progress(3, stream=log)
+    for label in ("N=2 implicit exact", "N=2 explicit", "nuclear norm"):
+        callback = progress.fit(label)
+        if callback:
+            callback(100, 0.5)
+    progress.close()
+    assert log.getvalue().splitlines() == [
+        "fitting N=2 implicit exact", "fitting N=2 explicit", "fitting nuclear norm"
+    ]
+    assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
+
+
+def test_matrix_completion_counts_its_fits():
+    example = load_script("examples/matrix_completion.py", name="matrix_completion_example")
+    methods = ["implicit exact", "explicit", "explicit balanced", "nuclear norm"]
+    assert example.count_fits([1, 2, 3, 4], methods) == 1 + 3 * 3 + 1
+    assert example.count_fits([1, 2], ["implicit default"]) == 1
+
+
+def test_matrix_completion_flags_take_dashes_and_the_old_underscores():
+    from overparam_experiments import flags as xflags
+
+    example = load_script("examples/matrix_completion.py", name="matrix_completion_example")
+    dashed = xflags.parse(example.define_flags, ["--num-observed", "500", "--max-steps", "7",
+                                                 "--noexplicit-balanced", "--lr-factor", "0.2"])
+    underscored = xflags.parse(example.define_flags, ["--num_observed", "500", "--max_steps",
+                                                      "7", "--noexplicit_balanced",
+                                                      "--lr_factor", "0.2"])  # fmt: skip
+    assert vars(dashed) == vars(underscored)
+    assert (dashed.num_observed, dashed.max_steps, dashed.explicit_balanced) == (500, 7, False)
+
+
+def test_matrix_completion_caps_the_blas_threads_before_fitting(tmp_path, monkeypatch):
+    from overparam_experiments import devices, matrix_completion
+    from overparam_experiments import flags as xflags
+
+    example = load_script("examples/matrix_completion.py", name="matrix_completion_example")
+    calls = []
+    monkeypatch.setattr(devices, "limit_blas_threads", lambda n=1: calls.append(("limit", n)))
+
+    def run_problem(*args, **kwargs):
+        calls.append(("fit",))
+        return []
+
+    monkeypatch.setattr(matrix_completion, "run_problem", run_problem)
+    monkeypatch.setattr(example, "plot_runs", lambda *args: None)
+    args = xflags.parse(example.define_flags, ["--output-dir", str(tmp_path), "--nonuclear-norm"])
+    example.main(args)
+    assert calls == [("limit", 1), ("fit",)]
+
+
+def test_limit_blas_threads_caps_numpy_and_jax_lapack():
+    code = (
+        "from overparam_experiments import devices\n"
+        "import jax.numpy as jnp\n"
+        "assert devices.limit_blas_threads(1) >= 2\n"
+        "jnp.linalg.svd(jnp.ones((8, 8)))\n"
+        "from threadpoolctl import threadpool_info\n"
+        "blas = [i for i in threadpool_info() if i['user_api'] == 'blas']\n"
+        "assert len(blas) >= 2 and all(i['num_threads'] == 1 for i in blas), blas\n"
+    )
+    env = dict(os.environ)
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_matrix_completion_output_folder_is_ignored_by_git():
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert "matrix_completion_results/" in ignored

@@ -44,8 +44,8 @@ from absl import app, flags, logging  # noqa: F401  (absl defines its own flags 
 
 absl_flags = set(flags.FLAGS)
 from overparam_experiments import (  # noqa: F401
-    cnn_example, data, devices, flags as script_flags, implicit_regularization, lm_example,
-    matrix_completion, models, text, timing, training, trajectories,
+    data, devices, flags as script_flags, implicit_regularization, matrix_completion, models,
+    text, timing, training, trajectories,
 )
 import default_report, equivalence_grid, fidelity_tasks, matmul_sections  # noqa: F401
 import paper_report, paper_sections, tuned_mnist, tuned_regression, tuned_report, tuning  # noqa

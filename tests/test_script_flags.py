@@ -84,6 +84,8 @@ def _cases(tmp: pathlib.Path) -> list[tuple[str, list[str], str]]:
     corrupt.write_text('{"runs": [1, 2')
     under_file = str(a_file / "sub")
     missing = str(tmp / "no_such_folder")
+    empty = tmp / "empty_folder"
+    empty.mkdir(exist_ok=True)
     newton_200 = ["--method", "newton", "--depth", "200"]
     absent_platform = "gpu" if _no_gpu() else "tpu"
     return [
@@ -94,6 +96,19 @@ def _cases(tmp: pathlib.Path) -> list[tuple[str, list[str], str]]:
         ("examples/mnist_cnn.py", ["--optimizer", "lion"], "optimizer"),
         ("examples/mnist_cnn.py", ["--output-dir", under_file], "output-dir"),
         ("examples/mnist_cnn.py", ["--data-dir", missing], "data-dir"),
+        ("examples/mnist_cnn.py", ["--lr", "nan"], "lr"),
+        ("examples/sharded_mlp.py", ["--lr", "nan"], "lr"),
+        ("examples/lp_regression.py", ["--init-scale", "nan"], "init-scale"),
+        ("examples/transformer_lm.py", ["--target-loss", "nan"], "target-loss"),
+        ("examples/transformer_lm.py", ["--context", "100000000"], "context"),
+        ("examples/matrix_completion.py", ["--lr-factor", "nan"], "lr-factor"),
+        ("examples/matrix_completion.py", ["--scale", "nan"], "scale"),
+        ("examples/matrix_completion.py", ["--num_observed", "0"], "num-observed"),
+        ("benchmarks/transformer_default.py", ["--lr-adamw-overparam", "nan"],
+         "lr-adamw-overparam"),  # fmt: skip
+        ("benchmarks/fidelity.py", ["--data_dir", missing], "data_dir"),
+        ("benchmarks/fidelity.py", ["--data_dir", str(empty)], "data_dir"),
+        ("benchmarks/implicit_regularization.py", ["--lr", "nan"], "lr"),
         ("examples/transformer_lm.py", newton_200, "depth"),
         ("examples/transformer_lm.py", ["--d-model", "30", "--heads", "4"], "d-model"),
         ("examples/transformer_lm.py", ["--lr", "adamw=0"], "lr"),
@@ -221,3 +236,29 @@ def test_cold_start_refuses_before_any_work(tmp_path, script, argv, flag):
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert seconds < 60  # the import of jax; the baseline's training alone took longer
     assert list(tmp_path.iterdir()) == []
+
+
+def _scripts_with_flag_functions() -> list[str]:
+    scripts = sorted([*REPO.glob("examples/*.py"), *REPO.glob("benchmarks/*.py")])
+    return [str(p.relative_to(REPO)) for p in scripts if "def define_flags(" in p.read_text()]
+
+
+@pytest.mark.parametrize("script", _scripts_with_flag_functions())
+def test_every_float_flag_refuses_nan_and_infinity(script, monkeypatch):
+    """absl's bounds let NaN pass (every comparison with it is False); the helper refuses it."""
+    from absl import flags as absl_flags
+
+    from overparam_experiments import flags as xflags
+    from tests.scripts import load_script
+
+    monkeypatch.syspath_prepend(str((REPO / script).parent))
+    module = load_script(script, name=f"nan_check_{pathlib.Path(script).stem}")
+    scratch = absl_flags.FlagValues()
+    module.define_flags(scratch)
+    floats = [n for n in scratch if isinstance(scratch[n].parser, absl_flags.FloatParser)]
+    for name in floats:
+        for value in ("nan", "inf", "-inf"):
+            # An alias (--lr_factor) is reported under the flag it stands for (--lr-factor);
+            # an infinity may meet a bound first.
+            with pytest.raises(absl_flags.Error, match=rf"^flag --[\w-]+={value}: "):
+                xflags.parse(module.define_flags, [f"--{name}={value}"])

@@ -66,7 +66,9 @@ def test_tracked_follows_the_reference_along_a_moving_matrix(case, shape, tolera
         # residual is relative to ||W^T W||_F, blind to the smallest values) and 5.6e-6 at 1e-6.
         bound = 1e-5 if tolerance else 5e-4
     assert worst < bound, worst
-    assert 1 <= int(state.decompositions) <= 6
+    # The first update decomposes; so does the second where the start's repeated or zero
+    # singular values split (measured: 1 or 2 of 6 on every case).
+    assert 1 <= int(state.decompositions) <= 2
 
 
 @pytest.mark.parametrize("shape", [(12, 5), (13, 5), (9, 9), (40, 8)])
@@ -115,7 +117,7 @@ def test_tracked_at_other_depths(N):
         g = rng.standard_normal((10, 6))
         out, basis, fresh = tracked.precondition(w, jnp.asarray(g, jnp.float32), basis, N)
         want = reference.reference_precondition(np.asarray(w, np.float64), g, N)
-        assert _rel(out, want) < 1e-3
+        assert _rel(out, want) < 2e-6  # measured 4.6e-7 (N = 2) and 6.4e-7 (N = 7)
         assert bool(fresh) == (step == 0)
         w = w + 1e-5
 
@@ -232,8 +234,9 @@ def test_default_stays_on_the_exact_trajectory_over_many_updates():
                 p, s = step(p, s)
             runs[method] = (p["w"], s)
         gap = _rel(runs["tracked"][0], runs["svd"][0])
-        assert gap < 5e-5, gap
-        assert int(runs["tracked"][1][0].decompositions) < 150
+        assert gap < 3e-5, gap  # measured 9.6e-6 (near zero) and 5.2e-7 (near identity)
+        # Measured 3 and 4 of 150: the basis is carried, not recomputed.
+        assert int(runs["tracked"][1][0].decompositions) <= 8
 
 
 def test_vmap_over_optimizers_keeps_one_conditional_decomposition():

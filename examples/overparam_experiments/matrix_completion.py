@@ -540,39 +540,6 @@ def format_table(records: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_runs(records: Sequence[dict], path, title: str = "") -> None:
-    """Relative error against steps for every fit, and the top singular values over time of
-    the largest depth's implicit exact (solid), explicit (dashed) and explicit balanced
-    (dotted) runs; saved to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in records if "record_steps" in r]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in runs:
-        label = f"{r['method']} N={r['depth']}"
-        left.semilogy(r["record_steps"], r["relative_errors"], label=label)
-    for r in records:
-        if r["method"] == "nuclear norm":
-            left.axhline(r["relative_error"], color="k", ls=":", label="nuclear norm")
-    left.set(xlabel="step", ylabel="relative error (all entries)", title=title)
-    left.legend(fontsize=7)
-    deepest = max(r["depth"] for r in runs)
-    for r in runs:
-        style = {"implicit exact": "-", "explicit": "--", "explicit balanced": ":"}.get(r["method"])
-        if r["depth"] == deepest and style is not None:
-            sv = np.asarray(r["singular_values"], dtype=float)
-            right.semilogy(r["record_steps"], sv, style, lw=1)
-            right.plot([], [], style, color="gray", label=f"{r['method']} N={deepest}")
-    right.set(xlabel="step", ylabel="top singular values", title="one at a time")
-    right.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------------------
 # Summaries over seeds (docs/implicit_regularization.md).
 # --------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ __all__ = [
     "is_tutorial_layer_selected",
     "kernel_mask",
     "logits_fn_for",
+    "transformer_decay_mask",
     "transformer_dimension_numbers",
 ]
 
@@ -387,6 +388,17 @@ def transformer_dimension_numbers(
         return DENSE
 
     return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def transformer_decay_mask(params):
+    """True on a :class:`TransformerLM`'s weight matrices and embedding tables (factors
+    included): where AdamW's weight decay applies."""
+
+    def is_matrix(path, leaf):
+        name = _key_name(path[-1])
+        return name.startswith("kernel") or name in ("embedding", "pos_embed")
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def _matrix_shape(shape: tuple[int, ...], spec: MatrixDimensionNumbers):

@@ -3,9 +3,9 @@ W afresh on every update.
 
 A method is a frozen dataclass of its options (hashable: it is a static argument of the
 compiled update). The transform asks it for three things per group of same-shaped matrices:
-the state entry of a stack of tall matrices (:meth:`Method.init_entry`), the update of the
-stack (:meth:`Method.update`: the preconditioned gradients, the new entry, and which
-matrices were decomposed afresh), and the sharding of an entry (:meth:`Method.entry_sharding`).
+the state entry of a stack of tall matrices (``Method.init_entry``), the update of the
+stack (``Method.update``: the preconditioned gradients, the new entry, and which matrices
+were decomposed afresh), and the sharding of an entry (``Method.entry_sharding``).
 """
 
 from __future__ import annotations

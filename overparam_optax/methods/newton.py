@@ -15,7 +15,7 @@ from overparam_optax.methods import eigh
 from overparam_optax.methods.base import Decomposing
 from overparam_optax.numerics import matmul, matrix_transpose, symmetrize
 
-__all__ = ["NEWTON_MAX_DEPTH", "Newton", "PolarRoot", "polar_root", "POLAR_STEPS", "ROOT_STEPS"]
+__all__ = ["NEWTON_MAX_DEPTH", "Newton", "PolarRoot", "apply_polar_root", "polar_root"]
 
 #: The deepest N that ``method="newton"`` accepts. Its error grows with N (the powers of
 #: the computed root Z = (W^T W)^{1/N} compound its relative error): on condition number
@@ -167,7 +167,8 @@ def polar_root(w: jax.Array, N: int, precision) -> PolarRoot:
 
     Three stages, all with fixed, tuned coefficients (docs/performance.md):
 
-    0. Normalize: W_hat = W / alpha (alpha = max |w_ij|), A = W_hat^T W_hat, A^2, and
+    0. Normalize: W_hat = W / alpha (alpha the largest absolute entry), A = W_hat^T W_hat,
+       A^2, and
        c = ||A^2||_F^{1/2} >= s_max(W_hat)^2 (tight to a factor n^{1/4}); X_0 = W_hat / sqrt(c)
        has singular values in [0, 1]. ``scale`` = alpha sqrt(c).
     1. Polar factor: 7 quintic Newton-Schulz steps X <- a X + X (b S + c S^2), S = X^T X,
@@ -254,7 +255,10 @@ def apply_polar_root(factors: PolarRoot, g: jax.Array, N: int, precision) -> jax
 
 @dataclasses.dataclass(frozen=True)
 class Newton(Decomposing):
-    """Matmul-only factors on every update (:func:`polar_root`), for N <= NEWTON_MAX_DEPTH."""
+    """Matmul-only factors on every update, for N <= NEWTON_MAX_DEPTH.
+
+    The factors are :func:`~overparam_optax.methods.newton.polar_root`'s.
+    """
 
     name = "newton"
 

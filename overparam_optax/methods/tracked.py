@@ -118,7 +118,8 @@ class Tracked(Method):
     """The default: each matrix's right singular basis, rotated toward W on every update.
 
     Attributes:
-      tolerance: a float in (0, 1), default :data:`DEFAULT_TOLERANCE` (1e-4): the largest
+      tolerance: a float in (0, 1), default
+        :data:`~overparam_optax.methods.tracked.DEFAULT_TOLERANCE` (1e-4): the largest
         relative off-diagonal ||off(V^T W^T W V)||_F / ||W^T W||_F of the rotated basis V
         accepted without recomputing it. Smaller is closer to the exact rule and decomposes
         more often (``state.decompositions`` counts them).
@@ -394,9 +395,9 @@ def apply_frame(
     (..., 1, 1) > 0; ``beta`` None is 1).
 
     The factor (alpha s_max)^{2-2/N} beta is applied in two equal halves, one to g before
-    the products and one to the result, computed from logarithms: every intermediate then
-    lies between the normalized products and the result, so none overflows or underflows
-    where W, G and P are representable.
+    the products and one to the result: every intermediate then lies between the
+    normalized products and the result, so none overflows or underflows where W, G and P
+    are representable.
 
     With V' = v q and U = w V' S^{-1} this is the SVD-basis formula of
     :func:`~overparam_optax.numerics.apply_basis`,
@@ -408,10 +409,12 @@ def apply_frame(
     s = jnp.sqrt(jnp.maximum(jnp.diagonal(frame.b, axis1=-2, axis2=-1), 0))
     s = numerics.truncate_below_rank_tolerance(s, g.shape[-2:], g.dtype)
     s_hat, s_max = numerics.normalized_spectrum(s)
-    log_t = (1.0 - 1.0 / N) * (jnp.log(alpha[..., 0]) + jnp.log(s_max))
+    # Factor by factor (each representable); the exponential of a summed logarithm would
+    # lose |log t| ulps of accuracy at extreme scales.
+    t = numerics.half_scale(alpha[..., 0], N, g.dtype)
     if beta is not None:
-        log_t = log_t + 0.5 * jnp.log(beta[..., 0])
-    t = jnp.exp(log_t).astype(g.dtype)[..., None]  # (..., 1, 1)
+        t = t * jnp.sqrt(beta[..., 0])
+    t = (t * numerics.half_scale(s_max, N, g.dtype))[..., None]  # (..., 1, 1)
     inv_s = numerics.safe_reciprocal(s)
     kernel = numerics.depth_kernel(s_hat, s_hat, N)
     d = jnp.power(s_hat, 2.0 * (N - 1) / N)
