@@ -331,11 +331,11 @@ def _is_orthonormal(v: jax.Array) -> jax.Array:
     """
     norms = jnp.sum(v * v, axis=-2)
     unit = jnp.all(jnp.abs(norms - 1) < 1e-3, axis=-1)
-    probes = jnp.asarray(_probes(v.shape[-1]), v.dtype)
-    highest = jax.lax.Precision.HIGHEST
-    back = jnp.matmul(
-        matrix_transpose(v), jnp.matmul(v, probes, precision=highest), precision=highest
-    )
+    probes = jnp.asarray(_probes(v.shape[-1]), v.dtype)  # (n, 2)
+    # Elementwise products and sums, in full float32 whatever the matmul precision (one
+    # bfloat16 pass would miss the 1e-3 test).
+    forward = jnp.sum(v[..., :, :, None] * probes[None, :, :], axis=-2)  # V x, (..., n, 2)
+    back = jnp.sum(v[..., :, :, None] * forward[..., :, None, :], axis=-3)  # V^T V x
     orthogonal = jnp.all(jnp.abs(back - probes) < 1e-3, axis=(-2, -1))
     return unit & orthogonal & jnp.all(jnp.isfinite(v), axis=(-2, -1))
 
