@@ -211,6 +211,8 @@ def main(args) -> dict:
         "benchmark": "block-diagonal vs exact preconditioner, MNIST MLP 784-512-512-10",
         "command": shlex.join(["python", "benchmarks/blocks.py", *sys.argv[1:]]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": env["git_commit"],
+        "git_dirty": env["git_dirty"],
         "versions": {
             "python": env["python"],
             "jax": env["jax_version"],

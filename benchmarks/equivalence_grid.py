@@ -248,6 +248,7 @@ def device_info() -> dict:
     }
     if env["cpu_model"]:
         info["cpu_model"] = env["cpu_model"]
+    info["git_commit"], info["git_dirty"] = env["git_commit"], env["git_dirty"]
     return info
 
 
