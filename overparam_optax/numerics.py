@@ -11,7 +11,7 @@ is diagonal in the singular bases: entry (a, b) of U_full^T G V_full is multipli
 
 where U_full, V_full complete U, V to square orthogonal matrices and the singular values
 are padded with zeros. We never form the complements. Assume m >= n (P is invariant under
-transposing W and G together, so a wide matrix is transposed first: :func:`tall`). Then V
+transposing W and G together, so a wide matrix is transposed first). Then V
 is square, only the left complement (I - U U^T) exists, and on it s_a = 0 so only the
 j = 1 term survives: k(0, s_b) = s_b^{2(N-1)/N} =: d_b. Writing B = G V and A = U^T B,
 
@@ -59,6 +59,7 @@ __all__ = [
     "compute_dtype",
     "depth_kernel",
     "half_scale",
+    "is_exactly_zero",
     "lift_subnormal",
     "matmul",
     "matrix_transpose",
@@ -68,7 +69,6 @@ __all__ = [
     "select",
     "svd_basis",
     "symmetrize",
-    "tall",
     "truncate_below_rank_tolerance",
     "unlift",
 ]
@@ -269,6 +269,15 @@ def lift_subnormal(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(which, lifted, w), jnp.where(lift, k, 0).astype(jnp.int32)
 
 
+def is_exactly_zero(x: jax.Array, axis) -> jax.Array:
+    """Whether every entry over ``axis`` is +0 or -0, read from the bits (XLA on CPU
+    compares a subnormal number equal to 0)."""
+    int_dtype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, int_dtype)
+    magnitude = bits & jnp.asarray(np.iinfo(int_dtype).max, int_dtype)  # no sign bit
+    return jnp.all(magnitude == 0, axis=axis)
+
+
 def unlift(out: jax.Array, k: jax.Array, N: int) -> jax.Array:
     """P_W(G) from P_{2^k W}(G) = 2^{k (2 - 2/N)} P_W(G) (P is homogeneous in W)."""
     factor = jnp.exp2(-(2.0 - 2.0 / N) * k.astype(out.dtype))
@@ -283,22 +292,6 @@ def select(which: jax.Array, new: Any, old: Any) -> Any:
         return jnp.where(mask, a, b)
 
     return jax.tree.map(pick, new, old)
-
-
-def tall(fn):
-    """``fn(w, g, *args)`` for tall w (rows >= cols), lifted to any orientation.
-
-    P is invariant under transposing W and G together, so a wide pair is transposed in,
-    and the result (the first output if ``fn`` returns a tuple) transposed back.
-    """
-
-    @functools.wraps(fn)
-    def wrapped(w, g, *args, **kwargs):
-        if w.shape[-2] >= w.shape[-1]:
-            return fn(w, g, *args, **kwargs)
-        return matrix_transpose(fn(matrix_transpose(w), matrix_transpose(g), *args, **kwargs))
-
-    return wrapped
 
 
 class SpectralBasis(NamedTuple):

@@ -113,19 +113,16 @@ def _to_leaf(group: _Group, view: MatrixView, out: jax.Array, like: Any) -> jax.
 
 def _is_zero(w: jax.Array) -> jax.Array:
     """Per matrix of a (count, rows, cols) stack: whether it is exactly zero."""
-    return jnp.all(w == 0, axis=(-2, -1))
+    return numerics.is_exactly_zero(w, axis=(-2, -1))
 
 
 def _vector_update(view: MatrixView, param, update, N: int, at_zero: bool) -> jax.Array:
     """Single-output (or single-input) leaves: the closed form, no factors."""
-    w = view.to_matrices(param).reshape(view.count, 1, -1)
-    w = w.astype(numerics.compute_dtype(w.dtype))
-    w, lifted = numerics.lift_subnormal(w)  # read subnormal weights as what they are
-    w = w[:, 0]
+    w = view.to_matrices(param).reshape(view.count, -1)
     g = view.to_matrices(update).reshape(view.count, -1)
-    out = numerics.unlift(linalg.precondition_vector(w, g, N), lifted, N)
+    out = linalg.precondition_vector(w, g, N)  # reads subnormal weights as they are
     if at_zero:
-        out = jnp.where(jnp.all(w == 0, axis=-1, keepdims=True), g, out)
+        out = jnp.where(numerics.is_exactly_zero(w, axis=-1)[:, None], g, out)
     return view.from_matrices(out.reshape(view.count, view.rows, view.cols))
 
 

@@ -123,6 +123,17 @@ class Tracked(Method):
         relative off-diagonal ||off(V^T W^T W V)||_F / ||W^T W||_F of the rotated basis V
         accepted without recomputing it. Smaller is closer to the exact rule and decomposes
         more often (``state.decompositions`` counts them).
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> import overparam_optax as opx
+      >>> method = opx.methods.Tracked(tolerance=1e-3)
+      >>> tx = optax.chain(opx.overparam_precondition(3, method=method), optax.sgd(0.1))
+      >>> params = {"w": jnp.eye(3)}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(params, state, params)
+      >>> int(state[0].decompositions)  # the first update computes the basis
+      1
     """
 
     name = "tracked"
