@@ -223,7 +223,7 @@ def test_second_derivatives_in_the_gradient_through_the_default_are_refused():
 @pytest.mark.parametrize("N", [2, 3])
 def test_vector_closed_form_derivative_at_tiny_weights(N):
     """grad of precondition_vector at |w| ~ 1e-20 was NaN (1 / alpha^2 overflowed).
-    Against float64 central differences; measured 1e-7."""
+    Against float64 central differences; measured 1.1e-7 (N = 2) and 1.8e-6 (N = 3)."""
     w0 = np.array([1e-20, 2e-20, 0.0])
     g = np.array([1.0, 2.0, 3.0])
     grad = jax.grad(lambda w: jnp.sum(opx.precondition_vector(w, jnp.asarray(g), N)))(
@@ -236,7 +236,7 @@ def test_vector_closed_form_derivative_at_tiny_weights(N):
         return reference_precondition(w[:, None], g[:, None], N).sum()
 
     fd = (total(w0 + h * direction) - total(w0 - h * direction)) / (2 * h)
-    assert abs(float(np.dot(np.asarray(grad, np.float64), direction)) - fd) <= 1e-4 * abs(fd)
+    assert abs(float(np.dot(np.asarray(grad, np.float64), direction)) - fd) <= 6e-6 * abs(fd)
 
 
 @pytest.mark.parametrize("method", ["tracked", "svd"])
@@ -244,7 +244,7 @@ def test_vector_closed_form_derivative_at_tiny_weights(N):
 def test_derivatives_at_tiny_weight_scales(method, scale):
     """jax.grad through the update at W ~ 1e-20 was 0 for the default (its column norms
     underflowed), and at 1e-30 for every method (reverse mode's intermediates underflowed).
-    Against float64 central differences; measured 3e-7."""
+    Against float64 central differences; measured up to 1.4e-6 (at 1e-30)."""
     rng = np.random.default_rng(5)
     w0 = scale * rng.normal(size=(4, 3))
     ones = np.ones((4, 3))
@@ -262,7 +262,7 @@ def test_derivatives_at_tiny_weight_scales(method, scale):
         return reference_precondition(w, ones, 3).sum()
 
     fd = (total(w0 + h * direction) - total(w0 - h * direction)) / (2 * h)
-    assert abs(np.sum(grad * direction) - fd) <= 1e-5 * abs(fd), (np.sum(grad * direction), fd)
+    assert abs(np.sum(grad * direction) - fd) <= 5e-6 * abs(fd), (np.sum(grad * direction), fd)
 
 
 def test_a_gap_in_the_kernel_numbering_is_an_error():
