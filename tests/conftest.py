@@ -47,8 +47,14 @@ def pytest_collection_modifyitems(session, config, items):
     """Starts the sharding checks' subprocess now if a test of test_sharding.py will run.
 
     It compiles for about a minute on one core; started here, that minute overlaps the
-    rest of the suite (tests/test_sharding.py waits for it).
+    rest of the suite (tests/test_sharding.py waits for it). Under pytest-xdist every worker
+    collects every test, so none starts it here (each would): the worker that runs
+    test_sharding.py starts it, and the other workers' tests overlap it instead.
     """
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     if any(item.path.name == "test_sharding.py" for item in items):
         from tests import test_sharding
 

@@ -51,16 +51,15 @@ def _assert_same(a, b):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def _changed(tx, params, updates=None):
-    """Per leaf, whether the first update differs from the gradient (it was preconditioned).
+def _differs_from_gradient(updates, params):
+    """Per leaf, whether a first update (of the gradient ``_grads(params)``) differs from it."""
+    return jax.tree.map(lambda u, g: not np.array_equal(u, g), updates, _grads(params))
 
-    ``updates``: that first update where already computed (``_updates(tx, params)[0]``,
-    which uses the same gradient), to save a compile.
-    """
-    grads = _grads(params)
-    if updates is None:
-        updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    return jax.tree.map(lambda u, g: not np.array_equal(u, g), updates, grads)
+
+def _changed(tx, params):
+    """Per leaf, whether the first update differs from the gradient (it was preconditioned)."""
+    updates, _ = jax.jit(tx.update)(_grads(params), tx.init(params), params)
+    return _differs_from_gradient(updates, params)
 
 
 def _expand(prefix, params, is_leaf=None):
@@ -115,9 +114,10 @@ def test_prefix_mask_matches_optax_masked(name, as_callable):
     for a, b in zip(ours, theirs, strict=True):
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), a, b)
     # Not vacuous: exactly the leaves the mask selects (all have >= 2 axes) are changed.
+    # ours[0] is the update of the gradient _grads(params) at these params.
     selected = _expand(mask, params)
     selected = jax.tree.map(lambda keep, p: bool(keep) and p.ndim >= 2, selected, params)
-    assert _changed(None, params, updates=ours[0]) == selected
+    assert _differs_from_gradient(ours[0], params) == selected
 
 
 @pytest.mark.parametrize("method", ["tracked", "svd"])
