@@ -8,6 +8,10 @@
   beside ``optax.contrib.muon``'s update of the same matrix. A projection for GPU/TPU,
   where matmul FLOPs set the time; weight the fresh branch by how often it runs
   (``state.decompositions``; the fidelity and step-time records hold measured rates).
+* A projection of each model's H100 step (``--sections projection``, after ``flops``): SGD's
+  recorded step plus the FLOPs over the recorded throughput plus the measured rate of fresh
+  decompositions times the recorded SVD time, for the default and for Muon (checked against
+  Muon's recorded step).
 * Compile time of the full training step (forward, backward, optimizer) on the CNN and a
   1024-wide MLP, for SGD, the default and Muon: fresh compiles, interleaved, median of 3,
   with the number of dot ops in the lowered step.
@@ -45,8 +49,9 @@ RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """The command line (absl; every value checked while parsing)."""
     flags.DEFINE_boolean("quick", False, "small sizes (a smoke run)", flag_values=flag_values)
-    xflags.define_enum_list("sections", "flops,compile,compile_parts,memory,lapack",
-                            ("flops", "compile", "compile_parts", "memory", "lapack"),
+    xflags.define_enum_list("sections", "flops,projection,compile,compile_parts,memory,lapack",
+                            ("flops", "projection", "compile", "compile_parts", "memory",
+                             "lapack"),
                             "what to measure (a partial run updates the sections it ran in "
                             "the record at --out)", flag_values=flag_values)  # fmt: skip
     flags.DEFINE_integer("repeats", 3, "fresh compiles per contender", lower_bound=1,
@@ -65,18 +70,18 @@ def _flops(fn, *args) -> float:
 
 
 def matrix_flops(rows: int, cols: int, N: int = 3) -> dict:
-    """Per-update FLOPs for one rows x cols matrix: tracked, fresh (matmuls) and Muon.
+    """Per-update FLOPs for one rows x cols matrix: the default's parts, and Muon's update.
 
-    XLA counts a loop's body once, so the tracked branch is counted as its parts: the frame
-    and the application, plus the two Jacobi rounds of every update (all matmuls; the
-    first has no product q R, q being I); a round past those two (run only where two leave
-    the residual above the tolerance) costs ``round``.
+    XLA counts a loop's body once, so the default is counted as its parts: ``base``, the
+    frame and the application that every update runs (also the matmuls of the fresh
+    branch, besides its thin SVD, which runs on LAPACK/cuSOLVER and which XLA does not
+    count); ``first_round``, a Jacobi round whose q is I (no product q R); ``round``, each
+    later one. An update with r >= 1 rounds costs base + first_round + (r - 1) round.
     """
     import jax
     import jax.numpy as jnp
     import optax
 
-    from overparam_optax import numerics
     from overparam_optax.methods import tracked
 
     m, n = max(rows, cols), min(rows, cols)
@@ -90,25 +95,30 @@ def matrix_flops(rows: int, cols: int, N: int = 3) -> dict:
         frame = tracked.initial_frame(w, g, v, hi, near)
         return tracked.apply_frame(frame, w, g, alpha, N, hi, near)
 
-    def first_round(b):  # its q is I: no product q R
-        return tracked.jacobi_round(b, tracked.resolved_pairs(b, (m, n)), hi)
+    def first_round(y, b):  # its q is I: no product q R
+        return tracked.jacobi_round(y, b, tracked.resolved_pairs(b, (m, n)), hi)
 
-    def later_round(b, q):
-        b, r = first_round(b)
-        return b, numerics.matmul(q, r, hi)
+    def later_round(y, b, q):
+        y, b, r = first_round(y, b)
+        return y, b, jnp.matmul(q, r, precision=hi)
 
-    base = _flops(frame_and_apply, w, w, v)
-    first, rotation = _flops(first_round, v), _flops(later_round, v, v)
     muon = optax.contrib.muon(0.1)
     params = {"w": jnp.ones((rows, cols), jnp.float32)}
     state = muon.init(params)
     return {
         "shape": [rows, cols],
-        "tracked": base + first + (tracked.TRACKING_ROUNDS - 1) * rotation,
-        "fresh_matmuls": base,
-        "round": rotation,
+        "base": _flops(frame_and_apply, w, w, v),
+        "first_round": _flops(first_round, w, v),
+        "round": _flops(later_round, w, v, v),
         "muon": _flops(lambda g, s: muon.update(g, s, params), params, state),
     }
+
+
+def tracked_flops(row: dict, rounds: float) -> float:
+    """The default's FLOPs per update of a :func:`matrix_flops` row at ``rounds`` rounds per
+    update on average (the first round of an update has no product q R; counted as a later
+    one here, an upper bound)."""
+    return row["base"] + rounds * row["round"]
 
 
 def model_shapes(quick: bool) -> dict[str, list[tuple[int, int]]]:
@@ -126,12 +136,107 @@ def flops_section(quick: bool) -> dict:
     out = {}
     for model, shapes in model_shapes(quick).items():
         rows = [matrix_flops(*shape) for shape in shapes if min(shape) > 1]
-        totals = {k: sum(r[k] for r in rows) for k in ("tracked", "fresh_matmuls", "muon")}
+        totals = {k: sum(r[k] for r in rows) for k in ("base", "first_round", "round", "muon")}
         out[model] = {"matrices": rows, "total": totals}
         print(
-            f"{model:>24}: tracked {totals['tracked']:.3g}, fresh (matmuls) "
-            f"{totals['fresh_matmuls']:.3g}, muon {totals['muon']:.3g} FLOPs per update"
+            f"{model:>24}: base {totals['base']:.3g}, a round {totals['round']:.3g}, "
+            f"muon {totals['muon']:.3g} FLOPs per update"
         )
+    return out
+
+
+#: The H100 records a projection reads (benchmarks/results/), and which fidelity task's
+#: measured rates stand for each model's (the transformer has no fidelity task: the MLP's).
+GPU_STEP_RECORD = "accelerator_suite_gpu_step_time.json"
+GPU_LINALG_RECORD = "accelerator_suite_gpu.json"
+RATES_FROM = {"cnn": "cnn_momentum", "mlp2048": "mlp_momentum",
+              "transformer_block_1024": "mlp_momentum"}  # fmt: skip
+#: Step-time models of the GPU record, and how many of the FLOPs section's model each holds.
+GPU_MODELS = {"cnn": ("cnn", 1), "mlp2048": ("mlp", 1),
+              "transformer_block_1024": ("transformer", 2)}  # fmt: skip
+
+
+def _newton_flops(n: int) -> float:
+    import jax.numpy as jnp
+
+    from overparam_optax import linalg
+
+    w = jnp.ones((n, n), jnp.float32)
+    return _flops(lambda w, g: linalg.precondition_matrix(w, g, 3, method="newton"), w, w)
+
+
+def _nearest(table: dict, n: int) -> float:
+    """table[k] at the recorded size k closest to n in log scale."""
+    import math
+
+    return table[min(table, key=lambda k: abs(math.log(k / n)))]
+
+
+def projection_section(flops: dict, fidelity: dict, results_dir=RESULTS_DIR) -> dict:
+    """Each model's H100 step, projected from recorded costs, for the default and Muon.
+
+    step = SGD's recorded H100 step + per-step matmul FLOPs / the recorded H100 throughput
+    + fresh decompositions per step x the recorded H100 thin-SVD time. Throughput: the
+    matmul-only ``method="newton"``'s FLOPs (counted here) over its recorded H100 time at
+    the nearest recorded size, at BF16_X3 (the default's GPU precision; HIGH where BF16_X3
+    has no time) for the default and DEFAULT for Muon. SVD time: the recorded one at the
+    nearest size, scaled by (n / n_recorded)^3 above the largest. The default's rounds and
+    decompositions per matrix update are the fidelity record's (:data:`RATES_FROM`).
+    Muon's projection is checked against its recorded step.
+    """
+    steps = json.loads((results_dir / GPU_STEP_RECORD).read_text())
+    linalg = json.loads((results_dir / GPU_LINALG_RECORD).read_text())
+    rows = linalg["sections"]["linalg"]["rows"]
+
+    def seconds(key):
+        return {r["n"]: r["entries"][key]["seconds"] for r in rows
+                if r["entries"].get(key, {}).get("seconds")}  # fmt: skip
+
+    newton = {n: _newton_flops(n) for n in (256, 512, 1024)}
+    throughput = {
+        "default": {n: newton[n] / t for key in ("newton/HIGH", "newton/BF16_X3")
+                    for n, t in seconds(key).items()},
+        "muon": {n: newton[n] / t for n, t in seconds("newton/DEFAULT").items()},
+    }  # fmt: skip
+    svd = seconds("svd/HIGHEST")
+    top = max(svd)
+
+    def svd_seconds(n):
+        return svd[top] * (n / top) ** 3 if n > top else _nearest(svd, n)
+
+    out = {"sources": {"steps": steps["git_commit"], "linalg": linalg["git_commit"],
+                       "device": steps["environment"]["device"]},
+           "throughput_flops_per_second": throughput, "svd_seconds": svd, "models": {}}  # fmt: skip
+    for model, entry in flops.items():
+        if model not in GPU_MODELS:
+            continue
+        gpu_name, copies = GPU_MODELS[model]
+        recorded = steps["sections"]["step_time"]["models"][gpu_name]["seconds_per_step"]
+        rates = fidelity["tasks"][RATES_FROM[model]]["configs"]["default"]
+        rounds = rates["rotation_rounds"] / rates["matrix_updates"]
+        fresh = rates["decompositions"] / rates["matrix_updates"]
+        matmuls = decompositions = muon = 0.0
+        flops_default = sum(tracked_flops(row, rounds) for row in entry["matrices"])
+        for row in entry["matrices"]:
+            n = min(row["shape"])
+            matmuls += tracked_flops(row, rounds) / _nearest(throughput["default"], n)
+            decompositions += fresh * svd_seconds(n)
+            muon += row["muon"] / _nearest(throughput["muon"], n)
+        matmuls, decompositions, muon = copies * matmuls, copies * decompositions, copies * muon
+        default = matmuls + decompositions
+        sgd = recorded["sgd"]
+        out["models"][model] = {
+            "gpu_model": gpu_name, "copies": copies, "rates_from": RATES_FROM[model],
+            "rounds_per_update": rounds, "decompositions_per_update": fresh,
+            "recorded_seconds": recorded,
+            "projected_seconds": {"default": sgd + default, "muon": sgd + muon},
+            "default_parts_seconds": {"matmuls": matmuls, "decompositions": decompositions},
+            "default_over_muon": (sgd + default) / (sgd + muon),
+            "flops_over_muon": flops_default / entry["total"]["muon"],
+        }  # fmt: skip
+        check = f" (recorded {1e3 * recorded['muon']:.2f} ms)" if "muon" in recorded else ""
+        print(f"{model:>24}: projected H100 step: default {1e3 * (sgd + default):.2f} ms, "
+              f"muon {1e3 * (sgd + muon):.2f} ms{check}")  # fmt: skip
     return out
 
 
@@ -257,7 +362,7 @@ def _per_matrix_updates(rows: int, cols: int) -> dict:
 
     def rotated(w, g, v):
         frame = tracked.initial_frame(w, g, v, None, near)
-        return tracked.rotate(frame, (m, n), tracked.DEFAULT_TOLERANCE, None)[0]
+        return tracked.rotate(frame, (m, n), 3, tracked.DEFAULT_TOLERANCE, None)[0]
 
     # The params are arguments, not captured constants (which XLA would fold at compile time).
     return {
@@ -406,7 +511,10 @@ def main(args) -> None:
     suffix = "_quick" if args.quick else ""
     out = pathlib.Path(args.out or RESULTS_DIR / f"cost_{jax.default_backend()}{suffix}.json")
     record = json.loads(out.read_text()) if out.exists() else {}
+    fidelity = RESULTS_DIR / f"fidelity_{jax.default_backend()}.json"
     runs = {"flops": lambda: flops_section(args.quick),
+            "projection": lambda: projection_section(
+                record["flops"], json.loads(fidelity.read_text())),
             "compile": lambda: compile_section(args.quick, args.repeats),
             "compile_parts": lambda: compile_parts_section(args.quick, args.repeats),
             "memory": lambda: memory_section(args.quick),

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from matmul_sections import emulated_precision
+from overparam_optax import methods
 from overparam_optax.factorized import collapse, factorize
 from overparam_optax.transform import overparam_precondition
 
@@ -69,6 +70,14 @@ def kernel_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) ->
     diff = sum(float(np.sum((a[k] - b[k]) ** 2)) for k in b)
     norm = sum(float(np.sum(b[k] ** 2)) for k in b)
     return float(np.sqrt(diff / norm))
+
+
+def rotation_rounds(state) -> int:
+    """The Jacobi rounds that the default's bases ran so far (0 for other methods)."""
+    entries = jax.tree.leaves(
+        state.factors, is_leaf=lambda x: isinstance(x, methods.TrackedBasis)
+    )
+    return sum(int(np.sum(e.rounds)) for e in entries if isinstance(e, methods.TrackedBasis))
 
 
 def _kernel_mask(params):
@@ -158,6 +167,7 @@ def measure_fidelity(
             "kernels": found,
             "final_loss": float(task.loss_fn(final)),
             "decompositions": int(state[0].decompositions),
+            "rotation_rounds": rotation_rounds(state[0]),
             "matrix_updates": steps * matrices,
         }
     exact = results["exact"]["kernels"]
@@ -199,6 +209,8 @@ def _lp_start(kind: str, d: int, rng) -> np.ndarray:
     v, _ = np.linalg.qr(rng.standard_normal((d, d)))
     if kind == "ill_conditioned":  # singular values from 1 down to 1e-3
         return (u * np.logspace(0, -3, d)) @ v.T
+    if kind == "condition_1e4":  # singular values from 1 down to 1e-4
+        return (u * np.logspace(0, -4, d)) @ v.T
     if kind == "rank_deficient":  # rank 8 of 64, singular values 0.5
         return 0.5 * u[:, :8] @ v[:, :8].T
     raise ValueError(f"unknown start {kind!r}")
@@ -238,7 +250,8 @@ def tasks(images: np.ndarray, labels: np.ndarray) -> dict[str, tuple[FidelityTas
     from overparam_experiments.models import MLP, TutorialCNN
 
     out = {f"softmax_N{N}": (_softmax_task(images, labels, N), N) for N in (2, 3, 4)}
-    for kind in ("near_zero", "near_identity", "ill_conditioned", "rank_deficient"):
+    for kind in ("near_zero", "near_identity", "ill_conditioned", "condition_1e4",
+                 "rank_deficient"):
         task = _lp_task(kind)
         out[task.name] = (task, 3)
     fast = _lp_task("near_zero", learning_rate=10.0, num_steps=100)

@@ -363,7 +363,7 @@ def test_state_shardings_split_tracked_bases_like_their_parameter():
         "dp": replicated,
     }
     for name, sharding in expected.items():
-        assert factors[name] == TrackedBasis(sharding), (name, factors[name])
+        assert factors[name] == TrackedBasis(sharding, replicated), (name, factors[name])
     assert isinstance(factors["head"], optax.MaskedNode)
     # A method that decomposes afresh keeps no cache: nothing to shard.
     stateless = opx.overparam_precondition(2, method="eigh")

@@ -106,7 +106,7 @@ def test_options_section_states_the_real_tolerance_and_precision():
     from overparam_optax import methods, numerics
 
     options = _options_section()
-    tolerance = f"{methods.Tracked().tolerance:.0e}".replace("e-0", "e-")  # 1e-4
+    tolerance = f"{methods.Tracked().tolerance:.0e}".replace("e-0", "e-")  # 3e-6
     assert f"`method=methods.Tracked(tolerance=...)` sets its only knob (default {tolerance})" \
         in options
     assert "`precision=None` (the default) picks the matmul precision per platform" in options
@@ -128,4 +128,4 @@ def test_performance_md_opens_with_the_defaults_summary():
     from overparam_optax import methods
 
     tolerance = f"{methods.Tracked().tolerance:.0e}".replace("e-0", "e-")
-    assert f"within the tolerance (default {tolerance}) of W^T W" in summary
+    assert f"relative error within the tolerance (default {tolerance}), to first order" in summary

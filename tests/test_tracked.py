@@ -34,9 +34,10 @@ def test_tracked_follows_the_reference_along_a_moving_matrix(case, shape, tolera
     (16, 5) is applied through n x n factors, the others through W V' and G V'
     (``tracked.near_square``).
 
-    The tolerance bounds the relative off-diagonal of the Gram matrix in the tracked basis;
-    the preconditioner's own error is measured below it: up to 8.7e-7 on random and
-    repeated singular values at either tolerance (the default 1e-4 and 1e-6).
+    The tolerance bounds P's relative error to first order (``tracked.coupling``). Measured
+    at the default (3e-6): up to 6.7e-6 on every case, rank-deficient included (where
+    the off-diagonal criterion of 0.2 let 1.45e-3 through); at 1e-6, up to 1.9e-6 on random
+    and ill-conditioned W and 5.1e-6 where zero or repeated singular values split.
     """
     rng = np.random.default_rng(0)
     w = _start(case, shape, rng)
@@ -53,22 +54,16 @@ def test_tracked_follows_the_reference_along_a_moving_matrix(case, shape, tolera
         want = reference.reference_precondition(np.asarray(params["w"], np.float64), g, 3)
         worst = max(worst, _rel(out["w"], want))
         params = {"w": params["w"] + 1e-4 * jnp.asarray(direction * (step + 1), jnp.float32)}
-    bound = 2e-6
-    if case == "rank_deficient":
-        # Zero singular values that W's move lifts off zero, where P (not Lipschitz at rank
-        # deficiency) is most sensitive to the float32 Gram matrix W^T W. Measured up to
-        # 5.2e-4 at the default tolerance and 4.0e-4 at 1e-6; the fidelity benchmark's
-        # rank-deficient training run measures what this costs over a whole training.
-        bound = 1e-3
-    elif case == "ill_conditioned":
-        # Singular values down to 1e-3 s_max, which these moves change by a large fraction:
-        # the same sensitivity, milder. Measured 2.2e-4 at the default tolerance (the
-        # residual is relative to ||W^T W||_F, blind to the smallest values) and 5.6e-6 at 1e-6.
-        bound = 1e-5 if tolerance else 5e-4
+    if tolerance is None:
+        bound = 1e-5
+    else:
+        bound = 6e-6 if case in ("rank_deficient", "repeated") else 2.5e-6
     assert worst < bound, worst
     # The first update decomposes; so does the second where the start's repeated or zero
-    # singular values split (measured: 1 or 2 of 6 on every case).
-    assert 1 <= int(state.decompositions) <= 2
+    # singular values split (1 or 2 of 6). Zero singular values that the moves lift off
+    # zero turn fast as a cluster, which rotations do not follow: up to 5 of 6 (12 x 5).
+    most = 5 if case == "rank_deficient" else 2
+    assert 1 <= int(state.decompositions) <= most
 
 
 @pytest.mark.parametrize("shape", [(12, 5), (13, 5), (9, 9), (40, 8)])
@@ -117,7 +112,7 @@ def test_tracked_at_other_depths(N):
         g = rng.standard_normal((10, 6))
         out, basis, fresh = tracked.precondition(w, jnp.asarray(g, jnp.float32), basis, N)
         want = reference.reference_precondition(np.asarray(w, np.float64), g, N)
-        assert _rel(out, want) < 2e-6  # measured 4.6e-7 (N = 2) and 6.4e-7 (N = 7)
+        assert _rel(out, want) < 4e-6  # measured 4.6e-7 (N = 2) and 2.9e-6 (N = 7)
         assert bool(fresh) == (step == 0)
         w = w + 1e-5
 
@@ -162,9 +157,9 @@ def test_a_state_of_zeros_is_recomputed_not_applied():
 def test_more_rounds_hold_the_tolerance_where_two_do_not(max_rounds):
     """W's basis turns 0.25 rad in one well-separated pair between two updates.
 
-    Two rounds of at most 0.1 rad leave a residual above the tolerance; the third removes
-    the rest (each round at least halving it), so no SVD is needed. Capped at two rounds,
-    the update decomposes afresh. Either way the update matches the float64 reference.
+    Two rounds of at most 0.1 rad leave the error bound above the tolerance; the third
+    removes the rest, so no SVD is needed. Capped at two rounds, the update decomposes
+    afresh. Either way the update matches the float64 reference.
     """
     rng = np.random.default_rng(3)
     u, _ = np.linalg.qr(rng.standard_normal((12, 6)))
@@ -180,6 +175,7 @@ def test_more_rounds_hold_the_tolerance_where_two_do_not(max_rounds):
         out, basis, fresh = tracked.precondition(w, g, basis, 3, max_rounds=max_rounds)
         decompositions += int(fresh)
     assert decompositions == (2 if max_rounds == 2 else 1)
+    assert int(basis.rounds) >= 3 if max_rounds > 2 else int(basis.rounds) == 2
     want = reference.reference_precondition(np.asarray(w, np.float64), np.asarray(g), 3)
     assert _rel(out, want) < 2e-6  # measured 6.1e-7 afresh, 1.3e-6 after 3+ rounds
 

@@ -376,7 +376,9 @@ def tracked_decompositions(opt_state) -> dict | None:
                if isinstance(s, OverparamPreconditionState) and jax.tree.leaves(s.factors)]
     if not tracked:
         return None
-    updates = sum(int(s.count) * sum(math.prod(v.shape[:-2]) for v in jax.tree.leaves(s.factors))
+    # A basis is (matrices, n, n); its round counts (matrices,) are not matrices.
+    updates = sum(int(s.count) * sum(math.prod(v.shape[:-2]) for v in jax.tree.leaves(s.factors)
+                                     if v.ndim == 3)
                   for s in tracked)  # fmt: skip
     return {"decompositions": sum(int(s.decompositions) for s in tracked),
             "matrix_updates": updates}  # fmt: skip

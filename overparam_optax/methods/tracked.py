@@ -2,16 +2,17 @@
 
 For a tall W (m >= n) everything P_W needs is in the n x n eigenbasis V of W^T W. The
 weights move little per update, so last update's V almost diagonalizes this update's
-Gram matrix: B = (W V)^T (W V) = diag + E with E small. Rotations by the Jacobi angles
-of all pairs at once (E_ab / (b_bb - b_aa) to first order), made orthogonal by a Cayley
-transform computed with matmuls, remove E to second order; two rounds bring E to rounding
-level on a smoothly moving spectrum. The relative off-diagonal mass left,
-||off(B)||_F / ||B||_F, is measured after every round: it is the relative Frobenius
-distance between W^T W and the Gram matrix whose exact preconditioner is applied. Where two
-rounds leave it above the tolerance, more rounds follow while each at least halves it
-(clipped rotations of close pairs need them); where it still exceeds the tolerance (the
-first update, a jump, a crossing or a cluster of singular values that moves too fast) the
-basis is recomputed from a thin SVD.
+Gram matrix: B = (W V)^T (W V) = diag + E with E small. The preconditioner applied from V
+is the exact one of diag(B); what E changes in it is bounded, to first order, by
+:func:`coupling`: the largest |E_ab| weighted by the slope of the fractional powers of
+W^T W at the pair, so a coupling of two small singular values counts as much as one of two
+large ones. Where that bound is within the tolerance no round runs. Otherwise rounds of
+Jacobi rotations of all pairs at once (E_ab / (b_bb - b_aa) to first order, made
+orthogonal by a Cayley transform computed with matmuls) remove E to second order, while
+the bound exceeds the tolerance and falls, up to :data:`MAX_TRACKING_ROUNDS`. Where it
+still exceeds the tolerance (the first update, a jump, a crossing, or zero singular values
+that W's move lifts off zero as a fast-turning cluster) the basis is recomputed from a thin
+SVD.
 
 The public functions below are the parts of one update (:func:`precondition`); benchmarks
 count and compile them one by one, and tests force a route or a round count through their
@@ -37,13 +38,13 @@ __all__ = [
     "DEFAULT_TOLERANCE",
     "MAX_ROTATION_NORM",
     "MAX_TRACKING_ROUNDS",
-    "TRACKING_ROUNDS",
     "Frame",
     "Tracked",
     "TrackedBasis",
     "apply_frame",
     "fresh_frame",
     "initial_frame",
+    "coupling",
     "jacobi_rotation",
     "jacobi_round",
     "near_square",
@@ -52,21 +53,18 @@ __all__ = [
     "rotate",
 ]
 
-#: The default ``tolerance`` (docs/performance.md, "Fidelity").
-DEFAULT_TOLERANCE = 1e-4
+#: The default ``tolerance``: the first-order bound on P's relative error (:func:`coupling`)
+#: accepted without recomputing the basis (docs/performance.md, "Fidelity").
+DEFAULT_TOLERANCE = 3e-6
 
-#: Rotation rounds every matrix gets. One is not enough even where it meets the tolerance:
-#: the residual is blind to small singular values, and the second round resolves them.
-TRACKING_ROUNDS = 2
+#: The most rotation rounds in one update. A round costs 6 n x n x n products, far less
+#: than the decomposition it replaces (docs/performance.md, "Cost"); a matrix gets rounds
+#: only while its bound exceeds the tolerance and falls.
+MAX_TRACKING_ROUNDS = 8
 
-#: The most rounds in one update. Rounds past TRACKING_ROUNDS run only for a matrix above
-#: the tolerance whose last round at least halved its residual (_STALL): a round costs
-#: 6 n x n x n products, far less than the decomposition it replaces (docs/performance.md).
-MAX_TRACKING_ROUNDS = 6
-
-#: A round that leaves more than this fraction of the residual it started from has
-#: stalled: no more rounds, the basis is recomputed if it is still above the tolerance.
-_STALL = 0.5
+#: Rounding in W V (about eps * s_max per entry) puts couplings of up to this many eps
+#: times (s_a + s_b) s_max into B whatever the basis: noise, not an unresolved rotation.
+_ROUNDING_ALLOWANCE = 8.0
 
 #: The largest angle (radians) by which one round turns a pair of basis vectors; a nearly
 #: degenerate pair (a large Jacobi angle) is turned this far and left to the next round.
@@ -84,9 +82,12 @@ class TrackedBasis(NamedTuple):
     ``v`` (..., n, n) has orthonormal columns once computed. It is all zeros before the
     first update (or in a state rebuilt from zeros, e.g. from ``jax.eval_shape``): a
     basis that is not orthonormal is never used, the next update decomposes W afresh.
+    ``rounds`` (...,) int32 counts the rotation rounds run so far (6 n^3-FLOP products
+    each), saturating at the int32 maximum.
     """
 
     v: jax.Array  # (..., n, n)
+    rounds: jax.Array | int = 0  # (...,)
 
 
 class Frame(NamedTuple):
@@ -119,10 +120,12 @@ class Tracked(Method):
 
     Attributes:
       tolerance: a float in (0, 1), default
-        :data:`~overparam_optax.methods.tracked.DEFAULT_TOLERANCE` (1e-4): the largest
-        relative off-diagonal ||off(V^T W^T W V)||_F / ||W^T W||_F of the rotated basis V
-        accepted without recomputing it. Smaller is closer to the exact rule and decomposes
-        more often (``state.decompositions`` counts them).
+        :data:`~overparam_optax.methods.tracked.DEFAULT_TOLERANCE` (3e-6): the largest
+        first-order bound on P's relative error in the rotated basis
+        (:func:`~overparam_optax.methods.tracked.coupling`) accepted without recomputing
+        the basis. Smaller is closer to the exact rule and decomposes more often
+        (``state.decompositions`` counts the decompositions, each basis's ``rounds`` its
+        rotation rounds).
 
     Examples:
       >>> import jax.numpy as jnp, optax
@@ -146,7 +149,7 @@ class Tracked(Method):
     def init_entry(self, shape, dtype, N):
         del N
         count, _, n = shape
-        return TrackedBasis(jnp.zeros((count, n, n), dtype))
+        return TrackedBasis(jnp.zeros((count, n, n), dtype), jnp.zeros((count,), jnp.int32))
 
     def update(self, w, g, entry, N, precision):
         # The value comes from the tracked basis without derivatives; derivatives through
@@ -167,9 +170,10 @@ class Tracked(Method):
         """``v`` (one n x n basis per matrix) split by rows like its parameter.
 
         A parameter split k ways keeps 1/k of its basis per device; bases of replicated
-        parameters and row counts that do not divide stay ``replicated``.
+        parameters and row counts that do not divide stay ``replicated``, as do the round
+        counts.
         """
-        return TrackedBasis(_rows_split_like(entry.v, param_sharding, replicated))
+        return TrackedBasis(_rows_split_like(entry.v, param_sharding, replicated), replicated)
 
 
 def _rows_split_like(factor, param_sharding, replicated):
@@ -249,11 +253,18 @@ def jacobi_rotation(
     return matmul(eye + 2 * y + y2, series, precision)
 
 
-def jacobi_round(b: jax.Array, pairs: jax.Array, precision):
-    """One round: (R^T B R, R) for the rotation R of :func:`jacobi_rotation` (``pairs``
-    the pairs it may turn)."""
+def jacobi_round(y: jax.Array, b: jax.Array, pairs: jax.Array, precision):
+    """One round: (Y R, (Y R)^T (Y R), R) for Y = W V, B = Y^T Y and the rotation R of
+    :func:`jacobi_rotation` (``pairs`` the pairs it may turn).
+
+    B is recomputed from the rotated columns rather than rotated itself (R^T B R): the
+    rounding of R^T B R is eps ||B|| in every entry, which hides the couplings of small
+    singular values (those of W^T W below sqrt(eps) s_max); that of (Y R)^T (Y R) is
+    about eps s_max (s_a + s_b) in entry (a, b), as W's own float32 rounding allows.
+    """
     r = jacobi_rotation(b, pairs, precision)
-    return symmetrize(matmul(matrix_transpose(r), matmul(b, r, precision), precision)), r
+    y = matmul(y, r, precision)
+    return y, symmetrize(matmul(matrix_transpose(y), y, precision)), r
 
 
 def near_square(shape) -> bool:
@@ -287,43 +298,73 @@ def initial_frame(w: jax.Array, g: jax.Array, v: jax.Array, precision, near: boo
 
 
 def rotate(
-    frame: Frame, shape, tolerance: float, precision, max_rounds: int = MAX_TRACKING_ROUNDS
-) -> tuple[Frame, jax.Array]:
-    """The frame after Jacobi rounds, and its relative off-diagonal per matrix.
+    frame: Frame,
+    w: jax.Array,
+    N: int,
+    tolerance: float,
+    precision,
+    max_rounds: int = MAX_TRACKING_ROUNDS,
+) -> tuple[Frame, jax.Array, jax.Array]:
+    """The frame of ``w`` after Jacobi rounds, its :func:`coupling` bound and rounds per
+    matrix.
 
-    Every matrix gets TRACKING_ROUNDS rounds; then, up to ``max_rounds`` in all, more for
-    each matrix still above ``tolerance`` whose last round at least halved its residual (one
-    that stalls is left to the decomposition afresh). A matrix's rounds depend on it alone,
-    not on the others stacked with it.
+    A matrix gets a round while its bound exceeds ``tolerance`` and its last round lowered
+    it, up to ``max_rounds``: none where the carried basis is already within the tolerance.
+    A matrix's rounds depend on it alone, not on the others stacked with it.
     """
 
     def more(carry):
         return jnp.any(carry[-1])
 
+    shape = w.shape[-2:]
+
     def round_(carry):  # a loop, not unrolled: the round is compiled once
-        i, b, q, residual, active = carry
-        # An inactive matrix gets no angles: its rotation is exactly I, so its b and q
+        i, y, b, q, error, rounds, active = carry
+        # An inactive matrix gets no angles: its rotation is exactly I, so its y and q
         # come through unchanged (cheaper to compile than selecting them).
         pairs = resolved_pairs(b, shape) & active[..., None, None]
-        b, r = jacobi_round(b, pairs, precision)
+        y, b, r = jacobi_round(y, b, pairs, precision)
         # The first round's q is I: its product is skipped (a cond on the round counter).
         q = jax.lax.cond(i == 0, lambda: r, lambda: matmul(q, r, precision))
-        new = _relative_off_diagonal(b, shape)
-        i = i + 1
-        extra = (i < max_rounds) & (new > tolerance) & (new < _STALL * residual)
-        return i, b, q, new, active & ((i < TRACKING_ROUNDS) | extra)
+        new = coupling(b, shape, N)
+        i, rounds = i + 1, rounds + active
+        # A round that did not lower the bound has met what rotations of this kind resolve
+        # (a cluster that moves too fast): the rest is the decomposition's.
+        active = active & (i < max_rounds) & (new > tolerance) & (new < error)
+        return i, y, b, q, new, rounds, active
 
-    residual = _relative_off_diagonal(frame.b, shape)
-    carry = (0, frame.b, frame.q, residual, residual >= 0)
-    _, b, q, residual, _ = jax.lax.while_loop(more, round_, carry)
-    return frame._replace(b=b, q=q), residual
+    error = coupling(frame.b, shape, N)
+    rounds = jnp.zeros_like(error, dtype=jnp.int32)  # varying over mesh axes as error does
+    y = matmul(w, frame.v, precision)  # initial_frame's product (XLA computes it once)
+    carry = (0, y, frame.b, frame.q, error, rounds, error > tolerance)
+    _, _, b, q, error, rounds, _ = jax.lax.while_loop(more, round_, carry)
+    return frame._replace(b=b, q=q), error, rounds
 
 
-def _relative_off_diagonal(b: jax.Array, shape) -> jax.Array:
-    """||off(B)||_F / ||B||_F over the resolved pairs, per matrix (0 for a zero W)."""
-    off = jnp.where(resolved_pairs(b, shape), _off_diagonal(b), 0)
-    total = jnp.sum(b * b, axis=(-2, -1))
-    return jnp.sqrt(jnp.sum(off * off, axis=(-2, -1)) / jnp.where(total > 0, total, 1))
+def coupling(b: jax.Array, shape, N: int) -> jax.Array:
+    """A first-order bound on the relative error of P_W applied in the basis of ``b``.
+
+    With lam = diag(B) / max(diag(B)) and E = off(B) / max(diag(B)), the preconditioner
+    applied from the basis is the exact one of diag(B). The fractional powers
+    (W^T W)^{k/N} (1 <= k < N) by which it differs change, to first order, by E_ab times
+    the divided difference of x^{k/N} at (lam_a, lam_b), at most max(lam_a, lam_b)^{k/N-1}
+    (x^{k/N} is concave and 0 at 0). So the largest |E_ab| / max(lam_a, lam_b)^{1-1/N} over
+    the resolved pairs (:func:`resolved_pairs`) bounds P's error relative to its scale: a
+    coupling of two small singular values counts as much as one of two large ones, where
+    ||off(B)||_F / ||B||_F would not see it. The rounding of W V is discounted first
+    (_ROUNDING_ALLOWANCE). 0 for a zero W.
+    """
+    lam = jnp.maximum(jnp.diagonal(b, axis1=-2, axis2=-1), 0)
+    top = jnp.max(lam, axis=-1, keepdims=True)
+    top = jnp.where(top > 0, top, 1)
+    lam = lam / top
+    s = jnp.sqrt(lam)
+    noise = _ROUNDING_ALLOWANCE * jnp.finfo(b.dtype).eps * (s[..., :, None] + s[..., None, :])
+    off = jnp.maximum(jnp.abs(_off_diagonal(b)) / top[..., None] - noise, 0)
+    slope_scale = jnp.power(jnp.maximum(lam[..., :, None], lam[..., None, :]), 1 - 1 / N)
+    counted = resolved_pairs(b, shape) & (slope_scale > 0)
+    bound = jnp.where(counted, off / jnp.where(counted, slope_scale, 1), 0)
+    return jnp.max(bound, axis=(-2, -1))
 
 
 @functools.cache
@@ -462,25 +503,23 @@ def precondition(
 ) -> tuple[jax.Array, TrackedBasis, jax.Array]:
     """P_W(G) for tall W from a basis carried over from the previous update.
 
-    The basis is rotated toward W's current right singular basis (two Jacobi rounds, matmul
-    and n x n work only; up to ``max_rounds`` in all for a matrix that two leave above
-    ``tolerance``, while each round at least halves its residual). Where the rotated basis
-    still leaves a relative off-diagonal ||off(V^T W^T W V)||_F / ||W^T W||_F above
-    ``tolerance``, or where ``basis`` is not an orthonormal basis (the first update, a state
-    rebuilt from zeros), the basis is recomputed from a thin SVD of W. So the preconditioner
-    applied is the exact P for a Gram matrix within relative Frobenius distance
-    ``tolerance`` of W^T W, singular values taken as the column norms of W V.
+    The basis is rotated toward W's current right singular basis by Jacobi rounds (matmul
+    and n x n work only) while the first-order bound on P's relative error
+    (:func:`coupling`) exceeds ``tolerance`` and falls, up to ``max_rounds``. Where the
+    bound still exceeds ``tolerance``, or where ``basis`` is not an orthonormal basis (the
+    first update, a state rebuilt from zeros), the basis is recomputed from a thin SVD of
+    W. Singular values are taken as the column norms of W V.
 
     Args:
       w: tall matrices (..., m, n), m >= n, in the compute dtype.
       g: their gradients, same shape.
       basis: last update's :class:`TrackedBasis` (zeros for none).
       N: the depth.
-      tolerance: the largest relative off-diagonal accepted without recomputing.
+      tolerance: the largest error bound accepted without recomputing.
       precision: matmul precision (as :func:`~overparam_optax.numerics.matmul` takes it).
       near: the application route: through W V' and G V' (True) or n x n factors (False);
         None (default) takes the one with fewer products (:func:`near_square`).
-      max_rounds: the most rotation rounds per update (>= TRACKING_ROUNDS).
+      max_rounds: the most rotation rounds per update (>= 0).
 
     Returns:
       (P_W(G), the new basis, a bool per matrix: whether it was recomputed). A matrix
@@ -493,15 +532,18 @@ def precondition(
     # Both W and G are divided by their largest entry (P is homogeneous in W and linear in
     # G), so y^T G neither underflows nor overflows whatever their scales.
     w_hat, g_hat = w / alpha, g / beta
-    tracked, residual = rotate(
+    tracked, error, rounds = rotate(
         initial_frame(w_hat, g_hat, basis.v, precision, near),
-        w.shape[-2:],
+        w_hat,
+        N,
         tolerance,
         precision,
         max_rounds,
     )
-    need = ~(_is_orthonormal(basis.v) & (residual <= tolerance))
+    need = ~(_is_orthonormal(basis.v) & (error <= tolerance))
     frame = _refresh_where(precision, near)(need, w_hat, g_hat, tracked)
     out, v_new = apply_frame(frame, w_hat, g_hat, alpha, N, precision, near, beta=beta)
     finite = jnp.all(jnp.isfinite(v_new), axis=(-2, -1))
-    return out, TrackedBasis(numerics.select(finite, v_new, basis.v)), need
+    top = jnp.iinfo(jnp.int32).max
+    total = jnp.where(basis.rounds > top - rounds, top, basis.rounds + rounds)
+    return out, TrackedBasis(numerics.select(finite, v_new, basis.v), total), need
