@@ -4,7 +4,7 @@ For a tall W (m >= n) everything P_W needs is in the n x n eigenbasis V of W^T W
 weights move little per update, so last update's V almost diagonalizes this update's
 Gram matrix: B = (W V)^T (W V) = diag + E with E small. The preconditioner applied from V
 is the exact one of diag(B); what E changes in it is bounded, to first order, by
-:func:`coupling`: the largest |E_ab| weighted by the slope of the fractional powers of
+:func:`coupling`: the largest abs(E_ab) weighted by the slope of the fractional powers of
 W^T W at the pair, so a coupling of two small singular values counts as much as one of two
 large ones. Where that bound is within the tolerance no round runs. Otherwise rounds of
 Jacobi rotations of all pairs at once (E_ab / (b_bb - b_aa) to first order, made
@@ -348,7 +348,7 @@ def coupling(b: jax.Array, shape, N: int) -> jax.Array:
     applied from the basis is the exact one of diag(B). The fractional powers
     (W^T W)^{k/N} (1 <= k < N) by which it differs change, to first order, by E_ab times
     the divided difference of x^{k/N} at (lam_a, lam_b), at most max(lam_a, lam_b)^{k/N-1}
-    (x^{k/N} is concave and 0 at 0). So the largest |E_ab| / max(lam_a, lam_b)^{1-1/N} over
+    (x^{k/N} is concave and 0 at 0). So the largest abs(E_ab) / max(lam_a, lam_b)^{1-1/N} over
     the resolved pairs (:func:`resolved_pairs`) bounds P's error relative to its scale: a
     coupling of two small singular values counts as much as one of two large ones, where
     ||off(B)||_F / ||B||_F would not see it. The rounding of W V is discounted first
